@@ -1,0 +1,53 @@
+"""Converter entry points: plan a conversion from headers, then run it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .architecture import get_architecture
+from .atomic import atomic_directory
+from .dtypes import resolve_dtype
+from .execute import Progress, write_checkpoint
+from .mapping import Mapping
+from .plan import Layout, Plan, build_plan
+from .source import HFCheckpoint
+from .trt_config import trt_config
+
+
+def plan_conversion(
+    model_dir: Path | str,
+    dtype: str = "auto",
+    tp_size: int = 1,
+    pp_size: int = 1,
+    use_parallel_embedding: bool = False,
+    embedding_sharding_dim: int = 0,
+) -> tuple[Plan, HFCheckpoint]:
+    """Read config.json and the safetensors headers of `model_dir` (no tensor data) and plan the conversion."""
+    source = HFCheckpoint(model_dir)
+    arch = get_architecture(source.architecture)
+    dims = arch.dims_from_hf(source.hf_config)
+    layout = Layout(
+        dtype=resolve_dtype(dtype, source.source_dtype),
+        mapping=Mapping(tp_size=tp_size, pp_size=pp_size),
+        use_parallel_embedding=use_parallel_embedding,
+        embedding_sharding_dim=embedding_sharding_dim,
+    )
+    return build_plan(arch, dims, layout, source.shapes, where=str(source.model_dir)), source
+
+
+def convert(
+    model_dir: Path | str,
+    output_dir: Path | str,
+    dtype: str = "auto",
+    tp_size: int = 1,
+    pp_size: int = 1,
+    use_parallel_embedding: bool = False,
+    embedding_sharding_dim: int = 0,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Plan:
+    """Convert an HF checkpoint into a TensorRT-LLM checkpoint at `output_dir`, which appears only when complete."""
+    plan, source = plan_conversion(model_dir, dtype, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim)
+    with atomic_directory(Path(output_dir), overwrite) as staging:
+        write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress)
+    return plan

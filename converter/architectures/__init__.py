@@ -1,0 +1,3 @@
+"""Built-in architectures, one module each; importing this package registers them."""
+
+from . import llama, mistral, qwen2, qwen3  # noqa: F401

@@ -1,0 +1,187 @@
+"""Tensor-parallel sharding primitives and their exact inverses; they know no architecture.
+
+Each primitive turns its source tensors (already cast to the checkpoint dtype) into the tensor one TP rank
+stores, and turns the tensors of all TP ranks back into the source tensors, reporting every way the rank
+tensors disagree with what the forward direction must have produced (replicas that differ, padding that is
+not zero).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+Shape = tuple[int, ...]
+Problem = tuple[int, str]  # (tp_rank, what is wrong with that rank's tensor)
+
+
+def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    diff = (a.float() - b.float()).abs()
+    index = tuple(int(i) for i in torch.nonzero(a != b)[0])
+    return f"max abs diff {diff.max().item():.3g}, first at index {index}"
+
+
+@dataclass(frozen=True)
+class Replicated:
+    """Every rank stores the whole tensor (norms, row-parallel biases, a non-parallel embedding)."""
+
+    n_sources = 1
+    kind = "replicated"
+
+    def check(self, shapes: Sequence[Shape], tp: int) -> str | None:
+        return None
+
+    def local_shape(self, shapes: Sequence[Shape], tp: int) -> Shape:
+        return shapes[0]
+
+    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
+        return sources[0]
+
+    def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
+        reference = locals_[0]
+        problems = [
+            (r, f"replicated copy differs from tp rank 0's ({_first_difference(t, reference)})")
+            for r, t in enumerate(locals_)
+            if r and not torch.equal(t, reference)
+        ]
+        return [reference], problems
+
+
+@dataclass(frozen=True)
+class Split:
+    """Even split along `dim`: dim 0 is column-parallel, dim 1 row-parallel (TensorRT-LLM's `split`)."""
+
+    dim: int
+    n_sources = 1
+
+    @property
+    def kind(self) -> str:
+        return {0: "column", 1: "row"}.get(self.dim, f"split{self.dim}")
+
+    def check(self, shapes: Sequence[Shape], tp: int) -> str | None:
+        size = shapes[0][self.dim]
+        if size % tp:
+            return f"dimension {self.dim} of size {size} is not divisible by tp_size={tp}"
+        return None
+
+    def local_shape(self, shapes: Sequence[Shape], tp: int) -> Shape:
+        shape = list(shapes[0])
+        shape[self.dim] //= tp
+        return tuple(shape)
+
+    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
+        return torch.chunk(sources[0], tp, dim=self.dim)[tp_rank]
+
+    def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
+        return [torch.cat(list(locals_), dim=self.dim)], []
+
+
+@dataclass(frozen=True)
+class VocabParallel:
+    """Rows padded with zeros to a multiple of tp, then split on dim 0 (lm_head, embedding sharded on dim 0)."""
+
+    n_sources = 1
+    kind = "vocab"
+
+    def check(self, shapes: Sequence[Shape], tp: int) -> str | None:
+        return None
+
+    @staticmethod
+    def padded_rows(rows: int, tp: int) -> int:
+        return math.ceil(rows / tp) * tp
+
+    def local_shape(self, shapes: Sequence[Shape], tp: int) -> Shape:
+        rows, *rest = shapes[0]
+        return (self.padded_rows(rows, tp) // tp, *rest)
+
+    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
+        source = sources[0]
+        local_rows = self.padded_rows(source.shape[0], tp) // tp
+        start = tp_rank * local_rows
+        part = source[start : start + local_rows]
+        if part.shape[0] == local_rows:
+            return part
+        padding = source.new_zeros((local_rows - part.shape[0], *source.shape[1:]))
+        return torch.cat([part, padding])
+
+    def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
+        rows = shapes[0][0]
+        local_rows = locals_[0].shape[0]
+        problems = []
+        for r, local in enumerate(locals_):
+            first_pad = max(rows - r * local_rows, 0)
+            padding = local[first_pad:]
+            if padding.numel() and torch.count_nonzero(padding):
+                bad = int(torch.nonzero(padding.reshape(padding.shape[0], -1).any(dim=1))[0]) + first_pad
+                problems.append((r, f"padding row {r * local_rows + bad} (local row {bad}) is not zero"))
+        return [torch.cat(list(locals_))[:rows]], problems
+
+
+@dataclass(frozen=True)
+class FusedQKV:
+    """Separate q, k, v (weights or biases) -> per rank concat(q_r, k_r, v_r), each split by heads.
+
+    When num_kv_heads < tp each KV head is repeated tp // num_kv_heads times first, replicas adjacent, so
+    rank r holds KV head r // (tp // num_kv_heads) (TensorRT-LLM's `dup_kv_weight` followed by `split`).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    n_sources = 3
+    kind = "qkv"
+
+    def check(self, shapes: Sequence[Shape], tp: int) -> str | None:
+        if self.num_heads % tp:
+            return f"num_attention_heads={self.num_heads} is not divisible by tp_size={tp}"
+        if self.num_kv_heads % tp and tp % self.num_kv_heads:
+            return f"num_key_value_heads={self.num_kv_heads} neither divides nor is divisible by tp_size={tp}"
+        return None
+
+    def local_kv_heads(self, tp: int) -> int:
+        return max(self.num_kv_heads // tp, 1)
+
+    def local_shape(self, shapes: Sequence[Shape], tp: int) -> Shape:
+        rows = (self.num_heads // tp + 2 * self.local_kv_heads(tp)) * self.head_dim
+        return (rows, *shapes[0][1:])
+
+    def _kv_part(self, kv: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
+        if self.num_kv_heads >= tp:
+            return torch.chunk(kv, tp)[tp_rank]
+        head = tp_rank // (tp // self.num_kv_heads)
+        return kv[head * self.head_dim : (head + 1) * self.head_dim]
+
+    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
+        q, k, v = sources
+        return torch.cat([torch.chunk(q, tp)[tp_rank], self._kv_part(k, tp, tp_rank), self._kv_part(v, tp, tp_rank)])
+
+    def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
+        tp = len(locals_)
+        q_rows = self.num_heads // tp * self.head_dim
+        kv_rows = self.local_kv_heads(tp) * self.head_dim
+        parts = [torch.split(local, [q_rows, kv_rows, kv_rows]) for local in locals_]
+        q = torch.cat([p[0] for p in parts])
+        if self.num_kv_heads >= tp:
+            return [q, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])], []
+        reps = tp // self.num_kv_heads
+        problems = []
+        for r in range(tp):
+            owner = r - r % reps  # the first rank holding this KV head
+            for name, index in (("k", 1), ("v", 2)):
+                if r != owner and not torch.equal(parts[r][index], parts[owner][index]):
+                    detail = _first_difference(parts[r][index], parts[owner][index])
+                    problems.append(
+                        (r, f"{name} replica of KV head {r // reps} differs from tp rank {owner}'s ({detail})")
+                    )
+        heads = range(0, tp, reps)
+        return [q, torch.cat([parts[r][1] for r in heads]), torch.cat([parts[r][2] for r in heads])], problems
+
+
+Shard = Replicated | Split | VocabParallel | FusedQKV
+COLUMN = Split(0)
+ROW = Split(1)
+REPLICATED = Replicated()
+VOCAB = VocabParallel()

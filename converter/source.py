@@ -1,0 +1,99 @@
+"""The HuggingFace checkpoint: config.json parsed by transformers, tensor headers, lazily loaded data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .dtypes import FLOAT_CODES, TORCH_DTYPES
+from .errors import ShardproofError
+from .safetensors_io import Shape, read_header
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class HFCheckpoint:
+    """An HF model directory: `config.json` plus `model.safetensors` or shards named by the index."""
+
+    def __init__(self, model_dir: Path | str):
+        self.model_dir = Path(model_dir)
+        config_path = self.model_dir / "config.json"
+        if not self.model_dir.is_dir():
+            raise ShardproofError(f"{self.model_dir}: model directory not found")
+        try:
+            self.config_dict = json.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise ShardproofError(f"{config_path}: file not found") from None
+        except json.JSONDecodeError as e:
+            raise ShardproofError(f"{config_path}: not valid JSON ({e})") from None
+        self.hf_config = _auto_config(self.model_dir, config_path)
+        self._files: dict[str, Path] = {}
+        self.headers: dict[str, tuple[str, Shape]] = {}
+        for path in self._weight_files():
+            for name, (code, shape) in read_header(path).items():
+                if name in self.headers:
+                    raise ShardproofError(f"{path}: tensor {name} also appears in {self._files[name].name}")
+                if code not in FLOAT_CODES:
+                    raise ShardproofError(f"{path}: tensor {name} has dtype {code}; only F32, F16 and BF16 are converted")
+                self._files[name] = path
+                self.headers[name] = (code, shape)
+        self._handles: dict[Path, object] = {}
+
+    def _weight_files(self) -> list[Path]:
+        index = self.model_dir / INDEX
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ShardproofError(f"{index}: not a safetensors index (no weight_map)") from None
+            files = [self.model_dir / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise ShardproofError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
+            return files
+        single = self.model_dir / SINGLE
+        if single.exists():
+            return [single]
+        raise ShardproofError(f"{self.model_dir}: no {SINGLE} or {INDEX} (only safetensors checkpoints are converted)")
+
+    @property
+    def architecture(self) -> str:
+        names = self.config_dict.get("architectures") or []
+        if len(names) != 1:
+            raise ShardproofError(f"{self.model_dir / 'config.json'}: 'architectures' must name exactly one architecture")
+        return names[0]
+
+    @property
+    def source_dtype(self) -> str | None:
+        """The checkpoint's declared dtype (config `dtype` or `torch_dtype`), else the dtype of most of its tensors."""
+        declared = self.config_dict.get("dtype") or self.config_dict.get("torch_dtype")
+        if declared:
+            return str(declared).replace("torch.", "")
+        codes = [code for code, _ in self.headers.values()]
+        by_code = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+        return by_code[max(set(codes), key=codes.count)] if codes else None
+
+    @property
+    def shapes(self) -> dict[str, Shape]:
+        return {name: shape for name, (_, shape) in self.headers.items()}
+
+    def load(self, name: str, dtype: str) -> torch.Tensor:
+        """The tensor `name`, cast to `dtype` ("float16", ...)."""
+        path = self._files[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt")
+        return self._handles[path].get_tensor(name).to(TORCH_DTYPES[dtype])
+
+
+def _auto_config(model_dir: Path, config_path: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ShardproofError(f"{config_path}: transformers cannot parse it ({reason})") from None

@@ -1,0 +1,1 @@
+"""Verification: exact reassembly of TensorRT-LLM checkpoints and equivalence checks against the source model."""

@@ -1,0 +1,106 @@
+"""A TensorRT-LLM checkpoint directory as the reassembler sees it: config.json, its plan, rank file headers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from converter.architecture import Architecture, get_architecture
+from converter.dtypes import safetensors_code
+from converter.errors import ShardproofError
+from converter.execute import rank_file
+from converter.mapping import Mapping
+from converter.plan import Layout, Plan, build_plan, expected_source_shapes
+from converter.safetensors_io import Shape, read_header
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One way the checkpoint is not what the plan says it must be."""
+
+    rank: int | None
+    tensor: str
+    problem: str
+
+    def __str__(self) -> str:
+        where = f"rank {self.rank}" if self.rank is not None else "checkpoint"
+        return f"{where}: {self.tensor}: {self.problem}"
+
+
+class TRTCheckpoint:
+    """config.json and rank files of a TensorRT-LLM checkpoint; the plan is rebuilt from config.json alone."""
+
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+        config_path = self.directory / "config.json"
+        if not self.directory.is_dir():
+            raise ShardproofError(f"{self.directory}: checkpoint directory not found")
+        try:
+            self.config = json.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise ShardproofError(f"{config_path}: file not found") from None
+        except json.JSONDecodeError as e:
+            raise ShardproofError(f"{config_path}: not valid JSON ({e})") from None
+        try:
+            self.architecture: Architecture = get_architecture(self.config["architecture"])
+            self.dims = self.architecture.dims_from_trt(self.config)
+            self.layout = Layout(
+                dtype=self.config["dtype"],
+                mapping=Mapping.from_config(self.config["mapping"]),
+                use_parallel_embedding=bool(self.config.get("use_parallel_embedding", False)),
+                embedding_sharding_dim=int(self.config.get("embedding_sharding_dim", 0)),
+            )
+        except KeyError as e:
+            raise ShardproofError(f"{config_path}: missing field {e.args[0]!r}") from None
+        except ShardproofError as e:
+            raise ShardproofError(f"{config_path}: {e}") from None
+        self.source_shapes = expected_source_shapes(self.architecture, self.dims)
+        self.plan: Plan = build_plan(self.architecture, self.dims, self.layout, self.source_shapes, str(config_path))
+        self._handles: dict[int, object] = {}
+
+    @property
+    def mapping(self) -> Mapping:
+        return self.layout.mapping
+
+    def rank_path(self, rank: int) -> Path:
+        return self.directory / rank_file(rank)
+
+    def headers(self, rank: int) -> dict[str, tuple[str, Shape]] | None:
+        """The rank file's header, or None when the file does not exist."""
+        path = self.rank_path(rank)
+        return read_header(path) if path.exists() else None
+
+    def structural_violations(self) -> list[Violation]:
+        """Missing or extra rank files and tensors, and tensors whose shape or dtype differs from the plan."""
+        violations = []
+        code = safetensors_code(getattr(torch, self.layout.dtype))
+        for rank_plan in self.plan.ranks:
+            headers = self.headers(rank_plan.rank)
+            if headers is None:
+                violations.append(Violation(rank_plan.rank, rank_file(rank_plan.rank), "rank file is missing"))
+                continue
+            for tensor in rank_plan.tensors:
+                if tensor.name not in headers:
+                    violations.append(Violation(rank_plan.rank, tensor.name, "tensor is missing"))
+                    continue
+                dtype, shape = headers.pop(tensor.name)
+                if tuple(shape) != tensor.shape:
+                    violations.append(Violation(rank_plan.rank, tensor.name, f"shape {list(shape)}, expected {list(tensor.shape)}"))
+                if dtype != code:
+                    violations.append(Violation(rank_plan.rank, tensor.name, f"dtype {dtype}, expected {code}"))
+            violations += [Violation(rank_plan.rank, name, "unexpected extra tensor") for name in headers]
+        extra_ranks = sorted(
+            p.name for p in self.directory.glob("rank*.safetensors")
+            if p.stem[4:].isdigit() and int(p.stem[4:]) >= self.mapping.world_size
+        )
+        violations += [Violation(None, name, f"rank file beyond world_size={self.mapping.world_size}") for name in extra_ranks]
+        return violations
+
+    def load(self, rank: int, name: str) -> torch.Tensor:
+        if rank not in self._handles:
+            self._handles[rank] = safe_open(str(self.rank_path(rank)), framework="pt")
+        return self._handles[rank].get_tensor(name)

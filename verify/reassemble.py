@@ -1,0 +1,80 @@
+"""The reassembler: runs every shard's inverse over the rank files and writes the HF checkpoint back."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from converter.atomic import atomic_directory
+from converter.dtypes import TORCH_DTYPES
+from converter.safetensors_io import StreamWriter
+
+from .checkpoint import TRTCheckpoint, Violation
+
+HF_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class Reassembly:
+    """What reassembly found; `output_dir` is None when the rank files were too broken to rebuild from."""
+
+    checkpoint: TRTCheckpoint
+    output_dir: Path | None
+    violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+def reassemble(
+    checkpoint_dir: Path | str,
+    output_dir: Path | str,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Reassembly:
+    """Rebuild the HF checkpoint (config.json + model.safetensors) from a TensorRT-LLM checkpoint's files alone.
+
+    Every inverse checks what it can: KV replicas identical across ranks, padding rows zero, replicated
+    tensors identical, tied copies identical; structural faults (missing/extra files or tensors, wrong
+    shapes or dtypes) are found from the headers first and stop the rebuild.
+    """
+    ckpt = TRTCheckpoint(checkpoint_dir)
+    result = Reassembly(ckpt, None, ckpt.structural_violations())
+    if result.violations:
+        return result
+    plan, mapping = ckpt.plan, ckpt.mapping
+    groups = plan.groups()
+    uses = Counter(name for group in groups for name in group[0].sources)
+    order = list(dict.fromkeys(name for group in groups for name in group[0].sources))
+    dtype = TORCH_DTYPES[ckpt.layout.dtype]
+    kept: dict[str, tuple[str, torch.Tensor]] = {}
+    with atomic_directory(Path(output_dir), overwrite) as staging:
+        with StreamWriter(staging / HF_WEIGHTS, [(n, dtype, ckpt.source_shapes[n]) for n in order]) as writer:
+            for group in groups:
+                head = group[0]
+                pp_rank = head.pp_rank
+                locals_ = [ckpt.load(mapping.rank(t.tp_rank, pp_rank), t.name) for t in group]
+                sources, problems = head.shard.inverse(locals_, head.source_shapes)
+                result.violations += [Violation(mapping.rank(r, pp_rank), head.name, p) for r, p in problems]
+                for name, tensor in zip(head.sources, sources):
+                    if name in kept:
+                        first_target, first = kept[name]
+                        if not torch.equal(first, tensor):
+                            result.violations.append(
+                                Violation(mapping.rank(0, pp_rank), head.name, f"is tied to {first_target} but differs from it")
+                            )
+                        continue
+                    if uses[name] > 1:
+                        kept[name] = (head.name, tensor)
+                    writer.write(name, tensor)
+                if progress:
+                    progress(head.name)
+        (staging / "config.json").write_text(json.dumps(ckpt.architecture.hf_config(ckpt.config), indent=2) + "\n")
+    result.output_dir = Path(output_dir)
+    return result

@@ -1,0 +1,72 @@
+"""Tiny random HF models built from a config, every parameter randomized (norms too), for demos and tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONFIG_CLASSES = {
+    "LlamaForCausalLM": "LlamaConfig",
+    "MistralForCausalLM": "MistralConfig",
+    "Qwen2ForCausalLM": "Qwen2Config",
+    "Qwen3ForCausalLM": "Qwen3Config",
+}
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def tiny_config(architecture: str = "LlamaForCausalLM", **overrides: Any):
+    """A transformers config for a tiny model of `architecture`; `overrides` replace any field."""
+    import transformers
+
+    cls = getattr(transformers, CONFIG_CLASSES[architecture])
+    fields = {**TINY, **overrides}
+    fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+    config = cls(**fields)
+    config.architectures = [architecture]
+    return config
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Give every parameter random values: weights N(0, 0.1), norm weights near 1, biases N(0, 0.1).
+
+    HF initializes norms to ones and biases to zeros, which would hide a mis-mapped norm or bias.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32) * 0.1
+            value = 1.0 + noise if "norm" in name else noise
+            param.copy_(value.to(param.dtype))
+
+
+def build_tiny_model(
+    directory: Path | str,
+    architecture: str = "LlamaForCausalLM",
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+    **overrides: Any,
+) -> Path:
+    """Save a randomized tiny `architecture` model to `directory` (safetensors, sharded if `max_shard_size`)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(architecture, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    randomize_(model, seed)
+    model = model.to(getattr(torch, dtype))
+    directory = Path(directory)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    return directory
