@@ -1,0 +1,174 @@
+"""The `shardproof` command line: convert, reassemble, inspect (and the verification verbs).
+
+Options are spelled as TensorRT-LLM's convert_checkpoint.py spells them (`--model_dir`), dash forms accepted.
+Exit codes: 0 success or pass, 1 verification failed, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from converter.errors import ShardproofError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert HF checkpoints to TensorRT-LLM and prove them exact.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _option(*names: str, **kwargs) -> typer.models.OptionInfo:
+    """An option under TensorRT-LLM's underscore spelling and its dash form."""
+    spellings = []
+    for name in names:
+        spellings += [name, name.replace("_", "-")] if "_" in name else [name]
+    return typer.Option(None, *dict.fromkeys(spellings), **kwargs)
+
+
+def fails_cleanly(command: Callable) -> Callable:
+    """Turn ShardproofError into a one-line message on stderr and exit code 2, with no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ShardproofError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar (on stderr, shown only on a terminal) advanced once per tensor."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda name: progress.update(task, advance=1)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _layers(layers: range) -> str:
+    return f"{layers.start}-{layers.stop - 1}" if len(layers) else "-"
+
+
+def plan_table(plan, title: str) -> Table:
+    """Per rank: stage, layers, tensors and bytes of a plan."""
+    table = Table(title=title)
+    for column in ("rank", "tp_rank", "pp_rank", "layers", "tensors", "bytes"):
+        table.add_column(column, justify="right" if column != "layers" else "center")
+    for rank in plan.ranks:
+        table.add_row(
+            str(rank.rank), str(rank.tp_rank), str(rank.pp_rank), _layers(rank.layers),
+            str(len(rank.tensors)), _human_bytes(plan.rank_bytes(rank.rank)),
+        )
+    return table
+
+
+@app.command()
+@fails_cleanly
+def convert(
+    model_dir: Path = _option("--model_dir", help="HF model directory (config.json + safetensors)."),
+    output_dir: Optional[Path] = _option("--output_dir", help="Where to write the TensorRT-LLM checkpoint."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, float16 or bfloat16 (auto: the source's, float32 -> float16)."),
+    tp_size: int = typer.Option(1, "--tp_size", "--tp-size", help="Tensor-parallel size."),
+    pp_size: int = typer.Option(1, "--pp_size", "--pp-size", help="Pipeline-parallel size."),
+    use_parallel_embedding: bool = typer.Option(False, "--use_parallel_embedding", "--use-parallel-embedding", help="Shard the embedding over TP ranks."),
+    embedding_sharding_dim: int = typer.Option(0, "--embedding_sharding_dim", "--embedding-sharding-dim", help="0: shard vocab rows (padded); 1: shard hidden columns."),
+    dry_run: bool = typer.Option(False, "--dry-run", "--dry_run", help="Print the plan from headers alone; read and write no tensor data."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output directory."),
+) -> None:
+    """Convert an HF checkpoint into a TensorRT-LLM checkpoint."""
+    from converter.api import convert as run_convert, plan_conversion
+
+    if model_dir is None:
+        raise ShardproofError("--model_dir is required")
+    args = dict(dtype=dtype, tp_size=tp_size, pp_size=pp_size, use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim)
+    plan, _ = plan_conversion(model_dir, **args)
+    console.print(plan_table(plan, f"{plan.architecture.name} -> {plan.layout.dtype}, tp={tp_size} pp={pp_size}"))
+    if plan.skipped:
+        console.print(f"skipped {len(plan.skipped)} source tensor(s): " + "; ".join(sorted(set(plan.skipped.values()))))
+    if dry_run:
+        return
+    if output_dir is None:
+        raise ShardproofError("--output_dir is required (or pass --dry-run)")
+    total = sum(len(r.tensors) for r in plan.ranks)
+    with progress_bar("converting", total) as advance:
+        run_convert(model_dir, output_dir, overwrite=overwrite, progress=advance, **args)
+    console.print(f"wrote {plan.layout.mapping.world_size} rank file(s) and config.json to {output_dir}")
+
+
+@app.command()
+@fails_cleanly
+def reassemble(
+    checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkpoint directory."),
+    output_dir: Path = typer.Argument(..., help="Where to write the rebuilt HF checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output directory."),
+) -> None:
+    """Rebuild the HF checkpoint from the rank files alone, checking replicas, padding and completeness."""
+    from verify.checkpoint import TRTCheckpoint
+    from verify.reassemble import reassemble as run_reassemble
+
+    groups = len(TRTCheckpoint(checkpoint_dir).plan.groups())
+    with progress_bar("reassembling", groups) as advance:
+        result = run_reassemble(checkpoint_dir, output_dir, overwrite=overwrite, progress=advance)
+    report_violations(result.violations)
+    if result.output_dir is not None:
+        console.print(f"wrote the HF checkpoint to {result.output_dir}")
+    raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILED)
+
+
+def report_violations(violations: list) -> None:
+    """Print each violation (rank, tensor, problem), or nothing when there are none."""
+    if not violations:
+        return
+    table = Table(title=f"{len(violations)} violation(s)", title_style="bold red")
+    for column in ("rank", "tensor", "problem"):
+        table.add_column(column)
+    for v in violations:
+        table.add_row("-" if v.rank is None else str(v.rank), v.tensor, v.problem)
+    console.print(table)
+
+
+@app.command()
+@fails_cleanly
+def inspect(checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkpoint directory.")) -> None:
+    """Print ranks, stages, tensors and bytes of a checkpoint, from its headers."""
+    from verify.checkpoint import TRTCheckpoint
+
+    ckpt = TRTCheckpoint(checkpoint_dir)
+    cfg, mapping = ckpt.config, ckpt.mapping
+    table = Table(title=f"{cfg['architecture']} {cfg['dtype']}, tp={mapping.tp_size} pp={mapping.pp_size}, vocab {cfg['vocab_size']}")
+    for column in ("rank", "tp_rank", "pp_rank", "layers", "tensors", "bytes", "file"):
+        table.add_column(column, justify="right" if column not in ("layers", "file") else "left")
+    for rank in ckpt.plan.ranks:
+        headers = ckpt.headers(rank.rank)
+        if headers is None:
+            table.add_row(str(rank.rank), str(rank.tp_rank), str(rank.pp_rank), _layers(rank.layers), "-", "-", "missing")
+            continue
+        size = ckpt.rank_path(rank.rank).stat().st_size
+        table.add_row(
+            str(rank.rank), str(rank.tp_rank), str(rank.pp_rank), _layers(rank.layers),
+            str(len(headers)), _human_bytes(size), ckpt.rank_path(rank.rank).name,
+        )
+    console.print(table)
+    violations = ckpt.structural_violations()
+    report_violations(violations)
+    raise typer.Exit(EXIT_OK if not violations else EXIT_FAILED)
+
