@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .dtypes import FLOAT_CODES, TORCH_DTYPES
 from .errors import ShardproofError
@@ -84,9 +84,13 @@ class HFCheckpoint:
     def load(self, name: str, dtype: str) -> torch.Tensor:
         """The tensor `name`, cast to `dtype` ("float16", ...)."""
         path = self._files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(name).to(TORCH_DTYPES[dtype])
+        try:
+            if path not in self._handles:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            tensor = self._handles[path].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ShardproofError(f"{path}: cannot read tensor {name} ({e})") from None
+        return tensor.to(TORCH_DTYPES[dtype])
 
 
 def _auto_config(model_dir: Path, config_path: Path):

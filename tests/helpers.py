@@ -1,0 +1,56 @@
+"""Fast random HF checkpoints for property tests: names and shapes from transformers, values from a seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from verify.tiny_models import tiny_config
+
+
+def random_checkpoint(directory: Path, architecture: str, seed: int, dtype: str = "float32", shards: int = 1, **overrides) -> Path:
+    """An HF checkpoint whose tensor names and shapes come from transformers' own model for the config.
+
+    Values are random for every tensor (norms near 1, so a mis-mapped norm shows); `shards` > 1 writes a
+    sharded checkpoint with model.safetensors.index.json.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(architecture, **overrides)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        names.pop("lm_head.weight")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in names.items():
+        value = torch.randn(shape, generator=generator) * 0.1
+        tensors[name] = (1.0 + value if "norm" in name else value).to(getattr(torch, dtype))
+    directory.mkdir(parents=True, exist_ok=True)
+    config.dtype = dtype
+    config.save_pretrained(directory)
+    if shards == 1:
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        return directory
+    keys = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        part = keys[i::shards]
+        filename = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: tensors[k] for k in part}, directory / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, filename))
+    import json
+
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+def load_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF checkpoint directory (single file or sharded)."""
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors

@@ -1,0 +1,79 @@
+"""An independent oracle: TensorRT-LLM's Llama-family conversion rules written out literally, for tests.
+
+It follows tensorrt_llm/models/llama/convert.py (`load_weights_from_hf_model`) and convert_utils.py
+(`dup_kv_weight`, `split`, `pad_vocab_size`) step by step on whole tensors, sharing no code with converter/,
+so a wrong primitive in converter/sharding.py cannot agree with it by construction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def dup_kv(v: torch.Tensor, num_kv: int, tp: int) -> torch.Tensor:
+    reps = tp // num_kv
+    head = v.shape[0] // num_kv
+    rest = v.shape[1:]
+    return v.reshape(num_kv, 1, head, *rest).expand(num_kv, reps, head, *rest).reshape(num_kv * reps * head, *rest)
+
+
+def split(v: torch.Tensor, tp: int, rank: int, dim: int = 0) -> torch.Tensor:
+    assert v.shape[dim] % tp == 0
+    return v.split(v.shape[dim] // tp, dim=dim)[rank]
+
+
+def pad_rows(v: torch.Tensor, tp: int) -> torch.Tensor:
+    padded = math.ceil(v.shape[0] / tp) * tp
+    return torch.nn.functional.pad(v, (0, 0, 0, padded - v.shape[0]))
+
+
+def expected_ranks(
+    hf: dict[str, torch.Tensor], cfg: dict, dtype: torch.dtype, tp: int, pp: int,
+    parallel_embedding: bool = False, sharding_dim: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """Every rank's tensors as TensorRT-LLM's rules make them, from the HF tensors and HF config dict."""
+    hf = {k: v.to(dtype) for k, v in hf.items()}
+    layers = cfg["num_hidden_layers"]
+    num_kv = cfg["num_key_value_heads"]
+    out = []
+    for rank in range(tp * pp):
+        tp_rank, pp_rank = rank % tp, rank // tp
+        stage = torch.tensor_split(torch.arange(layers), pp)[pp_rank].tolist()
+        w = {}
+        for local, layer in enumerate(stage):
+            p, t = f"model.layers.{layer}.", f"transformer.layers.{local}."
+            for kind in ("weight", "bias"):
+                if p + f"self_attn.q_proj.{kind}" not in hf:
+                    continue
+                q, k, v = (hf[p + f"self_attn.{n}_proj.{kind}"] for n in "qkv")
+                if num_kv < tp:
+                    k, v = dup_kv(k, num_kv, tp), dup_kv(v, num_kv, tp)
+                w[t + f"attention.qkv.{kind}"] = torch.cat([split(q, tp, tp_rank), split(k, tp, tp_rank), split(v, tp, tp_rank)])
+            w[t + "attention.dense.weight"] = split(hf[p + "self_attn.o_proj.weight"], tp, tp_rank, dim=1)
+            if p + "self_attn.o_proj.bias" in hf:
+                w[t + "attention.dense.bias"] = hf[p + "self_attn.o_proj.bias"]
+            for norm, name in (("q_norm", "q_layernorm"), ("k_norm", "k_layernorm")):
+                if p + f"self_attn.{norm}.weight" in hf:
+                    w[t + f"attention.{name}.weight"] = hf[p + f"self_attn.{norm}.weight"]
+            for hf_name, trt_name in (("gate_proj", "fc"), ("up_proj", "gate")):
+                w[t + f"mlp.{trt_name}.weight"] = split(hf[p + f"mlp.{hf_name}.weight"], tp, tp_rank)
+                if p + f"mlp.{hf_name}.bias" in hf:
+                    w[t + f"mlp.{trt_name}.bias"] = split(hf[p + f"mlp.{hf_name}.bias"], tp, tp_rank)
+            w[t + "mlp.proj.weight"] = split(hf[p + "mlp.down_proj.weight"], tp, tp_rank, dim=1)
+            if p + "mlp.down_proj.bias" in hf:
+                w[t + "mlp.proj.bias"] = hf[p + "mlp.down_proj.bias"]
+            w[t + "input_layernorm.weight"] = hf[p + "input_layernorm.weight"]
+            w[t + "post_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
+        embedding = hf["model.embed_tokens.weight"]
+        if pp_rank == pp - 1:
+            head = embedding if cfg.get("tie_word_embeddings") else hf["lm_head.weight"]
+            w["lm_head.weight"] = split(pad_rows(head, tp), tp, tp_rank)
+            w["transformer.ln_f.weight"] = hf["model.norm.weight"]
+        if pp_rank == 0:
+            if parallel_embedding:
+                embedding = split(pad_rows(embedding, tp) if sharding_dim == 0 else embedding, tp, tp_rank, dim=sharding_dim)
+            w["transformer.vocab_embedding.weight"] = embedding
+        out.append(w)
+    return out
