@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from converter.architecture import Architecture, get_architecture
 from converter.dtypes import safetensors_code
@@ -101,6 +101,9 @@ class TRTCheckpoint:
         return violations
 
     def load(self, rank: int, name: str) -> torch.Tensor:
-        if rank not in self._handles:
-            self._handles[rank] = safe_open(str(self.rank_path(rank)), framework="pt")
-        return self._handles[rank].get_tensor(name)
+        try:
+            if rank not in self._handles:
+                self._handles[rank] = safe_open(str(self.rank_path(rank)), framework="pt")
+            return self._handles[rank].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ShardproofError(f"{self.rank_path(rank)}: cannot read tensor {name} ({e})") from None
