@@ -1,0 +1,288 @@
+"""The sharded reference runtime against HF transformers: tiny random models, converted, run.
+
+The runtime reads only the TensorRT-LLM checkpoint (config.json + rank files), so agreement with
+HF's own forward pass checks the converter's layout end to end; the tampered-checkpoint tests
+show that a wrong layout is not silently undone by the runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from converter.api import convert
+from verify.distributed_runtime import run_distributed
+from verify.sharded_runtime import ShardedCheckpoint, rms_norm, run_simulated
+from verify.tiny_models import build_tiny_model
+
+SEQ_LEN = 64
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+
+# id: (architecture, HF config overrides, convert kwargs)
+CASES = {
+    "llama-base-tp1-pp1": ("LlamaForCausalLM", {}, dict(tp_size=1, pp_size=1)),
+    "llama-gqa-kv2-tp4": ("LlamaForCausalLM", {"num_key_value_heads": 2}, dict(tp_size=4)),
+    "llama-mqa-kv1-tp4-pp3-emb-dim1": (
+        "LlamaForCausalLM", {"num_key_value_heads": 1},
+        dict(tp_size=4, pp_size=3, use_parallel_embedding=True, embedding_sharding_dim=1)),
+    "llama-tied-v97-tp2-pp2-emb-dim0": (
+        "LlamaForCausalLM", {"tie_word_embeddings": True},
+        dict(tp_size=2, pp_size=2, use_parallel_embedding=True, embedding_sharding_dim=0)),
+    "llama-uneven-pp2": ("LlamaForCausalLM", {}, dict(tp_size=1, pp_size=2)),
+    "llama-attn-mlp-bias-tp2-pp2": (
+        "LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}, dict(tp_size=2, pp_size=2)),
+    "llama-rope-llama3-tp2": ("LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE}, dict(tp_size=2)),
+    "llama-rope-linear-tp2": ("LlamaForCausalLM", {"rope_parameters": LINEAR_ROPE}, dict(tp_size=2)),
+    "qwen2-qkv-bias-kv2-tp4": ("Qwen2ForCausalLM", {"num_key_value_heads": 2}, dict(tp_size=4)),
+    "qwen2-tied-tp2-pp3-emb-dim0": (
+        "Qwen2ForCausalLM", {"tie_word_embeddings": True},
+        dict(tp_size=2, pp_size=3, use_parallel_embedding=True)),
+    "qwen3-qknorm-hd32-tp2-pp2": ("Qwen3ForCausalLM", {"head_dim": 32}, dict(tp_size=2, pp_size=2)),
+    "qwen3-qknorm-hd32-kv2-tp4-tied": (
+        "Qwen3ForCausalLM", {"head_dim": 32, "num_key_value_heads": 2, "tie_word_embeddings": True},
+        dict(tp_size=4)),
+    "mistral-v128-tp4-emb-dim0": (
+        "MistralForCausalLM", {"vocab_size": 128},
+        dict(tp_size=4, use_parallel_embedding=True, embedding_sharding_dim=0)),
+}
+
+
+def _input_ids(vocab_size: int, seed: int = 1) -> torch.Tensor:
+    ids = torch.randint(0, vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
+    ids[0, :2] = torch.tensor([0, vocab_size - 1])  # first and last row of the (padded) vocab
+    return ids
+
+
+def _hf_reference(model_dir: Path, ids: torch.Tensor, dtype: torch.dtype = torch.float32):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    return model, out.logits.float(), [h.float() for h in out.hidden_states]
+
+
+def _convert_case(tmp_path: Path, case: str, dtype: str = "float32") -> tuple[Path, Path]:
+    arch, overrides, layout = CASES[case]
+    hf_dir = build_tiny_model(tmp_path / "hf", arch, seed=sum(map(ord, case)), **overrides)
+    ckpt_dir = tmp_path / "trtllm"
+    convert(hf_dir, ckpt_dir, dtype=dtype, **layout)
+    return hf_dir, ckpt_dir
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _rewrite_ranks(ckpt_dir: Path, edit) -> None:
+    """Apply `edit(tensors) -> tensors` to every rank file of a checkpoint, in place."""
+    for path in sorted(ckpt_dir.glob("rank*.safetensors")):
+        save_file(edit(load_file(path)), path)
+
+
+@pytest.fixture(scope="module")
+def llama_tp2(tmp_path_factory) -> tuple[Path, Path]:
+    """A Llama (GQA, untied, vocab 97) converted at tp=2, pp=1, with a vocab-parallel embedding."""
+    tmp = tmp_path_factory.mktemp("llama_tp2")
+    hf_dir = build_tiny_model(tmp / "hf", "LlamaForCausalLM", seed=7)
+    convert(hf_dir, tmp / "trtllm", dtype="float32", tp_size=2, use_parallel_embedding=True)
+    return hf_dir, tmp / "trtllm"
+
+
+# ------------------------------------------------------------------------------------------
+# 1. float32 logits (and per-layer hidden states) match HF's float32 forward
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_simulated_matches_hf_float32(tmp_path: Path, case: str) -> None:
+    hf_dir, ckpt_dir = _convert_case(tmp_path, case)
+    cfg = ShardedCheckpoint(ckpt_dir).config
+    ids = _input_ids(cfg.vocab_size)
+    model, ref_logits, ref_hidden = _hf_reference(hf_dir, ids)
+
+    logits, hidden = run_simulated(ckpt_dir, ids, return_hidden=True)
+
+    assert logits.dtype == torch.float32 and logits.shape == (2, SEQ_LEN, cfg.vocab_size)
+    diff = (logits - ref_logits).abs().max()
+    assert _rel_err(logits, ref_logits) < 1e-5, f"{case}: max abs diff {diff:.3e}"
+    # hidden[i] is the residual stream after layer i; HF's hidden_states[i + 1] the same, except
+    # its last entry, which is after the final norm.
+    assert len(hidden) == cfg.num_layers
+    for i, h in enumerate(hidden[:-1]):
+        assert _rel_err(h, ref_hidden[i + 1]) < 1e-5, f"{case}: layer {i}"
+    final = rms_norm(hidden[-1], model.model.norm.weight.detach(), cfg.norm_epsilon)
+    assert _rel_err(final, ref_hidden[-1]) < 1e-5
+
+
+def test_rope_scaling_is_applied(tmp_path: Path) -> None:
+    """The llama3 case would pass with scaling ignored only if scaling changed nothing: it does."""
+    hf_dir, ckpt_dir = _convert_case(tmp_path, "llama-rope-llama3-tp2")
+    config_path = ckpt_dir / "config.json"
+    ids = _input_ids(97)
+    scaled = run_simulated(ckpt_dir, ids)
+    raw = json.loads(config_path.read_text())
+    assert raw["rotary_scaling"]["rope_type"] == "llama3"
+    config_path.write_text(json.dumps({**raw, "rotary_scaling": None}))
+    unscaled = run_simulated(ckpt_dir, ids)
+    assert _rel_err(unscaled, scaled) > 1e-3
+
+
+def test_bfloat16_checkpoint(tmp_path: Path) -> None:
+    """A bf16 checkpoint computes in bf16 by default; compute_dtype=float32 matches HF in float32."""
+    hf_dir, ckpt_dir = _convert_case(tmp_path, "qwen3-qknorm-hd32-tp2-pp2", dtype="bfloat16")
+    ids = _input_ids(97)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the checkpoint's values, widened back to float32
+            p.copy_(p.to(torch.bfloat16).float())
+        ref32 = model(ids).logits
+        ref16 = model.to(torch.bfloat16)(ids).logits.float()
+
+    assert _rel_err(run_simulated(ckpt_dir, ids, compute_dtype=torch.float32), ref32) < 1e-5
+    native = run_simulated(ckpt_dir, ids)
+    assert native.dtype == torch.float32
+    assert _rel_err(native, ref16) < 0.05  # both in bf16, different kernels and summation orders
+    assert not torch.equal(native, ref32)
+
+
+# ------------------------------------------------------------------------------------------
+# 2. the distributed (torchrun, gloo) path equals the simulated path
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", [dict(tp_size=2, pp_size=1), dict(tp_size=1, pp_size=2)],
+                         ids=["tp2-pp1", "tp1-pp2"])
+def test_distributed_gloo_equals_simulated(tmp_path: Path, layout: dict) -> None:
+    """Bit-identical: with two ranks an all-reduce is one addition, a + b == b + a exactly; the
+    all-gather and send/recv only move bytes; each rank runs the same kernels on the same shapes."""
+    hf_dir = build_tiny_model(tmp_path / "hf", "LlamaForCausalLM", seed=3, num_key_value_heads=2)
+    convert(hf_dir, tmp_path / "trtllm", dtype="float32", use_parallel_embedding=True, **layout)
+    ids = _input_ids(97)
+
+    distributed = run_distributed(tmp_path / "trtllm", ids, nproc=2, backend="gloo", timeout_s=240)
+    simulated = run_simulated(tmp_path / "trtllm", ids)
+
+    assert distributed.shape == simulated.shape == (2, SEQ_LEN, 97)
+    assert torch.equal(distributed, simulated), f"max abs diff {(distributed - simulated).abs().max():.3e}"
+    _, ref, _ = _hf_reference(hf_dir, ids)
+    assert _rel_err(distributed, ref) < 1e-5
+
+
+def test_distributed_reports_worker_failure(llama_tp2, tmp_path: Path) -> None:
+    _, ckpt_dir = llama_tp2
+    broken = shutil.copytree(ckpt_dir, tmp_path / "broken")
+    (broken / "rank1.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RuntimeError, match=r"rank1: ValueError: \S*rank1\.safetensors: unreadable"):
+        run_distributed(broken, _input_ids(97), timeout_s=240)
+    with pytest.raises(ValueError, match="world_size is 2"):
+        run_distributed(ckpt_dir, _input_ids(97), nproc=3)
+
+
+# ------------------------------------------------------------------------------------------
+# 3. tampered checkpoints give logits far from HF's
+# ------------------------------------------------------------------------------------------
+
+
+def _swap_fc_gate(t: dict) -> dict:
+    return {k.replace("mlp.fc.", "mlp.@.").replace("mlp.gate.", "mlp.fc.").replace("mlp.@.", "mlp.gate."): v
+            for k, v in t.items()}
+
+
+def _swap_k_v(t: dict, q_rows: int, kv_rows: int) -> dict:
+    def swap(v: torch.Tensor) -> torch.Tensor:
+        q, k, vv = v.split([q_rows, kv_rows, kv_rows])
+        return torch.cat([q, vv, k]).contiguous()
+    return {k: swap(v) if k.endswith("attention.qkv.weight") else v for k, v in t.items()}
+
+
+def _unit_norms(t: dict) -> dict:
+    return {k: torch.ones_like(v) if "layernorm" in k or "ln_f" in k else v for k, v in t.items()}
+
+
+@pytest.mark.parametrize("mutant", ["swap-fc-gate", "swap-k-v", "norms-at-init"])
+def test_tampered_checkpoint_is_far_from_hf(llama_tp2, tmp_path: Path, mutant: str) -> None:
+    hf_dir, ckpt_dir = llama_tp2
+    ids = _input_ids(97)
+    _, ref, _ = _hf_reference(hf_dir, ids)
+    assert _rel_err(run_simulated(ckpt_dir, ids), ref) < 1e-5  # the untampered checkpoint agrees
+
+    tampered = shutil.copytree(ckpt_dir, tmp_path / "tampered")
+    cfg = ShardedCheckpoint(tampered).config
+    edit = {"swap-fc-gate": _swap_fc_gate,
+            "swap-k-v": lambda t: _swap_k_v(t, cfg.q_heads_per_rank * cfg.head_size,
+                                             cfg.kv_heads_per_rank * cfg.head_size),
+            "norms-at-init": _unit_norms}[mutant]
+    _rewrite_ranks(tampered, edit)
+
+    assert _rel_err(run_simulated(tampered, ids), ref) > 1e-2
+
+
+# ------------------------------------------------------------------------------------------
+# bad input fails with the path and the problem
+# ------------------------------------------------------------------------------------------
+
+
+def test_missing_config(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"config\.json: missing"):
+        ShardedCheckpoint(tmp_path)
+
+
+def test_missing_rank_file(llama_tp2, tmp_path: Path) -> None:
+    ckpt = shutil.copytree(llama_tp2[1], tmp_path / "c")
+    (ckpt / "rank1.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"rank1\.safetensors: missing rank file"):
+        run_simulated(ckpt, _input_ids(97))
+
+
+def test_missing_and_unexpected_tensor(llama_tp2, tmp_path: Path) -> None:
+    ckpt = shutil.copytree(llama_tp2[1], tmp_path / "c")
+    name = "transformer.layers.1.mlp.proj.weight"
+    tensors = load_file(ckpt / "rank1.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != name}, ckpt / "rank1.safetensors")
+    with pytest.raises(ValueError, match=rf"rank1\.safetensors: missing tensor.*{name}"):
+        run_simulated(ckpt, _input_ids(97))
+    extra = {"transformer.layers.1.attention.dense.bias": torch.zeros(64)}
+    save_file({**tensors, **extra}, ckpt / "rank1.safetensors")
+    with pytest.raises(ValueError, match=r"rank1\.safetensors: unexpected tensor.*dense\.bias"):
+        run_simulated(ckpt, _input_ids(97))
+
+
+def test_wrong_shape_and_dtype(llama_tp2, tmp_path: Path) -> None:
+    ckpt = shutil.copytree(llama_tp2[1], tmp_path / "c")
+    tensors = load_file(ckpt / "rank0.safetensors")
+    lm = "lm_head.weight"
+    save_file({**tensors, lm: tensors[lm][:-1].contiguous()}, ckpt / "rank0.safetensors")
+    shape = r"rank0\.safetensors: tensor 'lm_head\.weight' has shape \[48, 64\], expected \[49, 64\]"
+    with pytest.raises(ValueError, match=shape):
+        run_simulated(ckpt, _input_ids(97))
+    save_file({**tensors, lm: tensors[lm].half()}, ckpt / "rank0.safetensors")
+    with pytest.raises(ValueError, match=r"rank0\.safetensors: tensor 'lm_head\.weight' is torch\.float16"):
+        run_simulated(ckpt, _input_ids(97))
+
+
+@pytest.mark.parametrize("patch, problem", [
+    ({"rotary_scaling": {"rope_type": "yarn", "factor": 2.0}}, "unsupported rotary_scaling"),
+    ({"architecture": "GPT2LMHeadModel"}, "unsupported architecture"),
+    ({"hidden_act": "gelu"}, "unsupported hidden_act"),
+    ({"num_attention_heads": 5}, "num_attention_heads=5 not divisible by tp=2"),
+], ids=["yarn", "gpt2", "gelu", "heads"])
+def test_bad_config(llama_tp2, tmp_path: Path, patch: dict, problem: str) -> None:
+    ckpt = shutil.copytree(llama_tp2[1], tmp_path / "c")
+    raw = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**raw, **patch}))
+    with pytest.raises(ValueError, match=rf"config\.json: {problem}"):
+        ShardedCheckpoint(ckpt)
+
+
+def test_bad_input_ids(llama_tp2) -> None:
+    with pytest.raises(ValueError, match=r"outside \[0, 97\)"):
+        run_simulated(llama_tp2[1], torch.tensor([[0, 97]]))
+    with pytest.raises(ValueError, match="shape"):
+        run_simulated(llama_tp2[1], torch.tensor([1, 2, 3]))
