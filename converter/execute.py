@@ -1,7 +1,8 @@
-"""Runs a plan: streams each rank file tensor by tensor from the source checkpoint."""
+"""Runs a plan: streams the rank files of each pipeline stage tensor by tensor from the source checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -19,14 +20,24 @@ def rank_file(rank: int) -> str:
 
 
 def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: dict, progress: Progress | None = None) -> None:
-    """Write config.json and every rank file of `plan` into `directory`; memory holds one tensor at a time."""
-    dtype, tp = plan.layout.dtype, plan.layout.mapping.tp_size
+    """Write config.json and every rank file of `plan` into `directory`.
+
+    The TP ranks of a stage plan the same tensor names in the same order, so each source tensor is read once
+    and its shards go to the stage's rank files together: memory holds one source tensor and its shards.
+    """
+    dtype = plan.layout.dtype
+    tp = plan.layout.mapping.tp_size
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for rank in plan.ranks:
-        entries = [(t.name, TORCH_DTYPES[dtype], t.shape) for t in rank.tensors]
-        with StreamWriter(directory / rank_file(rank.rank), entries) as writer:
-            for tensor in rank.tensors:
-                sources = [source.load(name, dtype) for name in tensor.sources]
-                writer.write(tensor.name, tensor.shard.forward(sources, tp, tensor.tp_rank))
-                if progress:
-                    progress(tensor.name)
+    for first in range(0, len(plan.ranks), tp):
+        stage = plan.ranks[first : first + tp]
+        with contextlib.ExitStack() as stack:
+            writers = [
+                stack.enter_context(StreamWriter(directory / rank_file(r.rank), [(t.name, TORCH_DTYPES[dtype], t.shape) for t in r.tensors]))
+                for r in stage
+            ]
+            for tensors in zip(*(r.tensors for r in stage)):
+                sources = [source.load(name, dtype) for name in tensors[0].sources]
+                for writer, tensor in zip(writers, tensors):
+                    writer.write(tensor.name, tensor.shard.forward(sources, tp, tensor.tp_rank))
+                    if progress:
+                        progress(tensor.name)

@@ -38,7 +38,7 @@ def models(draw):
         num_attention_heads=heads,
         num_key_value_heads=kv,
         head_dim=head_dim,
-        hidden_size=draw(st.sampled_from([16, 24, 32, 40])),
+        hidden_size=heads * draw(st.integers(1, 5)),  # transformers requires a multiple of heads
         intermediate_size=8 * draw(st.integers(2, 6)),
         num_hidden_layers=draw(st.integers(1, 4)),
         vocab_size=draw(st.integers(17, 131)),
