@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Literal
 
 from .errors import ShardproofError
+from .format_ops import FormatOp
 
 Shape = tuple[int, ...]
 ShardKind = Literal["replicated", "column", "row", "vocab", "embedding", "qkv"]
@@ -56,13 +57,15 @@ class ModelDims:
 
 @dataclass(frozen=True)
 class Rule:
-    """One target tensor made from its source tensors; `{i}` is the layer (local in targets, global in sources)."""
+    """One target tensor made from its source tensors (through `op` first, if any); `{i}` is the layer (local in
+    targets, global in sources)."""
 
     target: str
     sources: tuple[str, ...]
     shard: ShardKind
     stage: Stage
     when: str | None = None
+    op: FormatOp | None = None
 
     def __post_init__(self) -> None:
         wildcards = {"{i}" in self.target} | {"{i}" in s for s in self.sources}
@@ -70,16 +73,16 @@ class Rule:
             raise ValueError(f"rule {self.target}: '{{i}}' must appear in the target and every source of a layer rule only")
 
 
-def layer(target: str, *sources: str, shard: ShardKind, when: str | None = None) -> Rule:
-    return Rule(f"transformer.layers.{{i}}.{target}", sources, shard, "layer", when)
+def layer(target: str, *sources: str, shard: ShardKind, when: str | None = None, op: FormatOp | None = None) -> Rule:
+    return Rule(f"transformer.layers.{{i}}.{target}", sources, shard, "layer", when, op)
 
 
-def first(target: str, *sources: str, shard: ShardKind, when: str | None = None) -> Rule:
-    return Rule(target, sources, shard, "first", when)
+def first(target: str, *sources: str, shard: ShardKind, when: str | None = None, op: FormatOp | None = None) -> Rule:
+    return Rule(target, sources, shard, "first", when, op)
 
 
-def last(target: str, *sources: str, shard: ShardKind, when: str | None = None) -> Rule:
-    return Rule(target, sources, shard, "last", when)
+def last(target: str, *sources: str, shard: ShardKind, when: str | None = None, op: FormatOp | None = None) -> Rule:
+    return Rule(target, sources, shard, "last", when, op)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,11 @@ def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: 
                 for r in stage
             ]
             for tensors in zip(*(r.tensors for r in stage)):
-                sources = [source.load(name, dtype) for name in tensors[0].sources]
+                op = tensors[0].op
+                if op:
+                    sources = [op.forward(source.load(name, "float32"), TORCH_DTYPES[dtype]) for name in tensors[0].sources]
+                else:
+                    sources = [source.load(name, dtype) for name in tensors[0].sources]
                 for writer, tensor in zip(writers, tensors):
                     writer.write(tensor.name, tensor.shard.forward(sources, tp, tensor.tp_rank))
                     if progress:

@@ -11,9 +11,12 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+import torch
+
 from .architecture import Architecture, ModelDims, Rule, Shape, ShardKind
 from .dtypes import TORCH_DTYPES
 from .errors import ShardproofError
+from .format_ops import FormatOp
 from .mapping import Mapping
 from .sharding import COLUMN, REPLICATED, ROW, VOCAB, FusedQKV, Shard, Split
 
@@ -45,6 +48,7 @@ class PlannedTensor:
     shard: Shard
     tp_rank: int
     pp_rank: int
+    op: FormatOp | None = None
 
 
 @dataclass(frozen=True)
@@ -79,9 +83,11 @@ class Plan:
                 grouped[(tensor.pp_rank, tensor.name)].append(tensor)
         return [sorted(group, key=lambda t: t.tp_rank) for group in grouped.values()]
 
-    def source_names(self) -> list[str]:
-        """Every consumed source tensor, in plan order, once."""
-        return list(dict.fromkeys(s for rank in self.ranks for t in rank.tensors for s in t.sources))
+    def reassembled_value(self, name: str, source: torch.Tensor) -> torch.Tensor:
+        """What reassembly must give back for source tensor `name`: the cast, and its format op's rounding."""
+        dtype = TORCH_DTYPES[self.layout.dtype]
+        op = next((t.op for rank in self.ranks for t in rank.tensors if name in t.sources), None)
+        return op.round_trip(source, dtype) if op else source.to(dtype)
 
 
 def _resolve(kind: ShardKind, dims: ModelDims, layout: Layout) -> Shard:
@@ -132,7 +138,7 @@ def build_plan(
                 if target in tensors:
                     raise ShardproofError(f"{arch.name}: rank {rank} would get {target} twice")
                 local = shard.local_shape(shapes, mapping.tp_size)
-                tensors[target] = PlannedTensor(target, local, sources, shapes, shard, tp_rank, pp_rank)
+                tensors[target] = PlannedTensor(target, local, sources, shapes, shard, tp_rank, pp_rank, rule.op)
                 consumed.update(sources)
         ranks.append(RankPlan(rank, tp_rank, pp_rank, layers, tuple(tensors.values())))
     skipped = {}

@@ -29,12 +29,19 @@ def pad_rows(v: torch.Tensor, tp: int) -> torch.Tensor:
     return torch.nn.functional.pad(v, (0, 0, 0, padded - v.shape[0]))
 
 
+def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype, architecture: str) -> torch.Tensor:
+    """The checkpoint value of one HF tensor: a cast, and for Gemma's norms `param + 1.0` in float32 first."""
+    if architecture == "GemmaForCausalLM" and "norm" in name:
+        return (tensor.float() + 1.0).to(dtype)
+    return tensor.to(dtype)
+
+
 def expected_ranks(
     hf: dict[str, torch.Tensor], cfg: dict, dtype: torch.dtype, tp: int, pp: int,
     parallel_embedding: bool = False, sharding_dim: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
     """Every rank's tensors as TensorRT-LLM's rules make them, from the HF tensors and HF config dict."""
-    hf = {k: v.to(dtype) for k, v in hf.items()}
+    hf = {k: cast(k, v, dtype, cfg["architectures"][0]) for k, v in hf.items()}
     layers = cfg["num_hidden_layers"]
     num_kv = cfg["num_key_value_heads"]
     out = []

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from converter.api import convert
 from verify.distributed_runtime import run_distributed
-from verify.sharded_runtime import ShardedCheckpoint, rms_norm, run_simulated
+from verify.sharded_runtime import ShardedCheckpoint, run_simulated
 from verify.tiny_models import build_tiny_model
 
 SEQ_LEN = 64
@@ -49,6 +49,8 @@ CASES = {
     "qwen3-qknorm-hd32-kv2-tp4-tied": (
         "Qwen3ForCausalLM", {"head_dim": 32, "num_key_value_heads": 2, "tie_word_embeddings": True},
         dict(tp_size=4)),
+    "gemma-norm-plus-one-mqa-tp2-pp2-tied": (
+        "GemmaForCausalLM", {"num_key_value_heads": 1, "tie_word_embeddings": True}, dict(tp_size=2, pp_size=2)),
     "mistral-v128-tp4-emb-dim0": (
         "MistralForCausalLM", {"vocab_size": 128},
         dict(tp_size=4, use_parallel_embedding=True, embedding_sharding_dim=0)),
@@ -117,7 +119,8 @@ def test_simulated_matches_hf_float32(tmp_path: Path, case: str) -> None:
     assert len(hidden) == cfg.num_layers
     for i, h in enumerate(hidden[:-1]):
         assert _rel_err(h, ref_hidden[i + 1]) < 1e-5, f"{case}: layer {i}"
-    final = rms_norm(hidden[-1], model.model.norm.weight.detach(), cfg.norm_epsilon)
+    with torch.no_grad():
+        final = model.model.norm(hidden[-1])  # HF's own final norm (Gemma's multiplies by 1 + weight)
     assert _rel_err(final, ref_hidden[-1]) < 1e-5
 
 

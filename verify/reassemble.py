@@ -61,6 +61,8 @@ def reassemble(
                 pp_rank = head.pp_rank
                 locals_ = [ckpt.load(mapping.rank(t.tp_rank, pp_rank), t.name) for t in group]
                 sources, problems = head.shard.inverse(locals_, head.source_shapes)
+                if head.op:
+                    sources = [head.op.inverse(tensor) for tensor in sources]
                 result.violations += [Violation(mapping.rank(r, pp_rank), head.name, p) for r, p in problems]
                 for name, tensor in zip(head.sources, sources):
                     if name in kept:

@@ -34,7 +34,11 @@ ARCHITECTURES = {
     "MistralForCausalLM": True,
     "Qwen2ForCausalLM": False,
     "Qwen3ForCausalLM": True,
+    "GemmaForCausalLM": True,
 }
+# Gemma's runtime multiplies the embedding by sqrt(hidden_size); its checkpoint stores it unscaled.
+SCALED_EMBEDDING = {"GemmaForCausalLM"}
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ROTARY_SCALING_TYPES = ("default", "linear", "llama3")
 
@@ -50,6 +54,7 @@ class RuntimeConfig:
 
     architecture: str
     dtype: torch.dtype
+    hidden_act: str
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -116,8 +121,8 @@ def load_config(path: Path) -> RuntimeConfig:
         raise bad(f"unsupported architecture {arch!r} (supported: {sorted(ARCHITECTURES)})")
     if dtype not in DTYPES:
         raise bad(f"unsupported dtype {dtype!r} (supported: {sorted(DTYPES)})")
-    if raw.get("hidden_act") != "silu":
-        raise bad(f"unsupported hidden_act {raw.get('hidden_act')!r} (supported: 'silu')")
+    if raw.get("hidden_act") not in ACTIVATIONS:
+        raise bad(f"unsupported hidden_act {raw.get('hidden_act')!r} (supported: {sorted(ACTIVATIONS)})")
     if raw.get("position_embedding_type") != "rope_gpt_neox":
         raise bad(f"unsupported position_embedding_type {raw.get('position_embedding_type')!r}")
     quant = raw.get("quantization") or {}
@@ -141,6 +146,7 @@ def load_config(path: Path) -> RuntimeConfig:
     cfg = RuntimeConfig(
         architecture=arch,
         dtype=DTYPES[dtype],
+        hidden_act=raw["hidden_act"],
         vocab_size=int(need("vocab_size")),
         hidden_size=hidden,
         num_layers=int(need("num_hidden_layers")),
@@ -375,11 +381,11 @@ def attention_partial(x: Tensor, w: RankWeights, cfg: RuntimeConfig, rope: tuple
 
 
 def mlp_partial(x: Tensor, w: RankWeights, cfg: RuntimeConfig) -> Tensor:
-    """One rank's share of norm -> proj(silu(fc(x)) * gate(x)), before the all-reduce."""
+    """One rank's share of norm -> proj(act(fc(x)) * gate(x)), before the all-reduce."""
     h = rms_norm(x, w["post_layernorm.weight"], cfg.norm_epsilon)
     fc = F.linear(h, w["mlp.fc.weight"], w["mlp.fc.bias"] if cfg.mlp_bias else None)
     gate = F.linear(h, w["mlp.gate.weight"], w["mlp.gate.bias"] if cfg.mlp_bias else None)
-    return F.linear(F.silu(fc) * gate, w["mlp.proj.weight"])
+    return F.linear(ACTIVATIONS[cfg.hidden_act](fc) * gate, w["mlp.proj.weight"])
 
 
 def decoder_layer(xs: list[Tensor], ws: list[RankWeights], cfg: RuntimeConfig,
@@ -397,6 +403,13 @@ def decoder_layer(xs: list[Tensor], ws: list[RankWeights], cfg: RuntimeConfig,
 
 def embed(ids: Tensor, ws: list[RankWeights], cfg: RuntimeConfig, comm: Collectives) -> list[Tensor]:
     """Token embedding: replicated, vocab-parallel (masked lookup + all-reduce) or hidden-parallel."""
+    xs = _lookup(ids, ws, cfg, comm)
+    if cfg.architecture in SCALED_EMBEDDING:
+        xs = [x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype) for x in xs]
+    return xs
+
+
+def _lookup(ids: Tensor, ws: list[RankWeights], cfg: RuntimeConfig, comm: Collectives) -> list[Tensor]:
     tables = [w["transformer.vocab_embedding.weight"] for w in ws]
     if not cfg.use_parallel_embedding:
         return [F.embedding(ids, t) for t in tables]

@@ -1,3 +1,3 @@
 """Built-in architectures, one module each; importing this package registers them."""
 
-from . import llama, mistral, qwen2, qwen3  # noqa: F401
+from . import gemma, llama, mistral, qwen2, qwen3  # noqa: F401
