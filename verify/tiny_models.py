@@ -12,6 +12,7 @@ CONFIG_CLASSES = {
     "MistralForCausalLM": "MistralConfig",
     "Qwen2ForCausalLM": "Qwen2Config",
     "Qwen3ForCausalLM": "Qwen3Config",
+    "GemmaForCausalLM": "GemmaConfig",
 }
 
 TINY = dict(
