@@ -10,15 +10,15 @@ from typing import Sequence
 
 import torch
 
-from .dtypes import safetensors_code
+from .dtypes import from_safetensors_code, safetensors_code
 from .errors import ShardproofError
 
 Shape = tuple[int, ...]
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def read_header(path: Path) -> dict[str, tuple[str, Shape]]:
-    """{tensor name: (dtype code, shape)} of a safetensors file, from its header alone."""
+def _parse_header(path: Path) -> tuple[dict, int]:
+    """The raw header dict of a safetensors file and the offset where its data starts."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -32,11 +32,42 @@ def read_header(path: Path) -> dict[str, tuple[str, Shape]]:
         raise ShardproofError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ShardproofError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ShardproofError(f"{path}: not a safetensors file (header is not an object)")
     header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def read_header(path: Path) -> dict[str, tuple[str, Shape]]:
+    """{tensor name: (dtype code, shape)} of a safetensors file, from its header alone."""
+    header, _ = _parse_header(path)
     try:
         return {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()}
     except (TypeError, KeyError):
         raise ShardproofError(f"{path}: not a safetensors file (malformed header entry)") from None
+
+
+class TensorReader:
+    """Reads single tensors of a safetensors file with plain reads (no mmap), so memory holds only what was asked."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._header, self._data_start = _parse_header(path)
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self._header[name]
+        dtype = from_safetensors_code(entry["dtype"])
+        begin, end = entry["data_offsets"]
+        if end - begin != math.prod(entry["shape"]) * dtype.itemsize:
+            raise ShardproofError(f"{self.path}: tensor {name} has {end - begin} bytes, its shape needs more or fewer")
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise ShardproofError(f"{self.path}: file is truncated (tensor {name} is incomplete)")
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 class StreamWriter:

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .dtypes import FLOAT_CODES, TORCH_DTYPES
 from .errors import ShardproofError
-from .safetensors_io import Shape, read_header
+from .safetensors_io import Shape, TensorReader, read_header
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -41,7 +40,7 @@ class HFCheckpoint:
                     raise ShardproofError(f"{path}: tensor {name} has dtype {code}; only F32, F16 and BF16 are converted")
                 self._files[name] = path
                 self.headers[name] = (code, shape)
-        self._handles: dict[Path, object] = {}
+        self._readers: dict[Path, TensorReader] = {}
 
     def _weight_files(self) -> list[Path]:
         index = self.model_dir / INDEX
@@ -84,13 +83,9 @@ class HFCheckpoint:
     def load(self, name: str, dtype: str) -> torch.Tensor:
         """The tensor `name`, cast to `dtype` ("float16", ...)."""
         path = self._files[name]
-        try:
-            if path not in self._handles:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            tensor = self._handles[path].get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ShardproofError(f"{path}: cannot read tensor {name} ({e})") from None
-        return tensor.to(TORCH_DTYPES[dtype])
+        if path not in self._readers:
+            self._readers[path] = TensorReader(path)
+        return self._readers[path].read(name).to(TORCH_DTYPES[dtype])
 
 
 def _auto_config(model_dir: Path, config_path: Path):

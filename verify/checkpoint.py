@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from converter.architecture import Architecture, get_architecture
 from converter.dtypes import safetensors_code
@@ -15,7 +14,7 @@ from converter.errors import ShardproofError
 from converter.execute import rank_file
 from converter.mapping import Mapping
 from converter.plan import Layout, Plan, build_plan, expected_source_shapes
-from converter.safetensors_io import Shape, read_header
+from converter.safetensors_io import Shape, TensorReader, read_header
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ class TRTCheckpoint:
             raise ShardproofError(f"{config_path}: {e}") from None
         self.source_shapes = expected_source_shapes(self.architecture, self.dims)
         self.plan: Plan = build_plan(self.architecture, self.dims, self.layout, self.source_shapes, str(config_path))
-        self._handles: dict[int, object] = {}
+        self._readers: dict[int, TensorReader] = {}
 
     @property
     def mapping(self) -> Mapping:
@@ -101,9 +100,6 @@ class TRTCheckpoint:
         return violations
 
     def load(self, rank: int, name: str) -> torch.Tensor:
-        try:
-            if rank not in self._handles:
-                self._handles[rank] = safe_open(str(self.rank_path(rank)), framework="pt")
-            return self._handles[rank].get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ShardproofError(f"{self.rank_path(rank)}: cannot read tensor {name} ({e})") from None
+        if rank not in self._readers:
+            self._readers[rank] = TensorReader(self.rank_path(rank))
+        return self._readers[rank].read(name)
