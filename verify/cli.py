@@ -172,3 +172,121 @@ def inspect(checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkp
     report_violations(violations)
     raise typer.Exit(EXIT_OK if not violations else EXIT_FAILED)
 
+
+def _log(message: str) -> None:
+    err_console.print(f"[dim]{message}[/]", highlight=False)
+
+
+def _report_path(report: Optional[Path]) -> Optional[Path]:
+    """Check up front that --report can be written, so a long check does not end in a lost report."""
+    if report is not None and not report.parent.is_dir():
+        raise ShardproofError(f"--report {report}: directory {report.parent} does not exist")
+    return report
+
+
+def _finish(result, report: Optional[Path]) -> None:
+    """Print the equivalence report, write its JSON to `report`, and exit 0 (pass) or 1 (fail)."""
+    import json
+
+    from verify.report_view import render
+
+    render(result, console)
+    if report is not None:
+        report.write_text(json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
+        console.print(f"wrote the JSON report to {report}")
+    raise typer.Exit(EXIT_OK if result.passed else EXIT_FAILED)
+
+
+DEVICE_HELP = "auto (cuda when available), cpu or cuda: where the models run, one at a time."
+SEQUENCES_HELP = "Random token sequences run through every model."
+SEQ_LEN_HELP = "Tokens per sequence (long enough that rotary position errors show)."
+
+
+@app.command()
+@fails_cleanly
+def verify(
+    model_dir: Path = _option("--model_dir", help="The source HF model directory."),
+    checkpoint_dir: Path = _option("--checkpoint_dir", help="The TensorRT-LLM checkpoint made from it."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    num_sequences: int = typer.Option(4, "--num_sequences", "--num-sequences", help=SEQUENCES_HELP),
+    seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random token batches."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
+) -> None:
+    """Prove a checkpoint is the model: reassembly, bit-exact weights and logits, dtype cost, first divergence."""
+    from verify.equivalence import verify_equivalence
+
+    if model_dir is None or checkpoint_dir is None:
+        raise ShardproofError("--model_dir and --checkpoint_dir are required")
+    report = _report_path(report)
+    result = verify_equivalence(model_dir, checkpoint_dir, device, num_sequences, seq_len, seed, log=_log)
+    _finish(result, report)
+
+
+@app.command()
+@fails_cleanly
+def check(
+    model_dir: Optional[Path] = _option("--model_dir", help="HF model directory (or --demo)."),
+    output_dir: Optional[Path] = _option("--output_dir", help="Keep the converted checkpoint here (default: a temporary directory)."),
+    demo: bool = typer.Option(False, "--demo", help="Build a tiny random GQA Llama and check it (no download)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, float32, float16 or bfloat16 (default auto; float16 with --demo)."),
+    tp_size: Optional[int] = typer.Option(None, "--tp_size", "--tp-size", help="Tensor-parallel size (default 1; 4 with --demo)."),
+    pp_size: Optional[int] = typer.Option(None, "--pp_size", "--pp-size", help="Pipeline-parallel size (default 1; 2 with --demo)."),
+    use_parallel_embedding: bool = typer.Option(False, "--use_parallel_embedding", "--use-parallel-embedding", help="Shard the embedding over TP ranks."),
+    embedding_sharding_dim: int = typer.Option(0, "--embedding_sharding_dim", "--embedding-sharding-dim", help="0: shard vocab rows (padded); 1: shard hidden columns."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --output_dir."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    num_sequences: int = typer.Option(4, "--num_sequences", "--num-sequences", help=SEQUENCES_HELP),
+    seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random token batches (and of the demo model)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
+) -> None:
+    """Convert, then verify, in one command: the same report and exit codes as `verify`."""
+    import tempfile
+
+    from verify import demo as demo_model
+    from verify.equivalence import convert_and_verify
+
+    if demo == (model_dir is not None):
+        raise ShardproofError("pass either --model_dir or --demo")
+    defaults = demo_model.LAYOUT if demo else dict(dtype="auto", tp_size=1, pp_size=1)
+    layout = dict(
+        dtype=dtype or defaults["dtype"],
+        tp_size=tp_size if tp_size is not None else defaults["tp_size"],
+        pp_size=pp_size if pp_size is not None else defaults["pp_size"],
+    )
+    report = _report_path(report)
+    with tempfile.TemporaryDirectory(prefix="shardproof-demo-") as tmp:
+        if demo:
+            model_dir = demo_model.build_demo_model(Path(tmp) / "model", seed)
+            console.print(demo_model.describe(model_dir, **layout), highlight=False)
+        result = convert_and_verify(
+            model_dir, output_dir, **layout, use_parallel_embedding=use_parallel_embedding,
+            embedding_sharding_dim=embedding_sharding_dim, overwrite=overwrite, device=device,
+            num_sequences=num_sequences, seq_len=seq_len, seed=seed, log=_log,
+        )
+    _finish(result, report)
+
+
+@app.command()
+@fails_cleanly
+def selftest(
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    num_sequences: int = typer.Option(1, "--num_sequences", "--num-sequences", help=SEQUENCES_HELP),
+    seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the tiny models and of the random token batches."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write every result as JSON to this file."),
+) -> None:
+    """Inject known conversion faults into tiny models; exit 1 if the sharded mode misses one or a clean run fails."""
+    import json
+
+    from verify.selftest import margins_line, run_selftest, selftest_table
+
+    report = _report_path(report)
+    result = run_selftest(num_sequences=num_sequences, seq_len=seq_len, seed=seed, device=device, log=_log)
+    console.print(selftest_table(result))
+    console.print(margins_line(result), highlight=False)
+    if report is not None:
+        report.write_text(json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
+        console.print(f"wrote the JSON report to {report}")
+    raise typer.Exit(EXIT_OK if result.passed else EXIT_FAILED)

@@ -1,0 +1,41 @@
+"""`shardproof check --demo`: a tiny random model and a layout that exercises KV-head replication and vocab padding."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .tiny_models import build_tiny_model
+
+ARCHITECTURE = "LlamaForCausalLM"
+# GQA with 2 KV heads over tp=4: every KV head is stored on 2 ranks; vocab 1001 pads lm_head to 1004 rows.
+MODEL = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+    vocab_size=1001, max_position_embeddings=1024,
+)
+LAYOUT = dict(dtype="float16", tp_size=4, pp_size=2)
+
+
+def build_demo_model(directory: Path, seed: int = 0) -> Path:
+    """Save the demo model (every parameter random) to `directory`."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    return build_tiny_model(directory, ARCHITECTURE, seed=seed, **MODEL)
+
+
+def describe(directory: Path, dtype: str, tp_size: int, pp_size: int) -> str:
+    """What the demo built and what the chosen layout exercises."""
+    m = MODEL
+    text = (
+        f"demo: built a random {ARCHITECTURE} ({m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
+        f"{m['num_attention_heads']} heads, {m['num_key_value_heads']} KV heads, vocab {m['vocab_size']}) in {directory}; "
+        f"checking it as {dtype} with tp={tp_size} pp={pp_size}"
+    )
+    notes = []
+    if tp_size > m["num_key_value_heads"]:
+        notes.append(f"each KV head is replicated on {tp_size // m['num_key_value_heads']} ranks")
+    padded = math.ceil(m["vocab_size"] / tp_size) * tp_size
+    if padded != m["vocab_size"]:
+        notes.append(f"lm_head is padded from {m['vocab_size']} to {padded} rows")
+    return text + (": " + ", ".join(notes) if notes else "")

@@ -1,0 +1,155 @@
+"""Running HF models on token batches, one model on the device at a time, and capturing per-module outputs.
+
+Every run loads a model, runs it, moves what it produced to the CPU and frees the model before the next one
+is loaded, so a model that fits the device once is enough; hidden states for localization go to the CPU too.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from converter.errors import ShardproofError
+
+from .metrics import bit_identical, first_difference, max_abs_diff
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` (cuda when available, else cpu), `cpu` or `cuda[:N]`; asking for an absent GPU is bad input."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ShardproofError(f"--device {device}: CUDA is not available (torch {torch.__version__})")
+        return torch.device(device)
+    raise ShardproofError(f"--device {device!r} is not one of auto, cpu, cuda")
+
+
+def random_batches(vocab_size: int, num_sequences: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Token ids [num_sequences, seq_len], uniform over the vocabulary, reproducible from `seed`."""
+    if num_sequences < 1 or seq_len < 1:
+        raise ShardproofError(f"--num-sequences={num_sequences} and --seq-len={seq_len} must both be at least 1")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (num_sequences, seq_len), generator=generator)
+
+
+def load_model(
+    model_dir: Path | str, dtype: torch.dtype, device: torch.device, overrides: Mapping[str, torch.Tensor] | None = None
+) -> torch.nn.Module:
+    """An HF causal LM from a local directory with every weight cast to `dtype`, then the parameters named in
+    `overrides` replaced by those values, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+    if overrides:
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in overrides.items():
+                parameters[name].copy_(value)
+    return model.to(device).eval()
+
+
+def release(device: torch.device) -> None:
+    """Return freed memory (a model just dropped) to the device."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def model_logits(
+    model_dir: Path | str,
+    dtype: torch.dtype,
+    device: torch.device,
+    input_ids: torch.Tensor,
+    overrides: Mapping[str, torch.Tensor] | None = None,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Logits [num_sequences, seq_len, vocab] on the CPU, in the model's dtype; the model is freed on return."""
+    model = load_model(model_dir, dtype, device, overrides)
+    try:
+        with torch.inference_mode():
+            logits = [
+                model(input_ids=batch.to(device), use_cache=False).logits.to("cpu")
+                for batch in input_ids.split(batch_size)
+            ]
+    finally:
+        del model
+        release(device)
+    return torch.cat(logits)
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
+
+
+def hidden_states(
+    model_dir: Path | str,
+    dtype: torch.dtype,
+    device: torch.device,
+    input_ids: torch.Tensor,
+    overrides: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every module's output (its first tensor) for `input_ids`, on the CPU, in the order the modules ran.
+
+    A module that runs more than once keeps its first output. The model is freed on return.
+    """
+    model = load_model(model_dir, dtype, device, overrides)
+    states: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            tensor = _first_tensor(output)
+            if tensor is not None and name not in states:
+                states[name] = tensor.detach().to("cpu", copy=True)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        del model, handles
+        release(device)
+    return states
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The first module, in execution order, whose output is not bit-identical between two runs."""
+
+    module: str
+    max_abs_diff: float
+    first_diff_index: tuple[int, ...] | None
+    detail: str | None = None
+
+
+def first_divergence(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor]) -> Divergence | None:
+    """Walk `reference`'s modules in execution order; None when every module's output is identical."""
+    for name, ref in reference.items():
+        cand = candidate.get(name)
+        if cand is None:
+            return Divergence(name, float("inf"), None, "module missing from the checkpoint's model")
+        if not bit_identical(ref, cand):
+            if ref.shape != cand.shape or ref.dtype != cand.dtype:
+                detail = f"output {cand.dtype} {list(cand.shape)}, expected {ref.dtype} {list(ref.shape)}"
+                return Divergence(name, float("inf"), None, detail)
+            return Divergence(name, max_abs_diff(ref, cand), first_difference(ref, cand))
+    return None
+
+
+def first_nonfinite(states: dict[str, torch.Tensor]) -> str | None:
+    """The first module, in execution order, whose output holds an inf or NaN."""
+    return next((name for name, t in states.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)

@@ -1,0 +1,155 @@
+"""The equivalence report on a terminal: rich tables for stages, differing tensors, logit metrics and timings."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+from .equivalence import EquivalenceReport
+from .metrics import LogitMetrics
+
+MAX_ROWS = 20
+PASS, FAIL, SKIP = "[bold green]pass[/]", "[bold red]FAIL[/]", "[yellow]not run[/]"
+
+
+def _num(value: float) -> str:
+    if isinstance(value, int) or not math.isfinite(value):
+        return str(value)
+    return f"{value:.6g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.3e}"
+
+
+def _index(index: tuple[int, ...] | None) -> str:
+    return "-" if index is None else str(list(index))
+
+
+def summary_table(report: EquivalenceReport) -> Table:
+    """One row per stage: what it found."""
+    table = Table(title=f"{report.architecture} {report.dtype} tp={report.tp_size} pp={report.pp_size} on {report.device}")
+    for column in ("stage", "result", "details"):
+        table.add_column(column)
+    v = report.violations
+    table.add_row("reassembly", FAIL if v else PASS, f"{len(v)} violation(s)" if v else "replicas, padding and tensor set as planned")
+    w = report.weights
+    if w is None:
+        for stage in ("config", "weights", "forward", "precision"):
+            table.add_row(stage, SKIP, "the rank files are too broken to rebuild the model")
+        return table
+    c = report.config_differences
+    table.add_row("config", FAIL if c else PASS, "; ".join(c) if c else "model-defining fields equal")
+    detail = f"{len(w.tensors) - len(w.mismatches)}/{len(w.tensors)} tensors bit-identical to the source as {w.dtype}"
+    if w.extra:
+        detail += f"; {len(w.extra)} extra tensor(s)"
+    if w.skipped:
+        detail += f"; {len(w.skipped)} skipped on purpose"
+    table.add_row("weights", PASS if w.ok else FAIL, detail)
+    f = report.forward
+    if f.identical:
+        table.add_row("forward", PASS, f"logits bit-identical ({report.num_sequences} x {report.seq_len} tokens)")
+    elif f.metrics is None:
+        table.add_row("forward", FAIL, f.problem or "")
+    else:
+        m = f.metrics
+        table.add_row(
+            "forward", FAIL,
+            f"sequences {f.differing_sequences} differ: max abs diff {_num(m.max_abs_diff)}, KL {_num(m.kl_mean)}, "
+            f"top-1 {m.top1_agreement:.2%}",
+        )
+    p = report.precision
+    checks = ", ".join(f"{name} {_num(value)} {op} {_num(threshold)}" for name, (value, op, threshold, _) in p.checks.items())
+    nonfinite = f"; first non-finite output: {p.first_nonfinite_module}" if p.first_nonfinite_module else ""
+    table.add_row("precision", PASS if p.ok else FAIL, f"float32 vs {p.dtype}: {checks}{nonfinite}")
+    loc = report.localization
+    if loc is not None:
+        d = loc.divergence
+        if d is None:
+            text = f"no module output differs on sequence {loc.sequence}"
+        else:
+            text = f"first divergence at [bold]{d.module}[/] (sequence {loc.sequence}, max abs diff {_num(d.max_abs_diff)})"
+            if d.detail:
+                text += f": {d.detail}"
+            text += f"; differing tensors in {loc.scope}: {', '.join(loc.differing_tensors) or 'none'}"
+        table.add_row("localization", FAIL, text)
+    return table
+
+
+def violations_table(report: EquivalenceReport) -> Table:
+    table = Table(title=f"{len(report.violations)} reassembly violation(s)", title_style="bold red")
+    for column in ("rank", "tensor", "problem"):
+        table.add_column(column)
+    for v in report.violations:
+        table.add_row("-" if v.rank is None else str(v.rank), v.tensor, v.problem)
+    return table
+
+
+def mismatch_tables(report: EquivalenceReport) -> list[Table]:
+    """The differing source tensors (first MAX_ROWS) and the rank-file tensors they trace back to."""
+    w = report.weights
+    tables = []
+    rows = [(t.name, str(list(t.shape)), _num(t.max_abs_diff), _index(t.first_diff_index), t.problem or "")
+            for t in w.mismatches]
+    rows += [(name, "-", "-", "-", "extra tensor, not in the source") for name in w.extra]
+    if rows:
+        table = Table(title=f"{len(rows)} tensor(s) differ from the source", title_style="bold red")
+        for column in ("tensor", "shape", "max abs diff", "first differing index", "problem"):
+            table.add_column(column)
+        for row in rows[:MAX_ROWS]:
+            table.add_row(*row)
+        if len(rows) > MAX_ROWS:
+            table.caption = f"... and {len(rows) - MAX_ROWS} more (see --report)"
+        tables.append(table)
+    if w.ranks:
+        table = Table(title="rank-file tensors that differ from the source's shard", title_style="bold red")
+        for column in ("rank", "tensor", "made from", "max abs diff", "first differing index"):
+            table.add_column(column)
+        for r in w.ranks[:MAX_ROWS]:
+            table.add_row(str(r.rank), r.tensor, ", ".join(r.sources), _num(r.max_abs_diff), _index(r.first_diff_index))
+        if len(w.ranks) > MAX_ROWS:
+            table.caption = f"... and {len(w.ranks) - MAX_ROWS} more (see --report)"
+        tables.append(table)
+    return tables
+
+
+def metrics_table(report: EquivalenceReport) -> Table:
+    """Logit metrics: source vs checkpoint in the checkpoint dtype (must be exact), float32 vs that dtype."""
+    f, p = report.forward, report.precision
+    table = Table(title="logits")
+    table.add_column("metric")
+    table.add_column(f"source {report.dtype} vs checkpoint", justify="right")
+    table.add_column(f"source float32 vs {report.dtype}", justify="right")
+    table.add_column("threshold", justify="right")
+    checks = p.checks
+    for name in LogitMetrics.__dataclass_fields__:
+        if name == "positions":
+            continue
+        exact = _num(getattr(f.metrics, name)) if f.metrics else "-"
+        cost = _num(getattr(p.metrics, name))
+        threshold = f"{checks[name][1]} {_num(checks[name][2])}" if name in checks else ""
+        table.add_row(name, exact, cost, threshold)
+    return table
+
+
+def timings_line(report: EquivalenceReport) -> str:
+    return "time: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in report.timings.items())
+
+
+def render(report: EquivalenceReport, console: Console) -> None:
+    """Print the whole report: summary, violations, differing tensors, logit metrics, timings, verdict."""
+    console.print(summary_table(report))
+    if report.violations:
+        console.print(violations_table(report))
+    if report.weights is not None:
+        for table in mismatch_tables(report):
+            console.print(table)
+    if report.forward is not None:
+        console.print(metrics_table(report))
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(timings_line(report), style="dim")
+    if report.passed:
+        console.print(
+            f"[bold green]PASS[/]: the checkpoint is the model, bit for bit; {report.dtype} stays within the precision limits"
+        )
+    else:
+        console.print("[bold red]FAIL[/]: " + "; ".join(report.failures), highlight=False)

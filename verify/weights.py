@@ -1,0 +1,179 @@
+"""Tensor-by-tensor comparison of the reassembled checkpoint with the source cast to the checkpoint's dtype.
+
+Conversion is data movement plus one cast (and, for a tensor with a format op such as Gemma's norm + 1, that
+op's declared rounding); the source goes through the same here, so every tensor must be bit-identical: there
+is no tolerance. A tensor that differs is also traced back to the rank files that hold
+it, by re-running its shard on the source and comparing with what each rank stores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from converter.dtypes import TORCH_DTYPES
+from converter.plan import Plan
+from converter.source import HFCheckpoint
+
+from .checkpoint import TRTCheckpoint
+from .metrics import first_difference, max_abs_diff
+from .reassemble import HF_WEIGHTS
+
+
+@dataclass(frozen=True)
+class TensorComparison:
+    """One source tensor against its reassembled counterpart; `problem` says why it could not be compared."""
+
+    name: str
+    shape: tuple[int, ...]
+    equal: bool
+    max_abs_diff: float = 0.0
+    first_diff_index: tuple[int, ...] | None = None
+    problem: str | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "equal": self.equal,
+            "max_abs_diff": self.max_abs_diff if math.isfinite(self.max_abs_diff) else str(self.max_abs_diff),
+            "first_diff_index": list(self.first_diff_index) if self.first_diff_index is not None else None,
+            "problem": self.problem,
+        }
+
+
+@dataclass(frozen=True)
+class RankDifference:
+    """A rank file's tensor that differs from what sharding the source would have written."""
+
+    rank: int
+    tensor: str
+    sources: tuple[str, ...]
+    max_abs_diff: float
+    first_diff_index: tuple[int, ...] | None
+
+    def to_json(self) -> dict:
+        return {
+            "rank": self.rank,
+            "tensor": self.tensor,
+            "sources": list(self.sources),
+            "max_abs_diff": self.max_abs_diff if math.isfinite(self.max_abs_diff) else str(self.max_abs_diff),
+            "first_diff_index": list(self.first_diff_index) if self.first_diff_index is not None else None,
+        }
+
+
+@dataclass
+class WeightComparison:
+    """Every source tensor compared; `skipped` are source tensors not converted on purpose (name -> reason)."""
+
+    dtype: str
+    tensors: list[TensorComparison]
+    skipped: dict[str, str] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)
+    ranks: list[RankDifference] = field(default_factory=list)
+
+    @property
+    def mismatches(self) -> list[TensorComparison]:
+        return [t for t in self.tensors if not t.equal]
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches and not self.extra
+
+    def to_json(self) -> dict:
+        return {
+            "dtype": self.dtype,
+            "ok": self.ok,
+            "compared": len(self.tensors),
+            "mismatched": len(self.mismatches),
+            "tensors": [t.to_json() for t in self.tensors],
+            "skipped": self.skipped,
+            "extra": self.extra,
+            "rank_differences": [r.to_json() for r in self.ranks],
+        }
+
+
+def compare_weights(
+    model_dir: Path | str,
+    reassembled_dir: Path | str,
+    checkpoint: TRTCheckpoint,
+) -> WeightComparison:
+    """Compare every tensor of the source at `model_dir`, cast to the checkpoint's dtype, with the reassembled one.
+
+    The expected value is `Plan.reassembled_value`: the cast, through the format op's round trip where there is
+    one. Source tensors the checkpoint's architecture skips (rotary frequencies, a tied lm_head) are listed, not
+    compared; whether a skip applies is decided from the source's own config. Differing tensors are traced to
+    the rank files (see `locate_in_ranks`).
+    """
+    source = HFCheckpoint(model_dir)
+    dtype = checkpoint.layout.dtype
+    arch = checkpoint.architecture
+    source_dims = arch.dims_from_hf(source.hf_config)
+    result = WeightComparison(dtype, [])
+    with safe_open(str(Path(reassembled_dir) / HF_WEIGHTS), framework="pt") as rebuilt:
+        rebuilt_names = set(rebuilt.keys())
+        for name, (_, shape) in source.headers.items():
+            shape = tuple(shape)
+            if name not in rebuilt_names:
+                skip = next((s for s in arch.skips if source_dims.holds(s.when) and s.matches(name)), None)
+                if skip is not None:
+                    result.skipped[name] = skip.reason
+                else:
+                    result.tensors.append(TensorComparison(name, shape, False, math.inf, None, "missing from the checkpoint"))
+                continue
+            expected = checkpoint.plan.reassembled_value(name, source.load(name, "float32"))
+            actual = rebuilt.get_tensor(name)
+            if tuple(actual.shape) != shape or actual.dtype != expected.dtype:
+                problem = f"{actual.dtype} {list(actual.shape)} in the checkpoint, {expected.dtype} {list(shape)} expected"
+                result.tensors.append(TensorComparison(name, shape, False, math.inf, None, problem))
+            else:
+                index = first_difference(expected, actual)
+                diff = 0.0 if index is None else max_abs_diff(expected, actual)
+                result.tensors.append(TensorComparison(name, shape, index is None, diff, index))
+        result.extra = sorted(rebuilt_names - set(source.headers))
+    result.ranks = locate_in_ranks(source, checkpoint, {t.name for t in result.mismatches})
+    return result
+
+
+def locate_in_ranks(source: HFCheckpoint, checkpoint: TRTCheckpoint, names: set[str]) -> list[RankDifference]:
+    """The rank-file tensors made from any of the source tensors `names` that differ from the source's shard."""
+    if not names:
+        return []
+    dtype, tp = checkpoint.layout.dtype, checkpoint.mapping.tp_size
+    found = []
+    for rank in checkpoint.plan.ranks:
+        for planned in rank.tensors:
+            if not names.intersection(planned.sources):
+                continue
+            shapes = tuple(tuple(source.headers[s][1]) if s in source.headers else None for s in planned.sources)
+            if shapes != planned.source_shapes:
+                continue  # the source cannot make this tensor: already reported as missing or misshapen
+            if planned.op:  # as the converter does: the op in float32, then the cast
+                sources = [planned.op.forward(source.load(s, "float32"), TORCH_DTYPES[dtype]) for s in planned.sources]
+            else:
+                sources = [source.load(s, dtype) for s in planned.sources]
+            expected = planned.shard.forward(sources, tp, planned.tp_rank)
+            actual = checkpoint.load(rank.rank, planned.name)
+            if expected.dtype != actual.dtype or expected.shape != actual.shape:
+                continue  # structural faults are reassembly violations
+            index = first_difference(expected, actual)
+            if index is not None:
+                found.append(RankDifference(rank.rank, planned.name, planned.sources, max_abs_diff(expected, actual), index))
+    return found
+
+
+
+def format_rounded(model_dir: Path | str, plan: Plan) -> dict[str, torch.Tensor]:
+    """The source tensors that a format op rounds, as reassembly must give them back (empty for most models).
+
+    Loaded into the source model in the checkpoint dtype, they make the model the checkpoint must equal.
+    """
+    ops = {name: t.op for rank in plan.ranks for t in rank.tensors if t.op for name in t.sources}
+    if not ops:
+        return {}
+    source = HFCheckpoint(model_dir)
+    return {name: plan.reassembled_value(name, source.load(name, "float32")) for name in ops if name in source.headers}
