@@ -1,0 +1,137 @@
+"""The sharded-mode check and the mutation self-test.
+
+One `shardproof selftest` run (CLI, JSON report) serves the per-mutant assertions; clean conversions of every
+supported architecture in several layouts and all three dtypes must pass the sharded mode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import verify.mutations as mutations
+from converter.api import convert
+from converter.architecture import supported_architectures
+from verify.cli import app
+from verify.mutations import CATALOG
+from verify.selftest import run_selftest
+from verify.sharded_check import CONVERSION_REL_ERROR, HFReference, check_sharded, sharded_check
+from verify.tiny_models import build_tiny_model
+
+# dtype -> layout; every architecture is converted in each (tied embeddings: Gemma by default, Qwen3 here).
+LAYOUTS = {
+    "float32": dict(tp_size=2, pp_size=2, use_parallel_embedding=True),
+    "float16": dict(tp_size=4, pp_size=1),
+    "bfloat16": dict(tp_size=1, pp_size=3),
+}
+OVERRIDES = {"Qwen3ForCausalLM": dict(tie_word_embeddings=True, head_dim=32)}
+
+
+def _no_nan(text: str) -> dict:
+    def reject(constant: str) -> None:
+        raise ValueError(f"the report holds {constant}, which is not JSON")
+
+    return json.loads(text, parse_constant=reject)
+
+
+@pytest.fixture(scope="module")
+def selftest_run(tmp_path_factory) -> tuple[int, str, dict]:
+    """`shardproof selftest --device cpu --report ...`: exit code, output and the parsed JSON report."""
+    path = tmp_path_factory.mktemp("selftest") / "report.json"
+    result = CliRunner().invoke(app, ["selftest", "--device", "cpu", "--report", str(path)])
+    assert path.is_file(), result.output
+    return result.exit_code, result.output, _no_nan(path.read_text())
+
+
+def test_cli_selftest_exits_0_on_the_clean_tree(selftest_run) -> None:
+    exit_code, output, report = selftest_run
+    failing = [o for o in report["clean"] + report["mutants"] if not o["ok"]]
+    assert exit_code == 0 and report["passed"], [(o["mutant"], o["setup"], o["sharded"]["failures"],
+                                                  o["reassembled"]["failures"]) for o in failing]
+    assert "fault x mode" in output and "conversion relative error threshold" in output
+    assert {o["mutant"] for o in report["mutants"]} | {m["mutant"] for m in report["not_applicable"]} == {
+        m.name for m in CATALOG}
+
+
+@pytest.mark.parametrize("mutant", CATALOG, ids=[m.name for m in CATALOG])
+def test_each_mutant_is_caught_by_the_sharded_mode(selftest_run, mutant) -> None:
+    _, _, report = selftest_run
+    if mutant.not_applicable:
+        pytest.skip(mutant.not_applicable)
+    (outcome,) = [o for o in report["mutants"] if o["mutant"] == mutant.name]
+    sharded = outcome["sharded"]
+    assert not sharded["passed"]
+    assert sharded["located"] == mutant.diverges_at, sharded["localization"]
+    if mutant.diverges_at == "structure":
+        assert "mlp.fc.weight" in sharded["structural"] and "has shape" in sharded["structural"]
+    else:
+        stages = dict((s["stage"], s["relative_error"]) for s in sharded["localization"]["stages"])
+        assert mutant.diverges_at in stages
+
+
+def test_subtle_low_precision_faults_need_the_conversion_comparison(selftest_run) -> None:
+    """The precision comparison alone (against HF float32) misses them; the float32 comparison over the
+    stored values catches them with room to spare."""
+    _, _, report = selftest_run
+    by_name = {o["mutant"]: o["sharded"] for o in report["mutants"]}
+    for name in ("bf16-detour", "norm-shift-after-cast"):
+        if name not in by_name:
+            continue
+        sharded = by_name[name]
+        assert sharded["precision_alone_catches"] is False
+        conversion = next(c for c in sharded["comparisons"] if c["name"] == "conversion")
+        assert conversion["relative_error"] > 10 * CONVERSION_REL_ERROR
+
+
+def test_fp16_overflow_is_blamed_on_the_cast_and_located(selftest_run) -> None:
+    _, _, report = selftest_run
+    (outcome,) = [o for o in report["mutants"] if o["mutant"] == "fp16-overflow"]
+    sharded = outcome["sharded"]
+    assert any("reference_nonfinite" in f for f in sharded["failures"])
+    assert sharded["localization"]["comparison"] == "precision"
+    assert sharded["located"] == "layer 1"
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict[str, HFReference]:
+    tmp = tmp_path_factory.mktemp("clean")
+    return {
+        arch: HFReference(build_tiny_model(tmp / arch, arch, seed=5, **OVERRIDES.get(arch, {})),
+                          num_sequences=1, seq_len=256, seed=1, device="cpu")
+        for arch in supported_architectures()
+    }
+
+
+@pytest.mark.parametrize("dtype", list(LAYOUTS))
+@pytest.mark.parametrize("architecture", supported_architectures())
+def test_clean_conversions_pass_the_sharded_mode(references, tmp_path: Path, architecture: str, dtype: str) -> None:
+    reference = references[architecture]
+    convert(reference.model_dir, tmp_path / "ckpt", dtype=dtype, **LAYOUTS[dtype])
+    report = check_sharded(tmp_path / "ckpt", reference)
+    assert report.passed, report.failures
+    assert report.localization is None
+    expected = ["conversion"] if dtype == "float32" else ["conversion", "precision"]
+    assert [c.name for c in report.comparisons] == expected
+    assert report.comparison("conversion").relative_error < CONVERSION_REL_ERROR / 10
+    _no_nan(json.dumps(report.to_json()))
+
+
+def test_a_checkpoint_of_another_model_fails_at_the_embedding(tmp_path: Path) -> None:
+    source = build_tiny_model(tmp_path / "source", "LlamaForCausalLM", seed=5)
+    other = build_tiny_model(tmp_path / "other", "LlamaForCausalLM", seed=6)
+    convert(other, tmp_path / "ckpt", dtype="float32", tp_size=2)
+    report = sharded_check(source, tmp_path / "ckpt", device="cpu", num_sequences=1, seq_len=64)
+    assert not report.passed
+    assert report.localization.first_diverging == "embedding"
+
+
+def test_mutants_of_unsupported_architectures_are_listed_not_run(monkeypatch) -> None:
+    monkeypatch.setattr(mutations, "supported_architectures", lambda: ["LlamaForCausalLM"])
+    gemma = [m for m in CATALOG if m.setup.architecture == "GemmaForCausalLM"]
+    report = run_selftest(gemma, device="cpu")
+    assert report.clean == [] and report.mutants == []
+    assert [(m.name, reason) for m, reason in report.not_applicable] == [
+        (m.name, "GemmaForCausalLM is not a supported architecture") for m in gemma]

@@ -1,0 +1,322 @@
+"""A catalog of realistic conversion faults, each a function that rewrites a correct conversion.
+
+Every mutant is what a buggy converter would write: it edits the rank files of a correct checkpoint, reading the
+source model where the buggy converter would (or, for a fault of the input rather than the mapping, edits the
+source model before conversion), and keeps every tensor's name, shape and dtype unless the fault itself cannot
+(then the runtime and the reassembler reject it structurally). A mutant declares the model and layout it needs;
+one whose architecture is not supported is not applicable.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from converter.architecture import supported_architectures
+from converter.format_ops import FormatOp
+from converter.sharding import VOCAB
+from converter.source import HFCheckpoint
+
+from .checkpoint import TRTCheckpoint
+from .sharded_runtime import RuntimeConfig, load_config
+
+RankFiles = list[dict[str, Tensor]]
+Edit = Callable[[Path, Path], None]  # (directory rewritten in place, the source model directory)
+
+# Source models, by key: architecture and HF config overrides of verify.tiny_models (every parameter random).
+# "llama": biases everywhere, GQA (4 heads, 2 KV heads), hidden == heads * head_dim, vocab 97 (padded at tp 2, 4),
+# a large rope_theta (as Llama 3) so a config that drops it is wrong at long positions.
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    "qwen2": ("Qwen2ForCausalLM", {}),
+    "gemma": ("GemmaForCausalLM", {}),
+}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The source model (a MODELS key) and the conversion a mutant is injected into."""
+
+    model: str = "llama"
+    dtype: str = "float32"
+    tp_size: int = 1
+    pp_size: int = 1
+
+    @property
+    def architecture(self) -> str:
+        return MODELS[self.model][0]
+
+    def __str__(self) -> str:
+        return f"{self.model} {self.dtype} tp{self.tp_size} pp{self.pp_size}"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One fault: what the buggy converter does, where, and where the sharded check must localize it.
+
+    `edit(directory, source_dir)` rewrites the checkpoint directory in place, or a copy of the source model
+    before conversion when `target` is "source". `diverges_at` is the stage the sharded check must name
+    ("structure" when the fault changes a shape, which the runtime rejects before running).
+    """
+
+    name: str
+    fault: str
+    setup: Setup
+    edit: Edit
+    diverges_at: str
+    target: Literal["checkpoint", "source"] = "checkpoint"
+
+    @property
+    def not_applicable(self) -> str | None:
+        """Why this mutant cannot run here, or None."""
+        if self.setup.architecture not in supported_architectures():
+            return f"{self.setup.architecture} is not a supported architecture"
+        return None
+
+
+def _rewrite_ranks(checkpoint_dir: Path, edit: Callable[[RankFiles, RuntimeConfig], None]) -> None:
+    cfg = load_config(checkpoint_dir / "config.json")
+    paths = [checkpoint_dir / f"rank{r}.safetensors" for r in range(cfg.world_size)]
+    files = [load_file(p) for p in paths]
+    edit(files, cfg)
+    for path, tensors in zip(paths, files):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
+def rank_edit(edit: Callable[[RankFiles, RuntimeConfig], None]) -> Edit:
+    """Turn `edit(files, cfg)`, which changes the loaded rank files in place, into a checkpoint rewrite."""
+
+    @functools.wraps(edit)
+    def rewrite(checkpoint_dir: Path, source_dir: Path) -> None:
+        _rewrite_ranks(checkpoint_dir, edit)
+
+    return rewrite
+
+
+def _qkv_parts(t: Tensor, cfg: RuntimeConfig) -> tuple[Tensor, ...]:
+    hd = cfg.head_size
+    return t.split([cfg.q_heads_per_rank * hd, cfg.kv_heads_per_rank * hd, cfg.kv_heads_per_rank * hd])
+
+
+def _qkv(files: RankFiles) -> list[tuple[dict[str, Tensor], str]]:
+    return [(f, name) for f in files for name in f if name.endswith(("attention.qkv.weight", "attention.qkv.bias"))]
+
+
+@rank_edit
+def swap_gate_up(files: RankFiles, cfg: RuntimeConfig) -> None:
+    """HF gate_proj written as `mlp.gate` and up_proj as `mlp.fc` (GatedMLP is act(fc(x)) * gate(x))."""
+    for f in files:
+        for name in [n for n in f if ".mlp.fc." in n]:
+            other = name.replace(".mlp.fc.", ".mlp.gate.")
+            f[name], f[other] = f[other], f[name]
+
+
+@rank_edit
+def qkv_as_kqv(files: RankFiles, cfg: RuntimeConfig) -> None:
+    """Each rank's fused qkv concatenated as [k; q; v] (weight and bias alike)."""
+    for f, name in _qkv(files):
+        q, k, v = _qkv_parts(f[name], cfg)
+        f[name] = torch.cat([k, q, v])
+
+
+@rank_edit
+def reverse_q_heads(files: RankFiles, cfg: RuntimeConfig) -> None:
+    """Each rank's q heads stored in reverse order (a head-major reshape read backwards)."""
+    for f, name in _qkv(files):
+        q, k, v = _qkv_parts(f[name], cfg)
+        q = q.reshape(cfg.q_heads_per_rank, cfg.head_size, *q.shape[1:]).flip(0).reshape(q.shape)
+        f[name] = torch.cat([q, k, v])
+
+
+@rank_edit
+def kv_from_next_head(files: RankFiles, cfg: RuntimeConfig) -> None:
+    """tp > num_kv_heads: rank r stores KV head (r // reps + 1) % nkv instead of r // reps, the same on every
+    replica (an off-by-one in the head index), so the replicas still agree with each other."""
+    reps = cfg.tp_size // cfg.num_kv_heads
+    if reps < 2 or cfg.num_kv_heads < 2:
+        raise ValueError("kv_from_next_head needs tp_size > num_key_value_heads >= 2")
+    for pp in range(cfg.pp_size):
+        stage = files[pp * cfg.tp_size : (pp + 1) * cfg.tp_size]
+        original = [dict(f) for f in stage]
+        for r, f in enumerate(stage):
+            source = original[(r // reps + 1) % cfg.num_kv_heads * reps]
+            for _, name in _qkv([f]):
+                q, _, _ = _qkv_parts(f[name], cfg)
+                _, k, v = _qkv_parts(source[name], cfg)
+                f[name] = torch.cat([q, k, v])
+
+
+@rank_edit
+def dense_not_transposed(files: RankFiles, cfg: RuntimeConfig) -> None:
+    """attention.dense stored as HF's o_proj transposed (a Conv1D-style transpose applied to a Linear)."""
+    if cfg.tp_size != 1 or cfg.hidden_size != cfg.num_heads * cfg.head_size:
+        raise ValueError("dense_not_transposed needs tp_size 1 and hidden_size == heads * head_dim (a square weight)")
+    for f in files:
+        for name in [n for n in f if n.endswith("attention.dense.weight")]:
+            f[name] = f[name].T
+
+
+@rank_edit
+def fc_split_on_dim1(files: RankFiles, cfg: RuntimeConfig) -> None:
+    """mlp.fc (column-parallel) split along dim 1, as a row-parallel tensor: its shape changes."""
+    for pp in range(cfg.pp_size):
+        stage = files[pp * cfg.tp_size : (pp + 1) * cfg.tp_size]
+        for name in [n for n in stage[0] if n.endswith("mlp.fc.weight")]:
+            full = torch.cat([f[name] for f in stage])
+            for r, f in enumerate(stage):
+                f[name] = full.chunk(cfg.tp_size, dim=1)[r]
+
+
+@rank_edit
+def lm_head_padded_in_front(files: RankFiles, cfg: RuntimeConfig) -> None:
+    """lm_head padded with its zero rows first, so every real row moves down by the padding."""
+    last = files[-cfg.tp_size :]
+    full = torch.cat([f["lm_head.weight"] for f in last])[: cfg.vocab_size]
+    padding = cfg.vocab_per_rank * cfg.tp_size - cfg.vocab_size
+    if not padding:
+        raise ValueError("lm_head_padded_in_front needs a vocab_size not divisible by tp_size")
+    padded = torch.cat([full.new_zeros(padding, full.shape[1]), full])
+    for r, f in enumerate(last):
+        f["lm_head.weight"] = padded.chunk(cfg.tp_size)[r]
+
+
+@rank_edit
+def stages_start_one_layer_early(files: RankFiles, cfg: RuntimeConfig) -> None:
+    """Every stage after the first starts one layer early (an inclusive/exclusive boundary mix-up): it repeats
+    the previous stage's last layer and the model's last layer is lost; names and counts are unchanged."""
+    if cfg.pp_size < 2:
+        raise ValueError("stages_start_one_layer_early needs pp_size >= 2")
+    where = {g: (pp, j) for pp in range(cfg.pp_size) for j, g in enumerate(cfg.stage_layers(pp))}
+    original = [dict(f) for f in files]
+    for pp in range(1, cfg.pp_size):
+        for j, g in enumerate(cfg.stage_layers(pp)):
+            from_pp, from_j = where[g - 1]
+            for t in range(cfg.tp_size):
+                src = original[from_pp * cfg.tp_size + t]
+                prefix, from_prefix = f"transformer.layers.{j}.", f"transformer.layers.{from_j}."
+                for name in [n for n in files[pp * cfg.tp_size + t] if n.startswith(prefix)]:
+                    files[pp * cfg.tp_size + t][name] = src[from_prefix + name[len(prefix) :]]
+
+
+@rank_edit
+def dense_bias_divided_by_tp(files: RankFiles, cfg: RuntimeConfig) -> None:
+    """attention.dense.bias stored as bias / tp on every rank, as if the runtime added it on each rank before
+    the all-reduce; TensorRT-LLM adds the full bias once after it, so the layer gets bias / tp."""
+    for f in files:
+        for name in [n for n in f if n.endswith("attention.dense.bias")]:
+            f[name] = f[name] / cfg.tp_size
+
+
+@rank_edit
+def lm_head_from_embedding(files: RankFiles, cfg: RuntimeConfig) -> None:
+    """An untied model's lm_head written from the embedding (the tied-model path taken regardless)."""
+    if cfg.use_parallel_embedding:
+        raise ValueError("lm_head_from_embedding needs a replicated embedding")
+    embedding = files[0]["transformer.vocab_embedding.weight"]
+    for t, f in enumerate(files[-cfg.tp_size :]):
+        f["lm_head.weight"] = VOCAB.forward([embedding], cfg.tp_size, t)
+
+
+@rank_edit
+def bfloat16_detour(files: RankFiles, cfg: RuntimeConfig) -> None:
+    """A float32 source loaded as bfloat16 (a `torch_dtype` default) before the cast to float16: every value
+    keeps bfloat16's 8 significant bits instead of float16's 11."""
+    for f in files:
+        for name, tensor in f.items():
+            f[name] = tensor.to(torch.bfloat16).to(tensor.dtype)
+
+
+def _rewrite_op_tensors(checkpoint_dir: Path, source_dir: Path, value: Callable[[FormatOp, Tensor], Tensor]) -> None:
+    """Rewrite every tensor made through a format op as `value(op, source cast to the checkpoint dtype)`."""
+    ckpt, source = TRTCheckpoint(checkpoint_dir), HFCheckpoint(source_dir)
+    dtype, tp = ckpt.layout.dtype, ckpt.mapping.tp_size
+    planned = [(rank.rank, t) for rank in ckpt.plan.ranks for t in rank.tensors if t.op is not None]
+    if not planned:
+        raise ValueError(f"{ckpt.architecture.name} has no format op to get wrong")
+
+    def edit(files: RankFiles, cfg: RuntimeConfig) -> None:
+        for rank, t in planned:
+            sources = [value(t.op, source.load(s, dtype)) for s in t.sources]
+            files[rank][t.name] = t.shard.forward(sources, tp, t.tp_rank)
+
+    _rewrite_ranks(checkpoint_dir, edit)
+
+
+def op_skipped(checkpoint_dir: Path, source_dir: Path) -> None:
+    """A format op left out: the HF value stored where the format needs it transformed (Gemma's 1 + weight)."""
+    _rewrite_op_tensors(checkpoint_dir, source_dir, lambda op, cast: cast)
+
+
+def op_after_cast(checkpoint_dir: Path, source_dir: Path) -> None:
+    """A format op applied after the cast, in the checkpoint dtype, instead of in float32 and then cast."""
+    _rewrite_op_tensors(checkpoint_dir, source_dir, lambda op, cast: op.forward(cast, cast.dtype))
+
+
+def rotary_base_default(checkpoint_dir: Path, source_dir: Path) -> None:
+    """config.json with rotary_base 10000 (the default) instead of the source's rope_theta."""
+    path = checkpoint_dir / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "rotary_base": 10000.0}, indent=2) + "\n")
+
+
+OUTLIER = 7.0e4  # above float16's largest finite value, 65504
+
+
+def source_outlier(model_dir: Path, source_dir: Path) -> None:
+    """One source weight (layer 1's down_proj[0, 0]) set to 7e4: casting it to float16 gives inf."""
+    name = "model.layers.1.mlp.down_proj.weight"
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors = load_file(path)
+        if name in tensors:
+            tensors[name][0, 0] = OUTLIER
+            save_file(tensors, path, metadata={"format": "pt"})
+            return
+    raise ValueError(f"{model_dir}: no tensor {name}")
+
+
+LLAMA_FP32_TP1_PP2 = Setup(pp_size=2)
+LLAMA_BF16_TP2 = Setup(dtype="bfloat16", tp_size=2)
+LLAMA_FP16_TP2_PP2 = Setup(dtype="float16", tp_size=2, pp_size=2)
+QWEN2_FP32_TP4 = Setup(model="qwen2", tp_size=4)
+GEMMA_BF16_TP2 = Setup(model="gemma", dtype="bfloat16", tp_size=2)
+
+CATALOG: tuple[Mutant, ...] = (
+    Mutant("gate-up-swapped", "gate_proj -> mlp.gate and up_proj -> mlp.fc on every rank",
+           LLAMA_FP32_TP1_PP2, swap_gate_up, "layer 0"),
+    Mutant("dense-not-transposed", "square attention.dense stored transposed (tp 1)",
+           LLAMA_FP32_TP1_PP2, dense_not_transposed, "layer 0"),
+    Mutant("qkv-order-kqv", "fused qkv concatenated as [k; q; v] on every rank",
+           LLAMA_BF16_TP2, qkv_as_kqv, "layer 0"),
+    Mutant("dense-bias-divided", "row-parallel attention.dense.bias stored as bias / tp on every rank",
+           LLAMA_BF16_TP2, dense_bias_divided_by_tp, "layer 0"),
+    Mutant("rotary-base-default", "config.json rotary_base left at 10000 (source rope_theta 500000)",
+           LLAMA_BF16_TP2, rotary_base_default, "layer 0"),
+    Mutant("q-heads-reversed", "each rank's q heads stored in reverse order",
+           LLAMA_FP16_TP2_PP2, reverse_q_heads, "layer 0"),
+    Mutant("stages-one-layer-early", "pipeline stages after the first start one layer early",
+           LLAMA_FP16_TP2_PP2, stages_start_one_layer_early, "layer 2"),
+    Mutant("lm-head-from-embedding", "untied model's lm_head written from the embedding",
+           LLAMA_FP16_TP2_PP2, lm_head_from_embedding, "final norm + lm_head"),
+    Mutant("bf16-detour", "float32 source loaded as bfloat16 before the cast to float16",
+           LLAMA_FP16_TP2_PP2, bfloat16_detour, "embedding"),
+    Mutant("fp16-overflow", "source weight of 7e4 cast to float16 -> inf, written without a range check",
+           LLAMA_FP16_TP2_PP2, source_outlier, "layer 1", target="source"),
+    Mutant("kv-from-next-head", "tp > kv heads: each rank's KV replica taken from the next KV head",
+           QWEN2_FP32_TP4, kv_from_next_head, "layer 0"),
+    Mutant("fc-split-on-dim1", "column-parallel mlp.fc split along dim 1",
+           QWEN2_FP32_TP4, fc_split_on_dim1, "structure"),
+    Mutant("lm-head-front-padding", "lm_head zero padding placed before the real rows",
+           QWEN2_FP32_TP4, lm_head_padded_in_front, "final norm + lm_head"),
+    Mutant("norm-not-shifted", "Gemma norms stored as the HF weight instead of 1 + weight",
+           GEMMA_BF16_TP2, op_skipped, "layer 0"),
+    Mutant("norm-shift-after-cast", "Gemma's 1 + weight computed in bfloat16 after the cast, not in float32",
+           GEMMA_BF16_TP2, op_after_cast, "layer 0"),
+)

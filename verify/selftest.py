@@ -1,0 +1,261 @@
+"""`shardproof selftest`: inject every cataloged fault into a correct conversion and prove each mode catches it.
+
+For each setup a mutant needs, a tiny random model is built and converted correctly; the clean conversion must
+pass both modes (sharded: `verify.sharded_check`; reassembled: `verify.equivalence`). Each mutant then
+rewrites a copy of it and both modes run again. The self-test passes when every clean run passes, and the
+sharded mode catches every applicable mutant and names the stage the mutant declares; what the reassembled
+mode catches is reported alongside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rich.table import Table
+
+from converter.api import convert
+
+from .equivalence import EquivalenceReport, verify_equivalence
+from .forward import random_batches, resolve_device
+from .mutations import CATALOG, MODELS, Mutant, Setup
+from .sharded_check import CONVERSION_REL_ERROR, HFReference, ShardedReport, check_sharded
+from .tiny_models import build_tiny_model
+
+Log = Callable[[str], None]
+
+
+def sharded_evidence(report: ShardedReport) -> str:
+    """The deciding measurement of a sharded-mode report: the first failed check, else the conversion error."""
+    if report.structural:
+        return "structural: " + report.structural.replace(report.checkpoint_dir.rstrip("/") + "/", "")
+    failed = [check for c in report.comparisons for check in c.failed_checks]
+    return str(failed[0] if failed else report.comparison("conversion").check("relative_error"))
+
+
+def sharded_located(report: ShardedReport) -> str | None:
+    """Where the sharded mode places the fault: "structure", the first diverging stage, or None."""
+    if report.structural:
+        return "structure"
+    return report.localization.first_diverging if report.localization else None
+
+
+def reassembled_evidence(report: EquivalenceReport) -> str:
+    """What the reassembled mode found first, most specific finding first."""
+    if report.violations:
+        v = report.violations[0]
+        return f"{len(report.violations)} violation(s); rank {v.rank} {v.tensor}: {v.problem}"
+    if report.weights is not None and report.weights.mismatches:
+        first = report.weights.mismatches[0]
+        diff = first.problem or f"max |diff| {first.max_abs_diff:.3g}"
+        return f"{len(report.weights.mismatches)} tensor(s) not bit-exact; first {first.name} ({diff})"
+    if report.config_differences:
+        return f"config: {report.config_differences[0]}"
+    if report.failures:
+        return report.failures[0]
+    return "weights and logits bit-exact, precision within thresholds"
+
+
+@dataclass
+class Outcome:
+    """Both modes on one checkpoint: a clean conversion (mutant None) or a mutated one."""
+
+    setup: Setup
+    sharded: ShardedReport
+    reassembled: EquivalenceReport
+    mutant: Mutant | None = None
+
+    @property
+    def localized(self) -> bool:
+        return self.mutant is None or sharded_located(self.sharded) == self.mutant.diverges_at
+
+    @property
+    def ok(self) -> bool:
+        """Clean: both modes pass. Mutant: the sharded mode fails it and names the declared stage."""
+        if self.mutant is None:
+            return self.sharded.passed and self.reassembled.passed
+        return not self.sharded.passed and self.localized
+
+    def to_json(self) -> dict:
+        precision = self.sharded.comparison("precision")
+        return {
+            "mutant": self.mutant.name if self.mutant else None,
+            "fault": self.mutant.fault if self.mutant else None,
+            "setup": str(self.setup),
+            "ok": self.ok,
+            "sharded": {**self.sharded.to_json(), "evidence": sharded_evidence(self.sharded),
+                        "located": sharded_located(self.sharded),
+                        "expected_location": self.mutant.diverges_at if self.mutant else None,
+                        "precision_alone_catches": None if precision is None else not precision.passed},
+            "reassembled": {"passed": self.reassembled.passed, "failures": self.reassembled.failures,
+                            "evidence": reassembled_evidence(self.reassembled)},
+        }
+
+
+@dataclass
+class SelftestReport:
+    """Every clean setup's and every mutant's outcome, and the mutants that could not run here."""
+
+    clean: list[Outcome] = field(default_factory=list)
+    mutants: list[Outcome] = field(default_factory=list)
+    not_applicable: list[tuple[Mutant, str]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.ok for o in [*self.clean, *self.mutants])
+
+    def margins(self) -> dict[str, float | None]:
+        """Conversion relative error: threshold over the largest clean value, smallest finite mutant value over
+        the threshold (mutants caught structurally or through non-finite logits have no finite value)."""
+        clean = [o.sharded.comparison("conversion").relative_error for o in self.clean if not o.sharded.structural]
+        caught = [o.sharded.comparison("conversion").relative_error for o in self.mutants if not o.sharded.structural]
+        caught = [e for e in caught if math.isfinite(e)]
+        return {
+            "threshold": CONVERSION_REL_ERROR,
+            "largest_clean": max(clean, default=None),
+            "smallest_mutant": min(caught, default=None),
+            "clean_margin": CONVERSION_REL_ERROR / max(clean) if clean and max(clean) > 0 else None,
+            "mutant_margin": min(caught) / CONVERSION_REL_ERROR if caught else None,
+        }
+
+    def to_json(self) -> dict:
+        return {
+            "passed": self.passed,
+            "margins": self.margins(),
+            "clean": [o.to_json() for o in self.clean],
+            "mutants": [o.to_json() for o in self.mutants],
+            "not_applicable": [{"mutant": m.name, "fault": m.fault, "reason": r} for m, r in self.not_applicable],
+        }
+
+
+class _Workspace:
+    """Source models, their HF references and clean conversions, each made once, under one directory."""
+
+    def __init__(self, root: Path, num_sequences: int, seq_len: int, seed: int, device: str, log: Log | None):
+        self.root, self.log = root, log
+        self.num_sequences, self.seq_len, self.seed, self.device = num_sequences, seq_len, seed, device
+        self.models: dict[str, Path] = {}
+        self.references: dict[Path, HFReference] = {}
+        self.checkpoints: dict[Setup, Path] = {}
+
+    def model(self, key: str) -> Path:
+        if key not in self.models:
+            from transformers.utils import logging
+
+            logging.disable_progress_bar()
+            architecture, overrides = MODELS[key]
+            self.models[key] = build_tiny_model(self.root / "models" / key, architecture, seed=self.seed, **overrides)
+        return self.models[key]
+
+    def reference(self, model_dir: Path) -> HFReference:
+        if model_dir not in self.references:
+            batch = (self.num_sequences, self.seq_len, self.seed, self.device)
+            self.references[model_dir] = HFReference(model_dir, *batch)
+        return self.references[model_dir]
+
+    def convert(self, model_dir: Path, setup: Setup, name: str) -> Path:
+        out = self.root / "checkpoints" / name
+        convert(model_dir, out, dtype=setup.dtype, tp_size=setup.tp_size, pp_size=setup.pp_size)
+        return out
+
+    def check(self, setup: Setup, model_dir: Path, checkpoint_dir: Path, mutant: Mutant | None) -> Outcome:
+        if self.log:
+            self.log(f"{mutant.name if mutant else 'clean'} ({setup}): sharded and reassembled modes")
+        sharded = check_sharded(checkpoint_dir, self.reference(model_dir))
+        reassembled = verify_equivalence(model_dir, checkpoint_dir, self.device, self.num_sequences, self.seq_len,
+                                         self.seed)
+        return Outcome(setup, sharded, reassembled, mutant)
+
+
+def _slug(setup: Setup) -> str:
+    return re.sub(r"\W+", "-", str(setup))
+
+
+def run_selftest(
+    catalog: Sequence[Mutant] = CATALOG,
+    num_sequences: int = 1,
+    seq_len: int = 256,
+    seed: int = 0,
+    device: str = "auto",
+    log: Log | None = None,
+) -> SelftestReport:
+    """Check every clean setup the catalog needs, then inject every applicable mutant and check again."""
+    resolve_device(device)
+    random_batches(1, num_sequences, seq_len, seed)  # bad sizes are bad input, before any model is built
+    report = SelftestReport()
+    # Every model freed triggers gc.collect(); freezing the libraries' objects keeps each one from scanning them.
+    gc.freeze()
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(gc.unfreeze)
+        tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="shardproof-selftest-"))
+        ws = _Workspace(Path(tmp), num_sequences, seq_len, seed, device, log)
+        for mutant in catalog:
+            reason = mutant.not_applicable
+            if reason:
+                report.not_applicable.append((mutant, reason))
+                continue
+            setup = mutant.setup
+            model_dir = ws.model(setup.model)
+            if setup not in ws.checkpoints:
+                ws.checkpoints[setup] = ws.convert(model_dir, setup, _slug(setup))
+                report.clean.append(ws.check(setup, model_dir, ws.checkpoints[setup], None))
+            if mutant.target == "source":
+                source_copy = Path(shutil.copytree(model_dir, Path(tmp) / "models" / mutant.name))
+                mutant.edit(source_copy, model_dir)
+                model_dir, mutated = source_copy, ws.convert(source_copy, setup, mutant.name)
+            else:
+                mutated = Path(shutil.copytree(ws.checkpoints[setup], Path(tmp) / "checkpoints" / mutant.name))
+                mutant.edit(mutated, model_dir)
+            report.mutants.append(ws.check(setup, model_dir, mutated, mutant))
+    return report
+
+
+CAUGHT, MISSED, PASS, FAIL = "[bold green]caught[/]", "[bold red]MISSED[/]", "[green]pass[/]", "[bold red]FAIL[/]"
+
+
+def _precision_cell(report: ShardedReport) -> str:
+    precision = report.comparison("precision")
+    if precision is None:
+        return "-"
+    failed = precision.failed_checks
+    return f"caught: {failed[0]}" if failed else f"missed (kl_mean {precision.metrics.kl_mean:.2g})"
+
+
+def selftest_table(report: SelftestReport) -> Table:
+    """One row per clean setup and per mutant: what each mode found, against which threshold."""
+    table = Table(title="shardproof selftest: fault x mode", show_lines=True)
+    for column in ("checkpoint", "sharded", "sharded: deciding check", "precision comparison alone",
+                   "first diverging", "reassembled", "reassembled: first finding"):
+        table.add_column(column, overflow="fold")
+    for o in [*report.clean, *report.mutants]:
+        if o.mutant is None:
+            name, sharded = "clean", PASS if o.sharded.passed else FAIL
+            reassembled = PASS if o.reassembled.passed else FAIL
+        else:
+            name, sharded = o.mutant.name, CAUGHT if not o.sharded.passed else MISSED
+            reassembled = CAUGHT if not o.reassembled.passed else "[yellow]missed[/]"
+        located = sharded_located(o.sharded) or "-"
+        if not o.localized:
+            located = f"[bold red]{located} (expected {o.mutant.diverges_at})[/]"
+        table.add_row(f"{name}\n[dim]{o.setup}[/]", sharded, sharded_evidence(o.sharded), _precision_cell(o.sharded),
+                      located, reassembled, reassembled_evidence(o.reassembled))
+    for mutant, reason in report.not_applicable:
+        table.add_row(f"{mutant.name}\n[dim]{mutant.setup}[/]", "[dim]not applicable[/]", reason, "-", "-", "-", "-")
+    return table
+
+
+def margins_line(report: SelftestReport) -> str:
+    """The calibration margins of the conversion comparison, in one line."""
+    m = report.margins()
+    if m["largest_clean"] is None or m["smallest_mutant"] is None:
+        return f"conversion relative error threshold {m['threshold']:g}"
+    return (f"conversion relative error threshold {m['threshold']:g}: largest clean {m['largest_clean']:.2e} "
+            f"(margin {m['clean_margin']:.0f}x), smallest mutant {m['smallest_mutant']:.2e} "
+            f"(margin {m['mutant_margin']:.0f}x)")

@@ -1,0 +1,314 @@
+"""The sharded-mode check: the checkpoint executed as TensorRT-LLM would, against the HF original.
+
+Round-tripping (`verify.equivalence`) proves the converter and the reassembler are inverses; it cannot see a
+fault the two share. Here `verify.sharded_runtime` runs the rank files, reading only config.json and the
+shards, and its logits are compared with HF's own forward pass of the source model on the same token batches:
+
+* conversion: both sides compute in float32 over the same values: the checkpoint's, and HF's parameters set
+  to what a correct conversion stores for them, read back (the cast, and a format op's rounding such as
+  Gemma's 1 + weight). Only float32 summation order separates them, so the relative error
+  (max |diff| / max |reference logit|) must stay below CONVERSION_REL_ERROR. This isolates conversion faults
+  from precision loss, which is what makes subtle faults visible in a float16 or bfloat16 checkpoint.
+* precision (float16 / bfloat16 only): the runtime computing in the checkpoint dtype against HF in float32
+  over the original weights, judged by the reassembled mode's thresholds (KL, top-1 agreement, cosine).
+
+On failure the first diverging stage (embedding, decoder layer, final norm + lm_head) is named.
+docs/selftest.md says how the thresholds were calibrated against the mutation self-test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from converter.api import plan_conversion
+from converter.dtypes import dtype_name
+
+from .equivalence import PRECISION_THRESHOLDS
+from .forward import load_model, random_batches, release, resolve_device
+from .metrics import LogitMetrics, logit_metrics
+from .sharded_runtime import ShardedCheckpoint, SimulatedCollectives, embed, run_simulated
+
+# float32 on both sides over identical values; calibrated in docs/selftest.md (clean <= 5.8e-6, faults >= 6.6e-3).
+CONVERSION_REL_ERROR = 1e-4
+FINAL_STAGE = "final norm + lm_head"
+
+
+def _json_float(value: float) -> float | str:
+    return value if not isinstance(value, float) or math.isfinite(value) else str(value)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One metric against its threshold; NaN fails every comparison."""
+
+    metric: str
+    value: float
+    op: str
+    threshold: float
+
+    @property
+    def passed(self) -> bool:
+        if self.op == "<=":
+            return self.value <= self.threshold
+        if self.op == ">=":
+            return self.value >= self.threshold
+        return self.value == self.threshold
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.value:.3g} (must be {self.op} {self.threshold:.3g})"
+
+    def to_json(self) -> dict:
+        return {"metric": self.metric, "value": _json_float(self.value), "op": self.op,
+                "threshold": self.threshold, "passed": self.passed}
+
+
+@dataclass
+class LogitComparison:
+    """Candidate logits (the runtime) against reference logits (HF), with the checks that judge them."""
+
+    name: str
+    reference: str
+    candidate: str
+    metrics: LogitMetrics
+    relative_error: float
+    checks: list[Check]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def check(self, metric: str) -> Check:
+        return next(c for c in self.checks if c.metric == metric)
+
+    @property
+    def failed_checks(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "reference": self.reference, "candidate": self.candidate,
+                "passed": self.passed, "relative_error": _json_float(self.relative_error),
+                "metrics": self.metrics.to_json(), "checks": [c.to_json() for c in self.checks]}
+
+
+@dataclass
+class Localization:
+    """Per-stage relative error of one sequence and the first stage that diverges."""
+
+    comparison: str
+    sequence: int
+    criterion: str
+    stages: list[tuple[str, float]]
+    first_diverging: str | None
+
+    def to_json(self) -> dict:
+        return {"comparison": self.comparison, "sequence": self.sequence, "criterion": self.criterion,
+                "first_diverging": self.first_diverging,
+                "stages": [{"stage": s, "relative_error": _json_float(e)} for s, e in self.stages]}
+
+
+@dataclass
+class ShardedReport:
+    """Everything the sharded-mode check found; `passed` only when every comparison passed."""
+
+    model_dir: str
+    checkpoint_dir: str
+    num_sequences: int
+    seq_len: int
+    seed: int
+    device: str
+    dtype: str | None = None
+    tp_size: int | None = None
+    pp_size: int | None = None
+    structural: str | None = None
+    comparisons: list[LogitComparison] = field(default_factory=list)
+    localization: Localization | None = None
+
+    def comparison(self, name: str) -> LogitComparison | None:
+        return next((c for c in self.comparisons if c.name == name), None)
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per reason the check fails."""
+        if self.structural:
+            return [f"the runtime rejects the checkpoint: {self.structural}"]
+        return [f"{c.name}: {check}" for c in self.comparisons for check in c.failed_checks]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict:
+        return {
+            "passed": self.passed, "failures": self.failures, "model_dir": self.model_dir,
+            "checkpoint_dir": self.checkpoint_dir, "dtype": self.dtype, "tp_size": self.tp_size,
+            "pp_size": self.pp_size, "device": self.device, "num_sequences": self.num_sequences,
+            "seq_len": self.seq_len, "seed": self.seed, "structural": self.structural,
+            "comparisons": [c.to_json() for c in self.comparisons],
+            "localization": self.localization.to_json() if self.localization else None,
+        }
+
+
+class HFReference:
+    """The HF model at `model_dir` on one batch of random tokens, in float32.
+
+    `rounding` None runs the original weights; a dtype name sets every parameter to what a correct conversion
+    to that dtype stores for it, read back (`Plan.reassembled_value`). Each run is computed once and kept.
+    """
+
+    def __init__(self, model_dir: Path | str, num_sequences: int = 2, seq_len: int = 256, seed: int = 0,
+                 device: str = "auto") -> None:
+        from transformers import AutoConfig
+
+        self.model_dir, self.seed, self.device = Path(model_dir), seed, resolve_device(device)
+        self.vocab_size = AutoConfig.from_pretrained(str(model_dir), local_files_only=True).vocab_size
+        self.input_ids = random_batches(self.vocab_size, num_sequences, seq_len, seed)
+        self._runs: dict[tuple[str | None, int | None], tuple[Tensor, list[Tensor]]] = {}
+
+    def logits(self, rounding: str | None) -> Tensor:
+        """float32 logits [num_sequences, seq_len, vocab] on the CPU."""
+        return self._run(rounding, None)[0]
+
+    def stages(self, rounding: str | None, sequence: int) -> tuple[Tensor, list[Tensor]]:
+        """Logits and the float32 outputs [embedding, layer 0, ...] of one sequence."""
+        return self._run(rounding, sequence)
+
+    def _run(self, rounding: str | None, sequence: int | None) -> tuple[Tensor, list[Tensor]]:
+        key = (rounding, sequence)
+        if key not in self._runs:
+            ids = self.input_ids if sequence is None else self.input_ids[sequence : sequence + 1]
+            model = load_model(self.model_dir, torch.float32, self.device)
+            try:
+                if rounding is not None:
+                    self._round(model, rounding)
+                self._runs[key] = _forward(model, ids.to(self.device), capture=sequence is not None)
+            finally:
+                del model
+                release(self.device)
+        return self._runs[key]
+
+    def _round(self, model: torch.nn.Module, dtype: str) -> None:
+        plan, _ = plan_conversion(self.model_dir, dtype=dtype)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(plan.reassembled_value(name, param.detach()).float())
+
+
+def _forward(model: torch.nn.Module, ids: Tensor, capture: bool) -> tuple[Tensor, list[Tensor]]:
+    """Logits and, with `capture`, the embedding's and every decoder layer's outputs, float32 on the CPU."""
+    outputs: list[Tensor] = []
+
+    def keep(module: torch.nn.Module, inputs: object, output: object) -> None:
+        tensor = output if isinstance(output, Tensor) else output[0]
+        outputs.append(tensor.detach().float().cpu())
+
+    modules = [model.get_input_embeddings(), *model.get_decoder().layers] if capture else []
+    handles = [m.register_forward_hook(keep) for m in modules]
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids=ids, use_cache=False).logits.float().cpu()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, outputs
+
+
+def relative_error(reference: Tensor, candidate: Tensor) -> float:
+    """max |candidate - reference| / max |reference|; NaN or inf when either side is not finite."""
+    diff = (candidate.double() - reference.double()).abs().max()
+    return float(diff / reference.double().abs().max())
+
+
+def _compare(name: str, reference: str, candidate: str, ref: Tensor, cand: Tensor, dtype: str) -> LogitComparison:
+    metrics = logit_metrics(ref, cand)
+    error = relative_error(ref, cand)
+    checks = [Check("nonfinite", metrics.nonfinite, "==", 0)]
+    if name == "conversion":
+        checks = [Check("reference_nonfinite", int((~torch.isfinite(ref)).sum()), "==", 0), *checks,
+                  Check("relative_error", error, "<=", CONVERSION_REL_ERROR)]
+    else:
+        t = PRECISION_THRESHOLDS[dtype]
+        checks += [Check("kl_mean", metrics.kl_mean, "<=", t.kl_mean),
+                   Check("top1_agreement", metrics.top1_agreement, ">=", t.top1_agreement),
+                   Check("cosine_min", metrics.cosine_min, ">=", t.cosine_min)]
+    return LogitComparison(name, reference, candidate, metrics, error, checks)
+
+
+def check_sharded(checkpoint_dir: Path | str, reference: HFReference) -> ShardedReport:
+    """Run the checkpoint with the sharded runtime on `reference`'s tokens and compare (module docstring).
+
+    A checkpoint the runtime rejects (missing, extra or misshapen tensors, a bad config) fails as structural.
+    """
+    ids = reference.input_ids
+    report = ShardedReport(str(reference.model_dir), str(checkpoint_dir), ids.shape[0], ids.shape[1],
+                           reference.seed, str(reference.device))
+    try:
+        ckpt = ShardedCheckpoint(checkpoint_dir)
+        ckpt.validate()
+    except ValueError as e:
+        report.structural = str(e)
+        return report
+    cfg = ckpt.config
+    report.dtype, report.tp_size, report.pp_size = dtype_name(cfg.dtype), cfg.tp_size, cfg.pp_size
+    if cfg.vocab_size != reference.vocab_size:
+        report.structural = f"vocab_size is {cfg.vocab_size} in config.json, {reference.vocab_size} in the source"
+        return report
+    dtype, device = report.dtype, reference.device
+    native = run_simulated(ckpt, ids, device).cpu()
+    wide = native if dtype == "float32" else run_simulated(ckpt, ids, device, torch.float32).cpu()
+    conversion = _compare("conversion", f"HF, weights as stored in {dtype}, float32 math", "runtime, float32 math",
+                          reference.logits(dtype), wide, dtype)
+    report.comparisons.append(conversion)
+    if dtype != "float32":
+        report.comparisons.append(_compare(
+            "precision", "HF float32", f"runtime, {dtype} math", reference.logits(None), native, dtype))
+    if report.passed:
+        return report
+    # Stage by stage in float32 over stored values, unless the reference itself is not finite (the source does
+    # not survive the cast): then in the checkpoint dtype against HF float32, looking for the first inf or NaN.
+    if not conversion.passed and conversion.check("reference_nonfinite").passed:
+        report.localization = _localize(ckpt, reference, "conversion", dtype, torch.float32, wide)
+    else:
+        report.localization = _localize(ckpt, reference, "precision", None, cfg.dtype, native)
+    return report
+
+
+def _localize(ckpt: ShardedCheckpoint, reference: HFReference, name: str, rounding: str | None,
+              compute: torch.dtype, logits: Tensor) -> Localization:
+    """Compare the stage outputs of the sequence whose logits differ most from `reference.logits(rounding)`."""
+    exact = name == "conversion"
+    per_sequence = (logits - reference.logits(rounding)).abs().nan_to_num(nan=math.inf).flatten(1).amax(dim=1)
+    sequence = int(per_sequence.argmax())
+    ids = reference.input_ids[sequence : sequence + 1].to(reference.device)
+    ref_out, ref_stages = reference.stages(rounding, sequence)
+    cand_out, cand_stages = _runtime_stages(ckpt, ids, compute)
+    labels = ["embedding", *(f"layer {i}" for i in range(len(ref_stages) - 1)), FINAL_STAGE]
+    stages, first = [], None
+    for label, ref, cand in zip(labels, [*ref_stages, ref_out], [*cand_stages, cand_out]):
+        error = relative_error(ref, cand)
+        stages.append((label, error))
+        broken = bool((~torch.isfinite(cand) & torch.isfinite(ref)).any())
+        if first is None and (broken or (exact and not error <= CONVERSION_REL_ERROR)):
+            first = label
+    criterion = (f"relative error > {CONVERSION_REL_ERROR:g} or non-finite" if exact
+                 else "non-finite where HF float32 is finite")
+    return Localization(name, sequence, criterion, stages, first)
+
+
+def _runtime_stages(ckpt: ShardedCheckpoint, ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+    """The runtime's logits and float32 outputs [embedding, layer 0, ...] for `ids`, computing in `dtype`."""
+    cfg = ckpt.config
+    first_stage = [ckpt.weights(t, ids.device, dtype) for t in range(cfg.tp_size)]
+    embedding = embed(ids, first_stage, cfg, SimulatedCollectives())[0].float().cpu()
+    logits, hidden = run_simulated(ckpt, ids, ids.device, dtype, return_hidden=True)
+    return logits.cpu(), [embedding, *(h.cpu() for h in hidden)]
+
+
+def sharded_check(model_dir: Path | str, checkpoint_dir: Path | str, device: str = "auto", num_sequences: int = 2,
+                  seq_len: int = 256, seed: int = 0) -> ShardedReport:
+    """Check the checkpoint at `checkpoint_dir` against the HF model at `model_dir` on random token batches."""
+    return check_sharded(checkpoint_dir, HFReference(model_dir, num_sequences, seq_len, seed, device))
