@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="where the model and checkpoint go (needs ~9 GB)")
     parser.add_argument("--json", type=Path, default=None, help="also write the timings JSON here")
+    parser.add_argument("--max-gpu-gib", type=float, default=None,
+                        help="cap this process's GPU memory (e.g. below twice the float32 model) to show the "
+                             "check never holds two models at once")
     args = parser.parse_args(argv)
 
     console = Console()
@@ -82,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"built a random Llama with {parameters / 1e9:.3f}B parameters on {device} in {build_s:.1f}s")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+            if args.max_gpu_gib:
+                total = torch.cuda.get_device_properties(device).total_memory
+                torch.cuda.set_per_process_memory_fraction(args.max_gpu_gib * 2**30 / total, device.index or 0)
+                console.print(f"GPU memory capped at {args.max_gpu_gib} GiB; the float32 model alone needs "
+                              f"{parameters * 4 / 2**30:.1f} GiB")
         report = convert_and_verify(
             Path(tmp) / "model", Path(tmp) / "checkpoint", dtype=args.dtype, tp_size=args.tp, pp_size=args.pp,
             device=str(device), num_sequences=args.num_sequences, seq_len=args.seq_len, seed=args.seed,
@@ -101,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "gpu_memory_cap_gib": args.max_gpu_gib,
         "parameters": parameters,
         "model": sizes,
         "dtype": args.dtype,
