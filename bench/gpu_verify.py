@@ -24,7 +24,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from verify.equivalence import convert_and_verify  # noqa: E402
+from verify.verification import MODES, convert_and_check  # noqa: E402
 from verify.forward import resolve_device  # noqa: E402
 from verify.report_view import render  # noqa: E402
 
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-sequences", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", choices=MODES, default="both", help="verification mode(s) (default both)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the model and checkpoint go (needs ~9 GB)")
     parser.add_argument("--json", type=Path, default=None, help="also write the timings JSON here")
     parser.add_argument("--max-gpu-gib", type=float, default=None,
@@ -90,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.set_per_process_memory_fraction(args.max_gpu_gib * 2**30 / total, device.index or 0)
                 console.print(f"GPU memory capped at {args.max_gpu_gib} GiB; the float32 model alone needs "
                               f"{parameters * 4 / 2**30:.1f} GiB")
-        report = convert_and_verify(
+        report = convert_and_check(
             Path(tmp) / "model", Path(tmp) / "checkpoint", dtype=args.dtype, tp_size=args.tp, pp_size=args.pp,
-            device=str(device), num_sequences=args.num_sequences, seq_len=args.seq_len, seed=args.seed,
+            mode=args.mode, device=str(device), num_sequences=args.num_sequences, seq_len=args.seq_len, seed=args.seed,
             log=lambda message: console.print(message, style="dim"),
         )
     render(report, console)
@@ -118,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         "num_sequences": args.num_sequences,
         "seq_len": args.seq_len,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "precision": report.precision.to_json() if report.precision else None,
+        "mode": args.mode,
+        "precision": report.reassembled.precision.to_json() if report.reassembled and report.reassembled.precision else None,
+        "sharded": report.sharded.to_json() if report.sharded else None,
         "failures": report.failures,
     }
     text = json.dumps(result, indent=2)

@@ -7,6 +7,7 @@ divide, and every target must be produced exactly once.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -83,10 +84,14 @@ class Plan:
                 grouped[(tensor.pp_rank, tensor.name)].append(tensor)
         return [sorted(group, key=lambda t: t.tp_rank) for group in grouped.values()]
 
+    @functools.cached_property
+    def _source_ops(self) -> dict[str, FormatOp]:
+        return {s: t.op for rank in self.ranks for t in rank.tensors if t.op for s in t.sources}
+
     def reassembled_value(self, name: str, source: torch.Tensor) -> torch.Tensor:
         """What reassembly must give back for source tensor `name`: the cast, and its format op's rounding."""
         dtype = TORCH_DTYPES[self.layout.dtype]
-        op = next((t.op for rank in self.ranks for t in rank.tensors if name in t.sources), None)
+        op = self._source_ops.get(name)
         return op.round_trip(source, dtype) if op else source.to(dtype)
 
 

@@ -54,10 +54,16 @@ def converted(model: Path, out: Path, **layout) -> Path:
 
 
 def verify_both(model: Path, checkpoint: Path, tmp_path: Path) -> tuple[int, EquivalenceReport, dict]:
-    """Run the check through the CLI (exit code, JSON report) and through the API (the report object)."""
+    """Run the check through the CLI (exit code, JSON report of the reassembled mode) and through the API.
+
+    The CLI runs both modes; a failing exit code must agree with what each mode's JSON says.
+    """
     report_file = tmp_path / "report.json"
     result = invoke("verify", "--model_dir", model, "--checkpoint-dir", checkpoint, *FAST_ARGS, "--report", report_file)
-    return result.exit_code, verify_equivalence(model, checkpoint, **FAST), json.loads(report_file.read_text())
+    saved = json.loads(report_file.read_text())
+    assert saved["mode"] == "both"
+    assert saved["passed"] == (saved["reassembled"]["passed"] and saved["sharded"]["passed"]) == (result.exit_code == EXIT_OK)
+    return result.exit_code, verify_equivalence(model, checkpoint, **FAST), saved["reassembled"]
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +150,10 @@ def test_check_command_converts_and_verifies(tmp_path, llama):
     assert result.exit_code == EXIT_OK, result.output
     assert sorted(p.name for p in out.glob("rank*.safetensors")) == [f"rank{i}.safetensors" for i in range(4)]
     report = json.loads(report_file.read_text())
-    assert report["passed"] and report["tp_size"] == 2 and report["pp_size"] == 2 and report["dtype"] == "bfloat16"
-    assert list(report["timings_s"]) == ["convert", "reassemble", "weights", "forward", "precision"]
+    assert report["passed"] and report["mode"] == "both" and report["sharded"]["passed"]
+    reassembled = report["reassembled"]
+    assert reassembled["tp_size"] == 2 and reassembled["pp_size"] == 2 and reassembled["dtype"] == "bfloat16"
+    assert list(report["timings_s"]) == ["convert", "reassemble", "weights", "forward", "precision", "sharded"]
     assert "PASS" in result.stdout
 
 
@@ -184,6 +192,32 @@ def test_gate_and_up_swapped(tmp_path, llama):
     assert saved["localization"]["module"] == "model.layers.1.mlp.gate_proj"
     mismatch = next(t for t in saved["weights"]["tensors"] if t["name"] == "model.layers.1.mlp.gate_proj.weight")
     assert mismatch["equal"] is False and mismatch["max_abs_diff"] > 0 and mismatch["first_diff_index"] is not None
+
+
+@pytest.mark.parametrize("mode", ["sharded", "reassembled"])
+def test_each_mode_alone_catches_gate_up_swap_and_reports_only_itself(tmp_path, llama, mode):
+    ckpt = converted(llama, tmp_path / "ckpt", dtype="float32", tp_size=2)
+
+    def swap(tensors):
+        fc, gate = "transformer.layers.1.mlp.fc.weight", "transformer.layers.1.mlp.gate.weight"
+        tensors[fc], tensors[gate] = tensors[gate], tensors[fc]
+
+    for rank in range(2):
+        rewrite_rank(ckpt, rank, swap)
+    report_file = tmp_path / "r.json"
+    result = invoke("verify", "--model_dir", llama, "--checkpoint_dir", ckpt, *FAST_ARGS, "--mode", mode, "--report", report_file)
+    assert result.exit_code == EXIT_FAILED, result.output
+    saved = json.loads(report_file.read_text())
+    other = "reassembled" if mode == "sharded" else "sharded"
+    assert saved["mode"] == mode and saved[other] is None and not saved[mode]["passed"]
+    if mode == "sharded":
+        assert saved["sharded"]["localization"]["first_diverging"] == "layer 1"
+
+
+def test_unknown_mode_is_bad_input(tmp_path, llama):
+    ckpt = converted(llama, tmp_path / "ckpt", dtype="float32")
+    result = invoke("verify", "--model_dir", llama, "--checkpoint_dir", ckpt, *FAST_ARGS, "--mode", "fast")
+    assert result.exit_code == 2 and "--mode" in result.stderr
 
 
 @pytest.mark.parametrize("ranks", ["all", "one"])
@@ -331,7 +365,7 @@ def test_fp16_overflow_fails_the_precision_check(tmp_path, llama):
     report_file = tmp_path / "fp16.json"
     result = invoke("verify", "--model_dir", model, "--checkpoint_dir", tmp_path / "fp16", *FAST_ARGS, "--report", report_file)
     assert result.exit_code == EXIT_FAILED
-    saved = json.loads(report_file.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    saved = json.loads(report_file.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))["reassembled"]
     assert saved["precision"]["checks"]["nonfinite"]["passed"] is False and saved["precision"]["metrics"]["kl_mean"] == "nan"
     bf16 = verify_equivalence(model, converted(model, tmp_path / "bf16", dtype="bfloat16"), **FAST)
     assert bf16.passed, bf16.failures

@@ -185,7 +185,7 @@ def _report_path(report: Optional[Path]) -> Optional[Path]:
 
 
 def _finish(result, report: Optional[Path]) -> None:
-    """Print the equivalence report, write its JSON to `report`, and exit 0 (pass) or 1 (fail)."""
+    """Print the verification, write its JSON to `report`, and exit 0 (pass) or 1 (fail)."""
     import json
 
     from verify.report_view import render
@@ -200,6 +200,8 @@ def _finish(result, report: Optional[Path]) -> None:
 DEVICE_HELP = "auto (cuda when available), cpu or cuda: where the models run, one at a time."
 SEQUENCES_HELP = "Random token sequences run through every model."
 SEQ_LEN_HELP = "Tokens per sequence (long enough that rotary position errors show)."
+MODE_HELP = ("reassembled: invert the rank files and compare with the source bit for bit; sharded: run the rank "
+             "files as TensorRT-LLM would and compare with the source; both (default).")
 
 
 @app.command()
@@ -211,15 +213,16 @@ def verify(
     num_sequences: int = typer.Option(4, "--num_sequences", "--num-sequences", help=SEQUENCES_HELP),
     seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the random token batches."),
+    mode: str = typer.Option("both", "--mode", help=MODE_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
 ) -> None:
-    """Prove a checkpoint is the model: reassembly, bit-exact weights and logits, dtype cost, first divergence."""
-    from verify.equivalence import verify_equivalence
+    """Prove a checkpoint is the model: reassembly, bit-exact weights and logits, sharded run, dtype cost, first divergence."""
+    from verify.verification import verify_checkpoint
 
     if model_dir is None or checkpoint_dir is None:
         raise ShardproofError("--model_dir and --checkpoint_dir are required")
     report = _report_path(report)
-    result = verify_equivalence(model_dir, checkpoint_dir, device, num_sequences, seq_len, seed, log=_log)
+    result = verify_checkpoint(model_dir, checkpoint_dir, mode, device, num_sequences, seq_len, seed, log=_log)
     _finish(result, report)
 
 
@@ -239,13 +242,14 @@ def check(
     num_sequences: int = typer.Option(4, "--num_sequences", "--num-sequences", help=SEQUENCES_HELP),
     seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the random token batches (and of the demo model)."),
+    mode: str = typer.Option("both", "--mode", help=MODE_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
 ) -> None:
     """Convert, then verify, in one command: the same report and exit codes as `verify`."""
     import tempfile
 
     from verify import demo as demo_model
-    from verify.equivalence import convert_and_verify
+    from verify.verification import convert_and_check
 
     if demo == (model_dir is not None):
         raise ShardproofError("pass either --model_dir or --demo")
@@ -260,9 +264,9 @@ def check(
         if demo:
             model_dir = demo_model.build_demo_model(Path(tmp) / "model", seed)
             console.print(demo_model.describe(model_dir, **layout), highlight=False)
-        result = convert_and_verify(
+        result = convert_and_check(
             model_dir, output_dir, **layout, use_parallel_embedding=use_parallel_embedding,
-            embedding_sharding_dim=embedding_sharding_dim, overwrite=overwrite, device=device,
+            embedding_sharding_dim=embedding_sharding_dim, overwrite=overwrite, mode=mode, device=device,
             num_sequences=num_sequences, seq_len=seq_len, seed=seed, log=_log,
         )
     _finish(result, report)

@@ -9,6 +9,8 @@ from rich.table import Table
 
 from .equivalence import EquivalenceReport
 from .metrics import LogitMetrics
+from .sharded_check import ShardedReport
+from .verification import Verification
 
 MAX_ROWS = 20
 PASS, FAIL, SKIP = "[bold green]pass[/]", "[bold red]FAIL[/]", "[yellow]not run[/]"
@@ -130,26 +132,46 @@ def metrics_table(report: EquivalenceReport) -> Table:
     return table
 
 
-def timings_line(report: EquivalenceReport) -> str:
-    return "time: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in report.timings.items())
+def sharded_table(report: ShardedReport) -> Table:
+    """The sharded mode: each logit comparison with its checks, then where it first diverged."""
+    title = f"sharded runtime vs HF: {report.dtype or '?'} tp={report.tp_size} pp={report.pp_size} on {report.device}"
+    table = Table(title=title)
+    for column in ("comparison", "result", "relative error", "checks"):
+        table.add_column(column)
+    if report.structural:
+        table.add_row("structure", FAIL, "-", report.structural)
+    for c in report.comparisons:
+        checks = "; ".join(f"{k.metric} {_num(k.value)} {k.op} {_num(k.threshold)}" for k in c.checks)
+        table.add_row(f"{c.name}: {c.candidate} vs {c.reference}", PASS if c.passed else FAIL, _num(c.relative_error), checks)
+    if report.localization is not None and report.localization.first_diverging:
+        loc = report.localization
+        table.add_row("first divergence", FAIL, "-", f"{loc.first_diverging} (sequence {loc.sequence}, {loc.criterion})")
+    return table
 
 
-def render(report: EquivalenceReport, console: Console) -> None:
-    """Print the whole report: summary, violations, differing tensors, logit metrics, timings, verdict."""
-    console.print(summary_table(report))
-    if report.violations:
-        console.print(violations_table(report))
-    if report.weights is not None:
-        for table in mismatch_tables(report):
-            console.print(table)
-    if report.forward is not None:
-        console.print(metrics_table(report))
-    for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
-    console.print(timings_line(report), style="dim")
-    if report.passed:
-        console.print(
-            f"[bold green]PASS[/]: the checkpoint is the model, bit for bit; {report.dtype} stays within the precision limits"
-        )
-    else:
-        console.print("[bold red]FAIL[/]: " + "; ".join(report.failures), highlight=False)
+def render(result: Verification, console: Console) -> None:
+    """Print every mode's report, the timings and the verdict."""
+    report = result.reassembled
+    if report is not None:
+        console.print(summary_table(report))
+        if report.violations:
+            console.print(violations_table(report))
+        if report.weights is not None:
+            for table in mismatch_tables(report):
+                console.print(table)
+        if report.forward is not None:
+            console.print(metrics_table(report))
+        for note in report.notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if result.sharded is not None:
+        console.print(sharded_table(result.sharded))
+    console.print("time: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items()), style="dim")
+    if not result.passed:
+        console.print("[bold red]FAIL[/]: " + "; ".join(result.failures), highlight=False)
+        return
+    claims = []
+    if report is not None:
+        claims.append(f"reassembled: the checkpoint is the model, bit for bit, and {report.dtype} stays within the precision limits")
+    if result.sharded is not None:
+        claims.append("sharded: run as TensorRT-LLM runs it, the checkpoint computes what the model computes")
+    console.print("[bold green]PASS[/]: " + "; ".join(claims), highlight=False)
