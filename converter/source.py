@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .dtypes import FLOAT_CODES, TORCH_DTYPES
 from .errors import ShardproofError
+from .json_files import read_config, read_json
 from .safetensors_io import Shape, TensorReader, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -20,15 +20,7 @@ class HFCheckpoint:
 
     def __init__(self, model_dir: Path | str):
         self.model_dir = Path(model_dir)
-        config_path = self.model_dir / "config.json"
-        if not self.model_dir.is_dir():
-            raise ShardproofError(f"{self.model_dir}: model directory not found")
-        try:
-            self.config_dict = json.loads(config_path.read_text())
-        except FileNotFoundError:
-            raise ShardproofError(f"{config_path}: file not found") from None
-        except json.JSONDecodeError as e:
-            raise ShardproofError(f"{config_path}: not valid JSON ({e})") from None
+        config_path, self.config_dict = read_config(self.model_dir, "model")
         self.hf_config = _auto_config(self.model_dir, config_path)
         self._files: dict[str, Path] = {}
         self.headers: dict[str, tuple[str, Shape]] = {}
@@ -45,10 +37,9 @@ class HFCheckpoint:
     def _weight_files(self) -> list[Path]:
         index = self.model_dir / INDEX
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ShardproofError(f"{index}: not a safetensors index (no weight_map)") from None
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ShardproofError(f"{index}: not a safetensors index (no weight_map)")
             files = [self.model_dir / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.exists()]
             if missing:

@@ -168,15 +168,16 @@ def test_demo_checks_long_sequences():
 
 # --- tampered checkpoints fail, naming what is wrong ---------------------------------------------------------
 
+def swap_fc_and_gate(tensors) -> None:
+    """The gate/up swap a converter makes when it maps HF up_proj to `mlp.fc` (layer 1)."""
+    fc, gate = "transformer.layers.1.mlp.fc.weight", "transformer.layers.1.mlp.gate.weight"
+    tensors[fc], tensors[gate] = tensors[gate], tensors[fc]
+
+
 def test_gate_and_up_swapped(tmp_path, llama):
     ckpt = converted(llama, tmp_path / "ckpt", dtype="float16", tp_size=2)
-
-    def swap(tensors):
-        fc, gate = "transformer.layers.1.mlp.fc.weight", "transformer.layers.1.mlp.gate.weight"
-        tensors[fc], tensors[gate] = tensors[gate], tensors[fc]
-
     for rank in range(2):
-        rewrite_rank(ckpt, rank, swap)
+        rewrite_rank(ckpt, rank, swap_fc_and_gate)
     code, report, saved = verify_both(llama, ckpt, tmp_path)
     assert code == EXIT_FAILED and not saved["passed"]
     assert not report.violations  # same shapes, no replicas involved: only the comparison can see it
@@ -197,13 +198,8 @@ def test_gate_and_up_swapped(tmp_path, llama):
 @pytest.mark.parametrize("mode", ["sharded", "reassembled"])
 def test_each_mode_alone_catches_gate_up_swap_and_reports_only_itself(tmp_path, llama, mode):
     ckpt = converted(llama, tmp_path / "ckpt", dtype="float32", tp_size=2)
-
-    def swap(tensors):
-        fc, gate = "transformer.layers.1.mlp.fc.weight", "transformer.layers.1.mlp.gate.weight"
-        tensors[fc], tensors[gate] = tensors[gate], tensors[fc]
-
     for rank in range(2):
-        rewrite_rank(ckpt, rank, swap)
+        rewrite_rank(ckpt, rank, swap_fc_and_gate)
     report_file = tmp_path / "r.json"
     result = invoke("verify", "--model_dir", llama, "--checkpoint_dir", ckpt, *FAST_ARGS, "--mode", mode, "--report", report_file)
     assert result.exit_code == EXIT_FAILED, result.output

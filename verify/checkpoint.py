@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from converter.architecture import Architecture, get_architecture
 from converter.dtypes import safetensors_code
 from converter.errors import ShardproofError
 from converter.execute import rank_file
+from converter.json_files import read_config
 from converter.mapping import Mapping
 from converter.plan import Layout, Plan, build_plan, expected_source_shapes
 from converter.safetensors_io import Shape, TensorReader, read_header
@@ -35,15 +35,7 @@ class TRTCheckpoint:
 
     def __init__(self, directory: Path | str):
         self.directory = Path(directory)
-        config_path = self.directory / "config.json"
-        if not self.directory.is_dir():
-            raise ShardproofError(f"{self.directory}: checkpoint directory not found")
-        try:
-            self.config = json.loads(config_path.read_text())
-        except FileNotFoundError:
-            raise ShardproofError(f"{config_path}: file not found") from None
-        except json.JSONDecodeError as e:
-            raise ShardproofError(f"{config_path}: not valid JSON ({e})") from None
+        config_path, self.config = read_config(self.directory, "checkpoint")
         try:
             self.architecture: Architecture = get_architecture(self.config["architecture"])
             self.dims = self.architecture.dims_from_trt(self.config)

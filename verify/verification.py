@@ -65,10 +65,7 @@ def verify_checkpoint(
     log: Log | None = None,
 ) -> Verification:
     """Run the chosen mode(s) on the same random token batches; bad input raises ShardproofError."""
-    if mode not in MODES:
-        raise ShardproofError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
-    resolve_device(device)
-    random_batches(1, num_sequences, seq_len, seed)
+    _check_arguments(mode, device, num_sequences, seq_len, seed)
     result = Verification(mode)
     if mode in ("both", "reassembled"):
         result.reassembled = verify_equivalence(model_dir, checkpoint_dir, device, num_sequences, seq_len, seed, log)
@@ -101,10 +98,7 @@ def convert_and_check(
     """Convert `model_dir` (into `output_dir`, or a temporary directory removed afterwards), then verify it."""
     from converter.api import convert
 
-    if mode not in MODES:
-        raise ShardproofError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
-    resolve_device(device)
-    random_batches(1, num_sequences, seq_len, seed)
+    _check_arguments(mode, device, num_sequences, seq_len, seed)  # before the conversion, not after it
     with _output(output_dir) as out:
         if log:
             log(f"converting {model_dir} (dtype {dtype}, tp={tp_size}, pp={pp_size})")
@@ -114,6 +108,13 @@ def convert_and_check(
         result = verify_checkpoint(model_dir, out, mode, device, num_sequences, seq_len, seed, log)
     result.timings = {"convert": elapsed, **result.timings}
     return result
+
+
+def _check_arguments(mode: str, device: str, num_sequences: int, seq_len: int, seed: int) -> None:
+    if mode not in MODES:
+        raise ShardproofError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    resolve_device(device)
+    random_batches(1, num_sequences, seq_len, seed)
 
 
 @contextlib.contextmanager
