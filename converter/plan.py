@@ -19,7 +19,7 @@ from .dtypes import TORCH_DTYPES
 from .errors import ShardproofError
 from .format_ops import FormatOp
 from .mapping import Mapping
-from .sharding import COLUMN, REPLICATED, ROW, VOCAB, FusedQKV, Shard, Split
+from .sharding import COLUMN, REPLICATED, ROW, VOCAB, FusedQKV, Shard
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ Stages, each recorded in the report with its time:
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 import tempfile
 import time
@@ -30,7 +29,7 @@ from converter.source import HFCheckpoint
 
 from .checkpoint import Violation
 from .forward import Divergence, first_divergence, first_nonfinite, hidden_states, model_logits, random_batches, resolve_device
-from .metrics import LogitMetrics, bit_identical, logit_metrics
+from .metrics import LogitMetrics, bit_identical, json_float, logit_metrics
 from .reassemble import reassemble
 from .weights import WeightComparison, compare_weights, format_rounded
 
@@ -108,7 +107,7 @@ class PrecisionEffect:
             "ok": self.ok,
             "metrics": self.metrics.to_json(),
             "checks": {
-                name: {"value": _json_float(v), "op": op, "threshold": thr, "passed": ok}
+                name: {"value": json_float(v), "op": op, "threshold": thr, "passed": ok}
                 for name, (v, op, thr, ok) in self.checks.items()
             },
             "first_nonfinite_module": self.first_nonfinite_module,
@@ -129,7 +128,7 @@ class Localization:
         return {
             "sequence": self.sequence,
             "module": d.module if d else None,
-            "max_abs_diff": _json_float(d.max_abs_diff) if d else None,
+            "max_abs_diff": json_float(d.max_abs_diff) if d else None,
             "first_diff_index": list(d.first_diff_index) if d and d.first_diff_index is not None else None,
             "detail": d.detail if d else None,
             "scope": self.scope,
@@ -206,10 +205,6 @@ class EquivalenceReport:
             "localization": self.localization.to_json() if self.localization else None,
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
-
-
-def _json_float(value: float) -> float | str:
-    return value if not isinstance(value, float) or math.isfinite(value) else str(value)
 
 
 def _stopwatch(timings: dict[str, float], log: Log | None) -> Callable[[str, str], contextlib.AbstractContextManager]:

@@ -28,6 +28,11 @@ def first_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...] | None
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
 
 
+def json_float(value: float) -> float | str:
+    """`value` as JSON allows it: a non-finite float becomes its string ("nan", "inf", "-inf")."""
+    return value if not isinstance(value, float) or math.isfinite(value) else str(value)
+
+
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest |a - b| in float32 (NaN when either holds a NaN, inf when one overflowed)."""
     diff = (a.float() - b.float()).abs()
@@ -54,7 +59,7 @@ class LogitMetrics:
 
     def to_json(self) -> dict:
         """A JSON-safe dict: non-finite floats become strings ("nan", "inf")."""
-        return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in asdict(self).items()}
+        return {k: json_float(v) for k, v in asdict(self).items()}
 
 
 def logit_metrics(reference: torch.Tensor, candidate: torch.Tensor, chunk: int = 4096) -> LogitMetrics:

@@ -30,16 +30,12 @@ from converter.dtypes import dtype_name
 
 from .equivalence import PRECISION_THRESHOLDS
 from .forward import load_model, random_batches, release, resolve_device
-from .metrics import LogitMetrics, logit_metrics
+from .metrics import LogitMetrics, json_float, logit_metrics
 from .sharded_runtime import ShardedCheckpoint, SimulatedCollectives, embed, run_simulated
 
 # float32 on both sides over identical values; calibrated in docs/selftest.md (clean <= 5.8e-6, faults >= 6.6e-3).
 CONVERSION_REL_ERROR = 1e-4
 FINAL_STAGE = "final norm + lm_head"
-
-
-def _json_float(value: float) -> float | str:
-    return value if not isinstance(value, float) or math.isfinite(value) else str(value)
 
 
 @dataclass(frozen=True)
@@ -63,7 +59,7 @@ class Check:
         return f"{self.metric} {self.value:.3g} (must be {self.op} {self.threshold:.3g})"
 
     def to_json(self) -> dict:
-        return {"metric": self.metric, "value": _json_float(self.value), "op": self.op,
+        return {"metric": self.metric, "value": json_float(self.value), "op": self.op,
                 "threshold": self.threshold, "passed": self.passed}
 
 
@@ -91,7 +87,7 @@ class LogitComparison:
 
     def to_json(self) -> dict:
         return {"name": self.name, "reference": self.reference, "candidate": self.candidate,
-                "passed": self.passed, "relative_error": _json_float(self.relative_error),
+                "passed": self.passed, "relative_error": json_float(self.relative_error),
                 "metrics": self.metrics.to_json(), "checks": [c.to_json() for c in self.checks]}
 
 
@@ -108,7 +104,7 @@ class Localization:
     def to_json(self) -> dict:
         return {"comparison": self.comparison, "sequence": self.sequence, "criterion": self.criterion,
                 "first_diverging": self.first_diverging,
-                "stages": [{"stage": s, "relative_error": _json_float(e)} for s, e in self.stages]}
+                "stages": [{"stage": s, "relative_error": json_float(e)} for s, e in self.stages]}
 
 
 @dataclass

@@ -20,7 +20,7 @@ from converter.plan import Plan
 from converter.source import HFCheckpoint
 
 from .checkpoint import TRTCheckpoint
-from .metrics import first_difference, max_abs_diff
+from .metrics import first_difference, json_float, max_abs_diff
 from .reassemble import HF_WEIGHTS
 
 
@@ -40,7 +40,7 @@ class TensorComparison:
             "name": self.name,
             "shape": list(self.shape),
             "equal": self.equal,
-            "max_abs_diff": self.max_abs_diff if math.isfinite(self.max_abs_diff) else str(self.max_abs_diff),
+            "max_abs_diff": json_float(self.max_abs_diff),
             "first_diff_index": list(self.first_diff_index) if self.first_diff_index is not None else None,
             "problem": self.problem,
         }
@@ -61,7 +61,7 @@ class RankDifference:
             "rank": self.rank,
             "tensor": self.tensor,
             "sources": list(self.sources),
-            "max_abs_diff": self.max_abs_diff if math.isfinite(self.max_abs_diff) else str(self.max_abs_diff),
+            "max_abs_diff": json_float(self.max_abs_diff),
             "first_diff_index": list(self.first_diff_index) if self.first_diff_index is not None else None,
         }
 
