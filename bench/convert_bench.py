@@ -32,7 +32,7 @@ def build(directory: Path, hidden: int, layers: int, vocab: int) -> None:
 
 
 def run_stream(model: Path, out: Path, tp: int, pp: int, dtype: str) -> None:
-    from converter.api import convert
+    from shardproof.converter.api import convert
 
     convert(model, out, dtype=dtype, tp_size=tp, pp_size=pp)
 
@@ -41,7 +41,7 @@ def run_baseline(model: Path, out: Path, tp: int, pp: int, dtype: str) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from converter.api import plan_conversion
+    from shardproof.converter.api import plan_conversion
 
     plan, _ = plan_conversion(model, dtype=dtype, tp_size=tp, pp_size=pp)
     state = {k: v.to(getattr(torch, dtype)) for k, v in load_file(model / "model.safetensors").items()}
@@ -58,7 +58,7 @@ def _status_mib(field: str) -> float:
 
 
 def child(mode: str, model: Path, out: Path, tp: int, pp: int, dtype: str) -> None:
-    import converter.api  # noqa: F401  (imports torch and transformers: counted apart from the conversion)
+    import shardproof.converter.api  # noqa: F401  (imports torch and transformers: counted apart from the conversion)
     import transformers  # noqa: F401
 
     imported = _status_mib("VmRSS")

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from converter.api import convert  # noqa: E402
-from verify.distributed_runtime import run_distributed  # noqa: E402
-from verify.sharded_runtime import run_simulated  # noqa: E402
-from verify.tiny_models import build_tiny_model  # noqa: E402
+from shardproof.converter.api import convert
+from shardproof.verify.distributed_runtime import run_distributed
+from shardproof.verify.sharded_runtime import run_simulated
+from shardproof.verify.tiny_models import build_tiny_model
 
 MODEL = dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=256, head_dim=32, intermediate_size=512,
              num_hidden_layers=4, vocab_size=1001)

@@ -22,11 +22,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from verify.verification import MODES, convert_and_check  # noqa: E402
-from verify.forward import resolve_device  # noqa: E402
-from verify.report_view import render  # noqa: E402
+from shardproof.verify.verification import MODES, convert_and_check
+from shardproof.verify.forward import resolve_device
+from shardproof.verify.report_view import render
 
 FULL = dict(
     hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=8,

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from verify.tiny_models import tiny_config
+from shardproof.verify.tiny_models import tiny_config
 
 
 def random_checkpoint(directory: Path, architecture: str, seed: int, dtype: str = "float32", shards: int = 1, **overrides) -> Path:

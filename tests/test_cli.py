@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tests.helpers import random_checkpoint
-from verify.cli import app
+from shardproof.cli import app
 
 SMALL = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=4, hidden_size=16, intermediate_size=16,
              num_hidden_layers=2, vocab_size=19)

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from converter.api import convert
-from converter.errors import ShardproofError
+from shardproof.converter.api import convert
+from shardproof.converter.errors import ShardproofError
 from tests.helpers import load_checkpoint, random_checkpoint
 from tests.reference_layout import cast, expected_ranks
-from verify.reassemble import reassemble
+from shardproof.verify.reassemble import reassemble
 
 ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM"]
 PROPERTY_SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

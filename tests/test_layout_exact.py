@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from converter.api import convert
+from shardproof.converter.api import convert
 from tests.helpers import random_checkpoint
-from verify.reassemble import reassemble
+from shardproof.verify.reassemble import reassemble
 
 HEAD_DIM = 2
 GQA = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=HEAD_DIM, hidden_size=8, intermediate_size=8,

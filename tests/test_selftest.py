@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import verify.mutations as mutations
-from converter.api import convert
-from converter.architecture import supported_architectures
-from verify.cli import app
-from verify.mutations import CATALOG
-from verify.selftest import run_selftest
-from verify.sharded_check import CONVERSION_REL_ERROR, HFReference, check_sharded, sharded_check
-from verify.tiny_models import build_tiny_model
+import shardproof.verify.mutations as mutations
+from shardproof.converter.api import convert
+from shardproof.converter.architecture import supported_architectures
+from shardproof.cli import app
+from shardproof.verify.mutations import CATALOG
+from shardproof.verify.selftest import run_selftest
+from shardproof.verify.sharded_check import CONVERSION_REL_ERROR, HFReference, check_sharded, sharded_check
+from shardproof.verify.tiny_models import build_tiny_model
 
 # dtype -> layout; every architecture is converted in each (tied embeddings: Gemma by default, Qwen3 here).
 LAYOUTS = {

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from converter.api import convert
-from verify.distributed_runtime import run_distributed
-from verify.sharded_runtime import ShardedCheckpoint, run_simulated
-from verify.tiny_models import build_tiny_model
+from shardproof.converter.api import convert
+from shardproof.verify.distributed_runtime import run_distributed
+from shardproof.verify.sharded_runtime import ShardedCheckpoint, run_simulated
+from shardproof.verify.tiny_models import build_tiny_model
 
 SEQ_LEN = 64
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from converter.api import convert
-from verify.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, app
-from verify.equivalence import PRECISION_THRESHOLDS, EquivalenceReport, verify_equivalence
-from verify.metrics import bit_identical, first_difference, logit_metrics
-from verify.tiny_models import build_tiny_model
+from shardproof.converter.api import convert
+from shardproof.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, app
+from shardproof.verify.equivalence import PRECISION_THRESHOLDS, EquivalenceReport, verify_equivalence
+from shardproof.verify.metrics import bit_identical, first_difference, logit_metrics
+from shardproof.verify.tiny_models import build_tiny_model
 
 FAST = dict(device="cpu", num_sequences=2, seq_len=32)
 FAST_ARGS = ["--device", "cpu", "--num-sequences", "2", "--seq-len", "32"]

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from converter.architecture import Architecture, get_architecture
-from converter.dtypes import safetensors_code
-from converter.errors import ShardproofError
-from converter.execute import rank_file
-from converter.json_files import read_config
-from converter.mapping import Mapping
-from converter.plan import Layout, Plan, build_plan, expected_source_shapes
-from converter.safetensors_io import Shape, TensorReader, read_header
+from shardproof.converter.architecture import Architecture, get_architecture
+from shardproof.converter.dtypes import safetensors_code
+from shardproof.converter.errors import ShardproofError
+from shardproof.converter.execute import rank_file
+from shardproof.converter.json_files import read_config
+from shardproof.converter.mapping import Mapping
+from shardproof.converter.plan import Layout, Plan, build_plan, expected_source_shapes
+from shardproof.converter.safetensors_io import Shape, TensorReader, read_header
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Truly distributed reference run: one process per rank, real torch.distributed collectives.
 
-    torchrun --nproc_per_node=WORLD -m verify.distributed_runtime \\
+    torchrun --nproc_per_node=WORLD -m shardproof.verify.distributed_runtime \\
         --checkpoint_dir CKPT --input IDS.pt --output LOGITS.pt [--backend gloo|nccl]
 
 Each process loads only its own ``rank{N}.safetensors``, all-reduces row-parallel partial sums
@@ -24,10 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from verify.sharded_runtime import DTYPES, ShardedCheckpoint, check_input_ids, rotary_cos_sin, run_stage
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
+from shardproof.verify.sharded_runtime import DTYPES, ShardedCheckpoint, check_input_ids, rotary_cos_sin, run_stage
 
 class TorchDistributedCollectives:
     """Collectives of one TP group through torch.distributed; this process holds one rank."""
@@ -137,11 +134,10 @@ def run_distributed(checkpoint_dir: str | Path, input_ids: Tensor, nproc: int | 
         inp, out = Path(tmp) / "input_ids.pt", Path(tmp) / "logits.pt"
         torch.save(input_ids.detach().cpu().long(), inp)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "verify.distributed_runtime", "--checkpoint_dir", str(ckpt.path.resolve()),
+               "-m", "shardproof.verify.distributed_runtime", "--checkpoint_dir", str(ckpt.path.resolve()),
                "--input", str(inp), "--output", str(out), "--backend", backend,
                "--timeout_s", str(timeout_s)] + (["--compute_dtype", dtype_name] if dtype_name else [])
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         env.setdefault("OMP_NUM_THREADS", "1")
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)

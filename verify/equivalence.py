@@ -23,9 +23,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from converter.architecture import get_architecture
-from converter.dtypes import TORCH_DTYPES
-from converter.source import HFCheckpoint
+from shardproof.converter.architecture import get_architecture
+from shardproof.converter.dtypes import TORCH_DTYPES
+from shardproof.converter.source import HFCheckpoint
 
 from .checkpoint import Violation
 from .forward import Divergence, first_divergence, first_nonfinite, hidden_states, model_logits, random_batches, resolve_device

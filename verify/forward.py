@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from converter.errors import ShardproofError
+from shardproof.converter.errors import ShardproofError
 
 from .metrics import bit_identical, first_difference, max_abs_diff
 

@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from converter.architecture import supported_architectures
-from converter.format_ops import FormatOp
-from converter.sharding import VOCAB
-from converter.source import HFCheckpoint
+from shardproof.converter.architecture import supported_architectures
+from shardproof.converter.format_ops import FormatOp
+from shardproof.converter.sharding import VOCAB
+from shardproof.converter.source import HFCheckpoint
 
 from .checkpoint import TRTCheckpoint
 from .sharded_runtime import RuntimeConfig, load_config

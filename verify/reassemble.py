@@ -10,9 +10,9 @@ from typing import Callable
 
 import torch
 
-from converter.atomic import atomic_directory
-from converter.dtypes import TORCH_DTYPES
-from converter.safetensors_io import StreamWriter
+from shardproof.converter.atomic import atomic_directory
+from shardproof.converter.dtypes import TORCH_DTYPES
+from shardproof.converter.safetensors_io import StreamWriter
 
 from .checkpoint import TRTCheckpoint, Violation
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from rich.table import Table
 
-from converter.api import convert
+from shardproof.converter.api import convert
 
 from .equivalence import EquivalenceReport, verify_equivalence
 from .forward import random_batches, resolve_device

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from converter.api import plan_conversion
-from converter.dtypes import dtype_name
+from shardproof.converter.api import plan_conversion
+from shardproof.converter.dtypes import dtype_name
 
 from .equivalence import PRECISION_THRESHOLDS
 from .forward import load_model, random_batches, release, resolve_device

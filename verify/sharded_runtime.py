@@ -8,7 +8,7 @@ vocab-parallel logits all-gathered over TP, and hidden states handed from stage 
 The math is written once, per TP rank: every function takes the per-rank hidden states ``xs``
 and per-rank weights ``ws`` (parallel lists) and a ``Collectives`` object that does the
 cross-rank step. ``SimulatedCollectives`` holds every rank of a stage in this process and sums
-in rank order; ``verify.distributed_runtime`` runs one rank per process with torch.distributed.
+in rank order; ``shardproof.verify.distributed_runtime`` runs one rank per process with torch.distributed.
 Each rank keeps its own copy of the residual stream and uses its own copy of replicated
 tensors, as the engine does, so a replica that differs between rank files shows up.
 """

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from converter.errors import ShardproofError
+from shardproof.converter.errors import ShardproofError
 
 from .equivalence import EquivalenceReport, verify_equivalence
 from .forward import random_batches, resolve_device
@@ -96,7 +96,7 @@ def convert_and_check(
     log: Log | None = None,
 ) -> Verification:
     """Convert `model_dir` (into `output_dir`, or a temporary directory removed afterwards), then verify it."""
-    from converter.api import convert
+    from shardproof.converter.api import convert
 
     _check_arguments(mode, device, num_sequences, seq_len, seed)  # before the conversion, not after it
     with _output(output_dir) as out:

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from converter.dtypes import TORCH_DTYPES
-from converter.plan import Plan
-from converter.source import HFCheckpoint
+from shardproof.converter.dtypes import TORCH_DTYPES
+from shardproof.converter.plan import Plan
+from shardproof.converter.source import HFCheckpoint
 
 from .checkpoint import TRTCheckpoint
 from .metrics import first_difference, json_float, max_abs_diff

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from converter.errors import ShardproofError
+from shardproof.converter.errors import ShardproofError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -95,7 +95,7 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output directory."),
 ) -> None:
     """Convert an HF checkpoint into a TensorRT-LLM checkpoint."""
-    from converter.api import convert as run_convert, plan_conversion
+    from shardproof.converter.api import convert as run_convert, plan_conversion
 
     if model_dir is None:
         raise ShardproofError("--model_dir is required")
@@ -122,8 +122,8 @@ def reassemble(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output directory."),
 ) -> None:
     """Rebuild the HF checkpoint from the rank files alone, checking replicas, padding and completeness."""
-    from verify.checkpoint import TRTCheckpoint
-    from verify.reassemble import reassemble as run_reassemble
+    from shardproof.verify.checkpoint import TRTCheckpoint
+    from shardproof.verify.reassemble import reassemble as run_reassemble
 
     groups = len(TRTCheckpoint(checkpoint_dir).plan.groups())
     with progress_bar("reassembling", groups) as advance:
@@ -150,7 +150,7 @@ def report_violations(violations: list) -> None:
 @fails_cleanly
 def inspect(checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkpoint directory.")) -> None:
     """Print ranks, stages, tensors and bytes of a checkpoint, from its headers."""
-    from verify.checkpoint import TRTCheckpoint
+    from shardproof.verify.checkpoint import TRTCheckpoint
 
     ckpt = TRTCheckpoint(checkpoint_dir)
     cfg, mapping = ckpt.config, ckpt.mapping
@@ -188,7 +188,7 @@ def _finish(result, report: Optional[Path]) -> None:
     """Print the verification, write its JSON to `report`, and exit 0 (pass) or 1 (fail)."""
     import json
 
-    from verify.report_view import render
+    from shardproof.verify.report_view import render
 
     render(result, console)
     if report is not None:
@@ -217,7 +217,7 @@ def verify(
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
 ) -> None:
     """Prove a checkpoint is the model: reassembly, bit-exact weights and logits, sharded run, dtype cost, first divergence."""
-    from verify.verification import verify_checkpoint
+    from shardproof.verify.verification import verify_checkpoint
 
     if model_dir is None or checkpoint_dir is None:
         raise ShardproofError("--model_dir and --checkpoint_dir are required")
@@ -248,8 +248,8 @@ def check(
     """Convert, then verify, in one command: the same report and exit codes as `verify`."""
     import tempfile
 
-    from verify import demo as demo_model
-    from verify.verification import convert_and_check
+    from shardproof.verify import demo as demo_model
+    from shardproof.verify.verification import convert_and_check
 
     if demo == (model_dir is not None):
         raise ShardproofError("pass either --model_dir or --demo")
@@ -284,7 +284,7 @@ def selftest(
     """Inject known conversion faults into tiny models; exit 1 if the sharded mode misses one or a clean run fails."""
     import json
 
-    from verify.selftest import margins_line, run_selftest, selftest_table
+    from shardproof.verify.selftest import margins_line, run_selftest, selftest_table
 
     report = _report_path(report)
     result = run_selftest(num_sequences=num_sequences, seq_len=seq_len, seed=seed, device=device, log=_log)
