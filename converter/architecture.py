@@ -110,6 +110,7 @@ class Architecture:
     trt_fields: Callable[[Any, ModelDims], dict]
     dims_from_trt: Callable[[dict], ModelDims]
     hf_config: Callable[[dict], dict]
+    forward: str  # the sharded runtime's family forward that executes this architecture
 
 
 _REGISTRY: dict[str, Architecture] = {}

@@ -29,5 +29,6 @@ GEMMA = register(
         trt_fields=lambda hf, d: {**llama.trt_fields(hf, d), "share_embedding_table": True, "inter_layernorms": False},
         dims_from_trt=llama.dims_from_trt,
         hf_config=lambda cfg: llama.hf_config(cfg, "gemma"),
+        forward="gemma",
     )
 )

@@ -170,5 +170,6 @@ LLAMA = register(
         trt_fields=trt_fields,
         dims_from_trt=dims_from_trt,
         hf_config=lambda cfg: hf_config(cfg, "llama"),
+        forward="llama",
     )
 )

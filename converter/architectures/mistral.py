@@ -17,5 +17,6 @@ MISTRAL = register(
         trt_fields=llama.trt_fields,
         dims_from_trt=llama.dims_from_trt,
         hf_config=lambda cfg: {**llama.hf_config(cfg, "mistral"), "sliding_window": None},
+        forward="llama",
     )
 )

@@ -16,5 +16,6 @@ QWEN2 = register(
         trt_fields=lambda hf, d: {**llama.trt_fields(hf, d), "qwen_type": "qwen2"},
         dims_from_trt=lambda cfg: llama.dims_from_trt(cfg, dense_bias=False),
         hf_config=lambda cfg: {**llama.hf_config(cfg, "qwen2"), "use_sliding_window": False},
+        forward="qwen2",
     )
 )

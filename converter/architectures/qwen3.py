@@ -16,5 +16,6 @@ QWEN3 = register(
         trt_fields=lambda hf, d: {**llama.trt_fields(hf, d), "qwen_type": "qwen3"},
         dims_from_trt=llama.dims_from_trt,
         hf_config=lambda cfg: {**llama.hf_config(cfg, "qwen3"), "use_sliding_window": False},
+        forward="llama",
     )
 )
