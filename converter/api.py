@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from .architecture import get_architecture
 from .atomic import atomic_directory
+from .card import get_card
 from .dtypes import resolve_dtype
+from .errors import ShardproofError
 from .execute import Progress, write_checkpoint
 from .mapping import Mapping
 from .plan import Layout, Plan, build_plan
@@ -24,15 +26,24 @@ def plan_conversion(
 ) -> tuple[Plan, HFCheckpoint]:
     """Read config.json and the safetensors headers of `model_dir` (no tensor data) and plan the conversion."""
     source = HFCheckpoint(model_dir)
-    arch = get_architecture(source.architecture)
-    dims = arch.dims_from_hf(source.hf_config)
-    layout = Layout(
-        dtype=resolve_dtype(dtype, source.source_dtype),
-        mapping=Mapping(tp_size=tp_size, pp_size=pp_size),
-        use_parallel_embedding=use_parallel_embedding,
-        embedding_sharding_dim=embedding_sharding_dim,
+    card = get_card(source.architecture)
+    config_path = source.model_dir / "config.json"
+    try:
+        ignored = card.config.ignored(source.config_dict)
+        dims = card.config.dims_from_hf(source.hf_config)
+    except ShardproofError as e:
+        raise ShardproofError(f"{config_path}: {e}") from None
+    layout = card.layout(
+        Layout(
+            dtype=resolve_dtype(dtype, source.source_dtype),
+            mapping=Mapping(tp_size=tp_size, pp_size=pp_size),
+            use_parallel_embedding=use_parallel_embedding,
+            embedding_sharding_dim=embedding_sharding_dim,
+        ),
+        dims,
     )
-    return build_plan(arch, dims, layout, source.shapes, where=str(source.model_dir)), source
+    plan = build_plan(card, dims, layout, source.shapes, where=str(source.model_dir))
+    return dataclasses.replace(plan, ignored_fields=ignored), source
 
 
 def convert(

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .dtypes import TORCH_DTYPES
 from .plan import Plan
 from .safetensors_io import StreamWriter
 from .source import HFCheckpoint
+from .transforms import to_stored
 
 Progress = Callable[[str], None]
 
@@ -25,22 +25,18 @@ def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: 
     The TP ranks of a stage plan the same tensor names in the same order, so each source tensor is read once
     and its shards go to the stage's rank files together: memory holds one source tensor and its shards.
     """
-    dtype = plan.layout.dtype
     tp = plan.layout.mapping.tp_size
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for first in range(0, len(plan.ranks), tp):
         stage = plan.ranks[first : first + tp]
         with contextlib.ExitStack() as stack:
             writers = [
-                stack.enter_context(StreamWriter(directory / rank_file(r.rank), [(t.name, TORCH_DTYPES[dtype], t.shape) for t in r.tensors]))
+                stack.enter_context(StreamWriter(directory / rank_file(r.rank), [(t.name, t.torch_dtype, t.shape) for t in r.tensors]))
                 for r in stage
             ]
             for tensors in zip(*(r.tensors for r in stage)):
-                op = tensors[0].op
-                if op:
-                    sources = [op.forward(source.load(name, "float32"), TORCH_DTYPES[dtype]) for name in tensors[0].sources]
-                else:
-                    sources = [source.load(name, dtype) for name in tensors[0].sources]
+                head = tensors[0]
+                sources = to_stored(head.ops, [source.load(name) for name in head.sources], head.torch_dtype)
                 for writer, tensor in zip(writers, tensors):
                     writer.write(tensor.name, tensor.shard.forward(sources, tp, tensor.tp_rank))
                     if progress:

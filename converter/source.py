@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .dtypes import FLOAT_CODES, TORCH_DTYPES
+from .dtypes import FLOAT_CODES
 from .errors import ShardproofError
 from .json_files import read_config, read_json
 from .safetensors_io import Shape, TensorReader, read_header
@@ -71,12 +71,12 @@ class HFCheckpoint:
     def shapes(self) -> dict[str, Shape]:
         return {name: shape for name, (_, shape) in self.headers.items()}
 
-    def load(self, name: str, dtype: str) -> torch.Tensor:
-        """The tensor `name`, cast to `dtype` ("float16", ...)."""
+    def load(self, name: str) -> torch.Tensor:
+        """The tensor `name`, in its stored dtype."""
         path = self._files[name]
         if path not in self._readers:
             self._readers[path] = TensorReader(path)
-        return self._readers[path].read(name).to(TORCH_DTYPES[dtype])
+        return self._readers[path].read(name)
 
 
 def _auto_config(model_dir: Path, config_path: Path):

@@ -1,34 +1,45 @@
-"""Fast random HF checkpoints for property tests: names and shapes from transformers, values from a seed."""
+"""Fast random HF checkpoints for property tests: names and shapes as transformers saves them, values from a seed."""
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from shardproof.converter.card import get_card
 from shardproof.verify.tiny_models import tiny_config
 
 
-def random_checkpoint(directory: Path, architecture: str, seed: int, dtype: str = "float32", shards: int = 1, **overrides) -> Path:
-    """An HF checkpoint whose tensor names and shapes come from transformers' own model for the config.
-
-    Values are random for every tensor (norms near 1, so a mis-mapped norm shows); `shards` > 1 writes a
-    sharded checkpoint with model.safetensors.index.json.
-    """
+def saved_shapes(architecture: str, **overrides) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape in the files transformers writes for this config (tied copies and
+    non-persistent buffers are left out exactly as transformers leaves them out)."""
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        shapes = {}
+        for path in sorted(Path(tmp).glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    return shapes
+
+
+def random_checkpoint(directory: Path, architecture: str, seed: int, dtype: str = "float32", shards: int = 1, **overrides) -> Path:
+    """An HF checkpoint with the tensor names and shapes transformers saves for the config, every value random
+    (norms around the card's norm center, so a mis-mapped norm shows); `shards` > 1 writes a sharded checkpoint
+    with model.safetensors.index.json."""
     config = tiny_config(architecture, **overrides)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    names = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        names.pop("lm_head.weight")
+    center = get_card(architecture).tests.norm_center
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, shape in names.items():
+    for name, shape in saved_shapes(architecture, **overrides).items():
         value = torch.randn(shape, generator=generator) * 0.1
-        tensors[name] = (1.0 + value if "norm" in name else value).to(getattr(torch, dtype))
+        tensors[name] = (center + value if "norm" in name else value).to(getattr(torch, dtype))
     directory.mkdir(parents=True, exist_ok=True)
     config.dtype = dtype
     config.save_pretrained(directory)
@@ -42,8 +53,6 @@ def random_checkpoint(directory: Path, architecture: str, seed: int, dtype: str 
         filename = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         save_file({k: tensors[k] for k in part}, directory / filename, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, filename))
-    import json
-
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return directory
 

@@ -29,6 +29,11 @@ def pad_rows(v: torch.Tensor, tp: int) -> torch.Tensor:
     return torch.nn.functional.pad(v, (0, 0, 0, padded - v.shape[0]))
 
 
+# The families this oracle transcribes; Gemma's norms are stored as 1 + weight.
+ORACLE = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM"}
+FORCED_EMBEDDING = {"GemmaForCausalLM"}  # its TensorRT-LLM config decides the embedding's sharding itself
+
+
 def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype, architecture: str) -> torch.Tensor:
     """The checkpoint value of one HF tensor: a cast, and for Gemma's norms `param + 1.0` in float32 first."""
     if architecture == "GemmaForCausalLM" and "norm" in name:
@@ -36,12 +41,28 @@ def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype, architecture: str)
     return tensor.to(dtype)
 
 
+def reassembled(name: str, tensor: torch.Tensor, dtype: torch.dtype, architecture: str) -> torch.Tensor:
+    """What reassembly gives back: the cast; for Gemma's norms, 1 + w rounds in dtype, so w comes back rounded."""
+    if architecture == "GemmaForCausalLM" and "norm" in name:
+        return (cast(name, tensor, dtype, architecture).float() - 1.0).to(dtype)
+    return tensor.to(dtype)
+
+
 def expected_ranks(
     hf: dict[str, torch.Tensor], cfg: dict, dtype: torch.dtype, tp: int, pp: int,
     parallel_embedding: bool = False, sharding_dim: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
-    """Every rank's tensors as TensorRT-LLM's rules make them, from the HF tensors and HF config dict."""
-    hf = {k: cast(k, v, dtype, cfg["architectures"][0]) for k, v in hf.items()}
+    """Every rank's tensors as TensorRT-LLM's rules make them, from the HF tensors and HF config dict.
+
+    Gemma (models/gemma/config.py): GemmaConfig forces use_parallel_embedding = tp > 1 whatever is asked, and
+    shares the embedding table with lm_head, so no lm_head is stored (with pp > 1 the last stage has no
+    embedding, so it gets the padded, split embedding as lm_head).
+    """
+    architecture = cfg["architectures"][0]
+    share = False
+    if architecture in FORCED_EMBEDDING:
+        parallel_embedding, sharding_dim, share = tp > 1, 0, pp == 1
+    hf = {k: cast(k, v, dtype, architecture) for k, v in hf.items()}
     layers = cfg["num_hidden_layers"]
     num_kv = cfg["num_key_value_heads"]
     out = []
@@ -75,8 +96,9 @@ def expected_ranks(
             w[t + "post_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
         embedding = hf["model.embed_tokens.weight"]
         if pp_rank == pp - 1:
-            head = embedding if cfg.get("tie_word_embeddings") else hf["lm_head.weight"]
-            w["lm_head.weight"] = split(pad_rows(head, tp), tp, tp_rank)
+            if not share:
+                head = embedding if cfg.get("tie_word_embeddings") else hf["lm_head.weight"]
+                w["lm_head.weight"] = split(pad_rows(head, tp), tp, tp_rank)
             w["transformer.ln_f.weight"] = hf["model.norm.weight"]
         if pp_rank == 0:
             if parallel_embedding:

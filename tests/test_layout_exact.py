@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from shardproof.converter.api import convert
 from tests.helpers import random_checkpoint
-from shardproof.verify.reassemble import reassemble
+from shardproof.converter.reassemble import reassemble
 
 HEAD_DIM = 2
 GQA = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=HEAD_DIM, hidden_size=8, intermediate_size=8,

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import shardproof.verify.mutations as mutations
 from shardproof.converter.api import convert
-from shardproof.converter.architecture import supported_architectures
+from shardproof.converter.card import cards, supported_architectures
 from shardproof.cli import app
 from shardproof.verify.mutations import CATALOG
 from shardproof.verify.selftest import run_selftest
@@ -52,47 +51,54 @@ def test_cli_selftest_exits_0_on_the_clean_tree(selftest_run) -> None:
     assert exit_code == 0 and report["passed"], [(o["mutant"], o["setup"], o["sharded"]["failures"],
                                                   o["reassembled"]["failures"]) for o in failing]
     assert "fault x mode" in output and "conversion relative error threshold" in output
-    assert {o["mutant"] for o in report["mutants"]} | {m["mutant"] for m in report["not_applicable"]} == {
-        m.name for m in CATALOG}
+    ran = [(o["mutant"], o["setup"].split()[0]) for o in report["mutants"]]
+    skipped = [(m["mutant"], m["setup"].split()[0]) for m in report["not_applicable"]]
+    assert sorted(ran + skipped) == sorted((m.name, a) for m in CATALOG for a in supported_architectures())
+    assert {o["setup"].split()[0] for o in report["clean"]} == set(supported_architectures())
+
+
+def _stage_error(sharded: dict, stage: str) -> float:
+    value = dict((s["stage"], s["relative_error"]) for s in sharded["localization"]["stages"])[stage]
+    return float(value)  # "nan" and "inf" are strings in the JSON report
 
 
 @pytest.mark.parametrize("mutant", CATALOG, ids=[m.name for m in CATALOG])
-def test_each_mutant_is_caught_by_the_sharded_mode(selftest_run, mutant) -> None:
+def test_each_mutant_is_caught_by_the_sharded_mode_on_every_card_it_applies_to(selftest_run, mutant) -> None:
     _, _, report = selftest_run
-    if mutant.not_applicable:
-        pytest.skip(mutant.not_applicable)
-    (outcome,) = [o for o in report["mutants"] if o["mutant"] == mutant.name]
-    sharded = outcome["sharded"]
-    assert not sharded["passed"]
-    assert sharded["located"] == mutant.diverges_at, sharded["localization"]
-    if mutant.diverges_at == "structure":
-        assert "mlp.fc.weight" in sharded["structural"] and "has shape" in sharded["structural"]
-    else:
-        stages = dict((s["stage"], s["relative_error"]) for s in sharded["localization"]["stages"])
-        assert mutant.diverges_at in stages
+    outcomes = [o for o in report["mutants"] if o["mutant"] == mutant.name]
+    assert outcomes, f"{mutant.name} applies to no registered card"
+    for outcome in outcomes:
+        sharded = outcome["sharded"]
+        assert not sharded["passed"], outcome["setup"]
+        assert sharded["located"] == mutant.diverges_at, (outcome["setup"], sharded["localization"])
+        if mutant.diverges_at == "structure":
+            assert "mlp.fc.weight" in sharded["structural"] and "has shape" in sharded["structural"]
+        else:  # the stage it names is where the error first exceeds the threshold (or stops being finite)
+            error = _stage_error(sharded, mutant.diverges_at)
+            assert not error <= CONVERSION_REL_ERROR, (outcome["setup"], error)
 
 
 def test_subtle_low_precision_faults_need_the_conversion_comparison(selftest_run) -> None:
     """The precision comparison alone (against HF float32) misses them; the float32 comparison over the
     stored values catches them with room to spare."""
     _, _, report = selftest_run
-    by_name = {o["mutant"]: o["sharded"] for o in report["mutants"]}
     for name in ("bf16-detour", "norm-shift-after-cast"):
-        if name not in by_name:
-            continue
-        sharded = by_name[name]
-        assert sharded["precision_alone_catches"] is False
-        conversion = next(c for c in sharded["comparisons"] if c["name"] == "conversion")
-        assert conversion["relative_error"] > 10 * CONVERSION_REL_ERROR
+        outcomes = [o["sharded"] for o in report["mutants"] if o["mutant"] == name]
+        assert outcomes, name
+        for sharded in outcomes:
+            assert sharded["precision_alone_catches"] is False
+            conversion = next(c for c in sharded["comparisons"] if c["name"] == "conversion")
+            assert conversion["relative_error"] > 10 * CONVERSION_REL_ERROR
 
 
 def test_fp16_overflow_is_blamed_on_the_cast_and_located(selftest_run) -> None:
     _, _, report = selftest_run
-    (outcome,) = [o for o in report["mutants"] if o["mutant"] == "fp16-overflow"]
-    sharded = outcome["sharded"]
-    assert any("reference_nonfinite" in f for f in sharded["failures"])
-    assert sharded["localization"]["comparison"] == "precision"
-    assert sharded["located"] == "layer 1"
+    outcomes = [o["sharded"] for o in report["mutants"] if o["mutant"] == "fp16-overflow"]
+    assert len(outcomes) == len(supported_architectures())
+    for sharded in outcomes:
+        assert any("reference_nonfinite" in f for f in sharded["failures"])
+        assert sharded["localization"]["comparison"] == "precision"
+        assert sharded["located"] == "layer 1"
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +134,16 @@ def test_a_checkpoint_of_another_model_fails_at_the_embedding(tmp_path: Path) ->
     assert report.localization.first_diverging == "embedding"
 
 
-def test_mutants_of_unsupported_architectures_are_listed_not_run(monkeypatch) -> None:
-    monkeypatch.setattr(mutations, "supported_architectures", lambda: ["LlamaForCausalLM"])
-    gemma = [m for m in CATALOG if m.setup.architecture == "GemmaForCausalLM"]
-    report = run_selftest(gemma, device="cpu")
-    assert report.clean == [] and report.mutants == []
-    assert [(m.name, reason) for m, reason in report.not_applicable] == [
-        (m.name, "GemmaForCausalLM is not a supported architecture") for m in gemma]
+def test_a_mutant_with_nothing_to_break_is_listed_not_run() -> None:
+    """A card with no op that rounds has no `1 + weight` to get wrong: the mutant is not applicable there."""
+    (op_mutant,) = [m for m in CATALOG if m.name == "norm-not-shifted"]
+    plain = next(c.name for c in cards() if not any(row.ops for row in c.rows))
+    report = run_selftest([op_mutant], architectures=[plain], device="cpu")
+    assert report.mutants == [] and len(report.clean) == 1 and report.clean[0].ok
+    assert [(m.name, str(s), r) for m, s, r in report.not_applicable] == [
+        (op_mutant.name, f"{plain} bfloat16 tp2 pp1", f"{plain} has no op that rounds to get wrong")]
+
+
+def test_selftest_of_an_unknown_architecture_is_bad_input() -> None:
+    result = CliRunner().invoke(app, ["selftest", "--architecture", "NoSuchForCausalLM"])
+    assert result.exit_code == 2 and "NoSuchForCausalLM" in result.output

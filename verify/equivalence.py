@@ -3,8 +3,8 @@
 Stages, each recorded in the report with its time:
 1. reassemble the rank files (replicas, padding, completeness checked on the way) into a temporary HF model;
 2. compare its config with the source's and every tensor with the source cast to the checkpoint dtype (bit-exact);
-3. forward: the source cast to the checkpoint dtype (with any format op's declared rounding, e.g. Gemma's
-   norm + 1) and the reassembled model on the same token batches, one after the other on the device;
+3. forward: the source cast to the checkpoint dtype (with any op's declared rounding, e.g. a norm
+   stored as 1 + weight) and the reassembled model on the same token batches, one after the other on the device;
    identical weights and kernels give bit-identical logits;
 4. precision effect: the float32 source against the source in the checkpoint dtype, judged by documented
    thresholds (what the dtype costs, apart from any conversion fault);
@@ -23,14 +23,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from shardproof.converter.architecture import get_architecture
+from shardproof.converter.card import get_card
+from shardproof.converter.checkpoint import Violation
 from shardproof.converter.dtypes import TORCH_DTYPES
+from shardproof.converter.reassemble import reassemble
 from shardproof.converter.source import HFCheckpoint
 
-from .checkpoint import Violation
 from .forward import Divergence, first_divergence, first_nonfinite, hidden_states, model_logits, random_batches, resolve_device
 from .metrics import LogitMetrics, bit_identical, json_float, logit_metrics
-from .reassemble import reassemble
 from .weights import WeightComparison, compare_weights, format_rounded
 
 Log = Callable[[str], None]
@@ -268,7 +268,7 @@ def verify_equivalence(
     """
     dev = resolve_device(device)
     random_batches(1, num_sequences, seq_len, seed)  # validates the sizes before any work
-    get_architecture(HFCheckpoint(model_dir).architecture)  # the source must be a readable, supported model
+    get_card(HFCheckpoint(model_dir).architecture)  # the source must be a readable, supported model
     timings: dict[str, float] = {}
     stage = _stopwatch(timings, log)
     with tempfile.TemporaryDirectory(prefix="shardproof-reassembled-") as tmp:
@@ -277,7 +277,7 @@ def verify_equivalence(
         ckpt = rebuilt.checkpoint
         mapping = ckpt.mapping
         report = EquivalenceReport(
-            str(model_dir), str(checkpoint_dir), ckpt.architecture.name, ckpt.layout.dtype, mapping.tp_size,
+            str(model_dir), str(checkpoint_dir), ckpt.card.name, ckpt.layout.dtype, mapping.tp_size,
             mapping.pp_size, str(dev), num_sequences, seq_len, seed, violations=rebuilt.violations, timings=timings,
         )
         if rebuilt.output_dir is None:
@@ -290,7 +290,7 @@ def verify_equivalence(
             rounded = format_rounded(model_dir, ckpt.plan)
         if rounded:
             report.notes.append(
-                f"{len(rounded)} source tensor(s) go through a format op that rounds in {report.dtype}; "
+                f"{len(rounded)} source tensor(s) go through an op that rounds in {report.dtype}; "
                 "the source model is compared with that rounding applied"
             )
         vocab = min(source_config.vocab_size, rebuilt_config.vocab_size)

@@ -3,8 +3,9 @@
 Every mutant is what a buggy converter would write: it edits the rank files of a correct checkpoint, reading the
 source model where the buggy converter would (or, for a fault of the input rather than the mapping, edits the
 source model before conversion), and keeps every tensor's name, shape and dtype unless the fault itself cannot
-(then the runtime and the reassembler reject it structurally). A mutant declares the model and layout it needs;
-one whose architecture is not supported is not applicable.
+(then the runtime and the reassembler reject it structurally). Mutants know no architecture: a mutant declares
+the layout it needs and is injected into a conversion of any registered card; one that finds nothing of its
+kind to break in that card's checkpoint (no bias, no op that rounds, too few KV heads) raises NotApplicable.
 """
 
 from __future__ import annotations
@@ -13,54 +14,55 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from shardproof.converter.architecture import supported_architectures
-from shardproof.converter.format_ops import FormatOp
-from shardproof.converter.sharding import VOCAB
+from shardproof.converter.checkpoint import TRTCheckpoint
 from shardproof.converter.source import HFCheckpoint
+from shardproof.converter.transforms import VOCAB, SourceOp
 
-from .checkpoint import TRTCheckpoint
 from .sharded_runtime import RuntimeConfig, load_config
 
 RankFiles = list[dict[str, Tensor]]
 Edit = Callable[[Path, Path], None]  # (directory rewritten in place, the source model directory)
 
-# Source models, by key: architecture and HF config overrides of verify.tiny_models (every parameter random).
-# "llama": biases everywhere, GQA (4 heads, 2 KV heads), hidden == heads * head_dim, vocab 97 (padded at tp 2, 4),
-# a large rope_theta (as Llama 3) so a config that drops it is wrong at long positions.
-MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama": ("LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True,
-                                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
-    "qwen2": ("Qwen2ForCausalLM", {}),
-    "gemma": ("GemmaForCausalLM", {}),
-}
+
+class NotApplicable(Exception):
+    """The mutant has nothing of its kind to break in this checkpoint; the message says what it needs."""
 
 
 @dataclass(frozen=True)
 class Setup:
-    """The source model (a MODELS key) and the conversion a mutant is injected into."""
+    """A card's self-test model (its tiny config with every optional feature on) and the conversion layout."""
 
-    model: str = "llama"
+    architecture: str
     dtype: str = "float32"
     tp_size: int = 1
     pp_size: int = 1
 
-    @property
-    def architecture(self) -> str:
-        return MODELS[self.model][0]
-
     def __str__(self) -> str:
-        return f"{self.model} {self.dtype} tp{self.tp_size} pp{self.pp_size}"
+        return f"{self.architecture} {self.dtype} tp{self.tp_size} pp{self.pp_size}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The conversion a mutant is injected into."""
+
+    dtype: str = "float32"
+    tp_size: int = 1
+    pp_size: int = 1
+
+    def on(self, architecture: str) -> Setup:
+        return Setup(architecture, self.dtype, self.tp_size, self.pp_size)
 
 
 @dataclass(frozen=True)
 class Mutant:
-    """One fault: what the buggy converter does, where, and where the sharded check must localize it.
+    """One fault: what the buggy converter does, in which layout, and where the sharded check must localize it.
 
     `edit(directory, source_dir)` rewrites the checkpoint directory in place, or a copy of the source model
     before conversion when `target` is "source". `diverges_at` is the stage the sharded check must name
@@ -69,24 +71,21 @@ class Mutant:
 
     name: str
     fault: str
-    setup: Setup
+    layout: Layout
     edit: Edit
     diverges_at: str
     target: Literal["checkpoint", "source"] = "checkpoint"
 
-    @property
-    def not_applicable(self) -> str | None:
-        """Why this mutant cannot run here, or None."""
-        if self.setup.architecture not in supported_architectures():
-            return f"{self.setup.architecture} is not a supported architecture"
-        return None
-
 
 def _rewrite_ranks(checkpoint_dir: Path, edit: Callable[[RankFiles, RuntimeConfig], None]) -> None:
+    """Load every rank file, let `edit` change them, save them; NotApplicable when nothing changed."""
     cfg = load_config(checkpoint_dir / "config.json")
     paths = [checkpoint_dir / f"rank{r}.safetensors" for r in range(cfg.world_size)]
     files = [load_file(p) for p in paths]
+    before = [dict(f) for f in files]
     edit(files, cfg)
+    if all(f.keys() == b.keys() and all(torch.equal(f[k], b[k]) for k in f) for f, b in zip(files, before)):
+        raise NotApplicable("found nothing of its kind to change in this checkpoint")
     for path, tensors in zip(paths, files):
         save_file({k: v.contiguous() for k, v in tensors.items()}, path)
 
@@ -142,7 +141,7 @@ def kv_from_next_head(files: RankFiles, cfg: RuntimeConfig) -> None:
     replica (an off-by-one in the head index), so the replicas still agree with each other."""
     reps = cfg.tp_size // cfg.num_kv_heads
     if reps < 2 or cfg.num_kv_heads < 2:
-        raise ValueError("kv_from_next_head needs tp_size > num_key_value_heads >= 2")
+        raise NotApplicable("needs tp_size > num_key_value_heads >= 2")
     for pp in range(cfg.pp_size):
         stage = files[pp * cfg.tp_size : (pp + 1) * cfg.tp_size]
         original = [dict(f) for f in stage]
@@ -158,7 +157,7 @@ def kv_from_next_head(files: RankFiles, cfg: RuntimeConfig) -> None:
 def dense_not_transposed(files: RankFiles, cfg: RuntimeConfig) -> None:
     """attention.dense stored as HF's o_proj transposed (a Conv1D-style transpose applied to a Linear)."""
     if cfg.tp_size != 1 or cfg.hidden_size != cfg.num_heads * cfg.head_size:
-        raise ValueError("dense_not_transposed needs tp_size 1 and hidden_size == heads * head_dim (a square weight)")
+        raise NotApplicable("needs tp_size 1 and hidden_size == heads * head_dim (a square weight)")
     for f in files:
         for name in [n for n in f if n.endswith("attention.dense.weight")]:
             f[name] = f[name].T
@@ -179,10 +178,12 @@ def fc_split_on_dim1(files: RankFiles, cfg: RuntimeConfig) -> None:
 def lm_head_padded_in_front(files: RankFiles, cfg: RuntimeConfig) -> None:
     """lm_head padded with its zero rows first, so every real row moves down by the padding."""
     last = files[-cfg.tp_size :]
+    if "lm_head.weight" not in last[0]:
+        raise NotApplicable("needs an lm_head (this layout shares the embedding table)")
     full = torch.cat([f["lm_head.weight"] for f in last])[: cfg.vocab_size]
     padding = cfg.vocab_per_rank * cfg.tp_size - cfg.vocab_size
     if not padding:
-        raise ValueError("lm_head_padded_in_front needs a vocab_size not divisible by tp_size")
+        raise NotApplicable("needs a vocab_size not divisible by tp_size")
     padded = torch.cat([full.new_zeros(padding, full.shape[1]), full])
     for r, f in enumerate(last):
         f["lm_head.weight"] = padded.chunk(cfg.tp_size)[r]
@@ -193,7 +194,7 @@ def stages_start_one_layer_early(files: RankFiles, cfg: RuntimeConfig) -> None:
     """Every stage after the first starts one layer early (an inclusive/exclusive boundary mix-up): it repeats
     the previous stage's last layer and the model's last layer is lost; names and counts are unchanged."""
     if cfg.pp_size < 2:
-        raise ValueError("stages_start_one_layer_early needs pp_size >= 2")
+        raise NotApplicable("needs pp_size >= 2")
     where = {g: (pp, j) for pp in range(cfg.pp_size) for j, g in enumerate(cfg.stage_layers(pp))}
     original = [dict(f) for f in files]
     for pp in range(1, cfg.pp_size):
@@ -219,8 +220,10 @@ def dense_bias_divided_by_tp(files: RankFiles, cfg: RuntimeConfig) -> None:
 def lm_head_from_embedding(files: RankFiles, cfg: RuntimeConfig) -> None:
     """An untied model's lm_head written from the embedding (the tied-model path taken regardless)."""
     if cfg.use_parallel_embedding:
-        raise ValueError("lm_head_from_embedding needs a replicated embedding")
+        raise NotApplicable("needs a replicated embedding")
     embedding = files[0]["transformer.vocab_embedding.weight"]
+    if "lm_head.weight" not in files[-1]:
+        raise NotApplicable("needs an lm_head (this layout shares the embedding table)")
     for t, f in enumerate(files[-cfg.tp_size :]):
         f["lm_head.weight"] = VOCAB.forward([embedding], cfg.tp_size, t)
 
@@ -234,36 +237,44 @@ def bfloat16_detour(files: RankFiles, cfg: RuntimeConfig) -> None:
             f[name] = tensor.to(torch.bfloat16).to(tensor.dtype)
 
 
-def _rewrite_op_tensors(checkpoint_dir: Path, source_dir: Path, value: Callable[[FormatOp, Tensor], Tensor]) -> None:
-    """Rewrite every tensor made through a format op as `value(op, source cast to the checkpoint dtype)`."""
+def _rewrite_op_tensors(checkpoint_dir: Path, source_dir: Path, value: Callable[[tuple[SourceOp, ...], Tensor], Tensor]) -> None:
+    """Rewrite every tensor made through an op that rounds as `value(ops, source cast to its stored dtype)`."""
     ckpt, source = TRTCheckpoint(checkpoint_dir), HFCheckpoint(source_dir)
-    dtype, tp = ckpt.layout.dtype, ckpt.mapping.tp_size
-    planned = [(rank.rank, t) for rank in ckpt.plan.ranks for t in rank.tensors if t.op is not None]
+    tp = ckpt.mapping.tp_size
+    planned = [(rank.rank, t) for rank in ckpt.plan.ranks for t in rank.tensors if not all(op.exact for op in t.ops)]
     if not planned:
-        raise ValueError(f"{ckpt.architecture.name} has no format op to get wrong")
+        raise NotApplicable(f"{ckpt.card.name} has no op that rounds to get wrong")
 
     def edit(files: RankFiles, cfg: RuntimeConfig) -> None:
         for rank, t in planned:
-            sources = [value(t.op, source.load(s, dtype)) for s in t.sources]
+            sources = [value(t.ops, source.load(s).to(t.torch_dtype)) for s in t.sources]
             files[rank][t.name] = t.shard.forward(sources, tp, t.tp_rank)
 
     _rewrite_ranks(checkpoint_dir, edit)
 
 
+def _apply(ops: tuple[SourceOp, ...], tensor: Tensor) -> Tensor:
+    for op in ops:
+        tensor = op.forward(tensor)
+    return tensor
+
+
 def op_skipped(checkpoint_dir: Path, source_dir: Path) -> None:
-    """A format op left out: the HF value stored where the format needs it transformed (Gemma's 1 + weight)."""
-    _rewrite_op_tensors(checkpoint_dir, source_dir, lambda op, cast: cast)
+    """An op left out: the HF value stored where the format needs it transformed (a norm's 1 + weight)."""
+    _rewrite_op_tensors(checkpoint_dir, source_dir, lambda ops, cast: cast)
 
 
 def op_after_cast(checkpoint_dir: Path, source_dir: Path) -> None:
-    """A format op applied after the cast, in the checkpoint dtype, instead of in float32 and then cast."""
-    _rewrite_op_tensors(checkpoint_dir, source_dir, lambda op, cast: op.forward(cast, cast.dtype))
+    """An op that rounds applied after the cast, in the checkpoint dtype, instead of in float32 and then cast."""
+    _rewrite_op_tensors(checkpoint_dir, source_dir, _apply)
 
 
 def rotary_base_default(checkpoint_dir: Path, source_dir: Path) -> None:
     """config.json with rotary_base 10000 (the default) instead of the source's rope_theta."""
     path = checkpoint_dir / "config.json"
     config = json.loads(path.read_text())
+    if config.get("rotary_base", 10000.0) == 10000.0:
+        raise NotApplicable("needs a model whose rope_theta is not the default 10000")
     path.write_text(json.dumps({**config, "rotary_base": 10000.0}, indent=2) + "\n")
 
 
@@ -271,52 +282,53 @@ OUTLIER = 7.0e4  # above float16's largest finite value, 65504
 
 
 def source_outlier(model_dir: Path, source_dir: Path) -> None:
-    """One source weight (layer 1's down_proj[0, 0]) set to 7e4: casting it to float16 gives inf."""
-    name = "model.layers.1.mlp.down_proj.weight"
+    """One source weight of layer 1 (the first matrix of that layer, element [0, 0]) set to 7e4: casting it to
+    float16 gives inf."""
     for path in sorted(model_dir.glob("*.safetensors")):
-        tensors = load_file(path)
-        if name in tensors:
-            tensors[name][0, 0] = OUTLIER
+        with safe_open(str(path), framework="pt") as f:
+            names = [n for n in f.keys() if ".layers.1." in n and len(f.get_slice(n).get_shape()) == 2]
+        if names:
+            tensors = load_file(path)
+            tensors[names[0]][0, 0] = OUTLIER
             save_file(tensors, path, metadata={"format": "pt"})
             return
-    raise ValueError(f"{model_dir}: no tensor {name}")
+    raise NotApplicable(f"{model_dir}: no matrix in layer 1")
 
 
-LLAMA_FP32_TP1_PP2 = Setup(pp_size=2)
-LLAMA_BF16_TP2 = Setup(dtype="bfloat16", tp_size=2)
-LLAMA_FP16_TP2_PP2 = Setup(dtype="float16", tp_size=2, pp_size=2)
-QWEN2_FP32_TP4 = Setup(model="qwen2", tp_size=4)
-GEMMA_BF16_TP2 = Setup(model="gemma", dtype="bfloat16", tp_size=2)
+FP32_TP1_PP2 = Layout(pp_size=2)
+BF16_TP2 = Layout(dtype="bfloat16", tp_size=2)
+FP16_TP2_PP2 = Layout(dtype="float16", tp_size=2, pp_size=2)
+FP32_TP4 = Layout(tp_size=4)
 
 CATALOG: tuple[Mutant, ...] = (
     Mutant("gate-up-swapped", "gate_proj -> mlp.gate and up_proj -> mlp.fc on every rank",
-           LLAMA_FP32_TP1_PP2, swap_gate_up, "layer 0"),
+           FP32_TP1_PP2, swap_gate_up, "layer 0"),
     Mutant("dense-not-transposed", "square attention.dense stored transposed (tp 1)",
-           LLAMA_FP32_TP1_PP2, dense_not_transposed, "layer 0"),
+           FP32_TP1_PP2, dense_not_transposed, "layer 0"),
     Mutant("qkv-order-kqv", "fused qkv concatenated as [k; q; v] on every rank",
-           LLAMA_BF16_TP2, qkv_as_kqv, "layer 0"),
+           BF16_TP2, qkv_as_kqv, "layer 0"),
     Mutant("dense-bias-divided", "row-parallel attention.dense.bias stored as bias / tp on every rank",
-           LLAMA_BF16_TP2, dense_bias_divided_by_tp, "layer 0"),
-    Mutant("rotary-base-default", "config.json rotary_base left at 10000 (source rope_theta 500000)",
-           LLAMA_BF16_TP2, rotary_base_default, "layer 0"),
+           BF16_TP2, dense_bias_divided_by_tp, "layer 0"),
+    Mutant("rotary-base-default", "config.json rotary_base reset to 10000 (the self-test models use 500000)",
+           BF16_TP2, rotary_base_default, "layer 0"),
     Mutant("q-heads-reversed", "each rank's q heads stored in reverse order",
-           LLAMA_FP16_TP2_PP2, reverse_q_heads, "layer 0"),
+           FP16_TP2_PP2, reverse_q_heads, "layer 0"),
     Mutant("stages-one-layer-early", "pipeline stages after the first start one layer early",
-           LLAMA_FP16_TP2_PP2, stages_start_one_layer_early, "layer 2"),
+           FP16_TP2_PP2, stages_start_one_layer_early, "layer 2"),
     Mutant("lm-head-from-embedding", "untied model's lm_head written from the embedding",
-           LLAMA_FP16_TP2_PP2, lm_head_from_embedding, "final norm + lm_head"),
+           FP16_TP2_PP2, lm_head_from_embedding, "final norm + lm_head"),
     Mutant("bf16-detour", "float32 source loaded as bfloat16 before the cast to float16",
-           LLAMA_FP16_TP2_PP2, bfloat16_detour, "embedding"),
+           FP16_TP2_PP2, bfloat16_detour, "embedding"),
     Mutant("fp16-overflow", "source weight of 7e4 cast to float16 -> inf, written without a range check",
-           LLAMA_FP16_TP2_PP2, source_outlier, "layer 1", target="source"),
+           FP16_TP2_PP2, source_outlier, "layer 1", target="source"),
     Mutant("kv-from-next-head", "tp > kv heads: each rank's KV replica taken from the next KV head",
-           QWEN2_FP32_TP4, kv_from_next_head, "layer 0"),
+           FP32_TP4, kv_from_next_head, "layer 0"),
     Mutant("fc-split-on-dim1", "column-parallel mlp.fc split along dim 1",
-           QWEN2_FP32_TP4, fc_split_on_dim1, "structure"),
+           FP32_TP4, fc_split_on_dim1, "structure"),
     Mutant("lm-head-front-padding", "lm_head zero padding placed before the real rows",
-           QWEN2_FP32_TP4, lm_head_padded_in_front, "final norm + lm_head"),
-    Mutant("norm-not-shifted", "Gemma norms stored as the HF weight instead of 1 + weight",
-           GEMMA_BF16_TP2, op_skipped, "layer 0"),
-    Mutant("norm-shift-after-cast", "Gemma's 1 + weight computed in bfloat16 after the cast, not in float32",
-           GEMMA_BF16_TP2, op_after_cast, "layer 0"),
+           FP32_TP4, lm_head_padded_in_front, "final norm + lm_head"),
+    Mutant("norm-not-shifted", "an op that rounds (a norm stored as 1 + weight) left out",
+           BF16_TP2, op_skipped, "layer 0"),
+    Mutant("norm-shift-after-cast", "an op that rounds (1 + weight) computed in bfloat16 after the cast, not in float32",
+           BF16_TP2, op_after_cast, "layer 0"),
 )

@@ -1,10 +1,12 @@
 """`shardproof selftest`: inject every cataloged fault into a correct conversion and prove each mode catches it.
 
-For each setup a mutant needs, a tiny random model is built and converted correctly; the clean conversion must
-pass both modes (sharded: `verify.sharded_check`; reassembled: `verify.equivalence`). Each mutant then
+For every registered card (or the ones asked for) and each layout a mutant needs, the card's self-test model
+(a tiny random model with every optional feature on) is built and converted correctly; the clean conversion
+must pass both modes (sharded: `verify.sharded_check`; reassembled: `verify.equivalence`). Each mutant then
 rewrites a copy of it and both modes run again. The self-test passes when every clean run passes, and the
 sharded mode catches every applicable mutant and names the stage the mutant declares; what the reassembled
-mode catches is reported alongside.
+mode catches is reported alongside. A mutant with nothing of its kind to break in a card is listed as not
+applicable there.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from typing import Callable, Sequence
 from rich.table import Table
 
 from shardproof.converter.api import convert
+from shardproof.converter.card import get_card, supported_architectures
+from shardproof.converter.errors import ShardproofError
 
 from .equivalence import EquivalenceReport, verify_equivalence
 from .forward import random_batches, resolve_device
-from .mutations import CATALOG, MODELS, Mutant, Setup
+from .mutations import CATALOG, Mutant, NotApplicable, Setup
 from .sharded_check import CONVERSION_REL_ERROR, HFReference, ShardedReport, check_sharded
 from .tiny_models import build_tiny_model
 
@@ -105,7 +109,7 @@ class SelftestReport:
 
     clean: list[Outcome] = field(default_factory=list)
     mutants: list[Outcome] = field(default_factory=list)
-    not_applicable: list[tuple[Mutant, str]] = field(default_factory=list)
+    not_applicable: list[tuple[Mutant, Setup, str]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -131,7 +135,8 @@ class SelftestReport:
             "margins": self.margins(),
             "clean": [o.to_json() for o in self.clean],
             "mutants": [o.to_json() for o in self.mutants],
-            "not_applicable": [{"mutant": m.name, "fault": m.fault, "reason": r} for m, r in self.not_applicable],
+            "not_applicable": [{"mutant": m.name, "fault": m.fault, "setup": str(s), "reason": r}
+                               for m, s, r in self.not_applicable],
         }
 
 
@@ -143,16 +148,17 @@ class _Workspace:
         self.num_sequences, self.seq_len, self.seed, self.device = num_sequences, seq_len, seed, device
         self.models: dict[str, Path] = {}
         self.references: dict[Path, HFReference] = {}
-        self.checkpoints: dict[Setup, Path] = {}
+        self.checkpoints: dict[Setup, Path | None] = {}  # None: the layout does not apply to the model
 
-    def model(self, key: str) -> Path:
-        if key not in self.models:
+    def model(self, architecture: str) -> Path:
+        if architecture not in self.models:
             from transformers.utils import logging
 
             logging.disable_progress_bar()
-            architecture, overrides = MODELS[key]
-            self.models[key] = build_tiny_model(self.root / "models" / key, architecture, seed=self.seed, **overrides)
-        return self.models[key]
+            overrides = get_card(architecture).tests.selftest
+            directory = self.root / "models" / architecture
+            self.models[architecture] = build_tiny_model(directory, architecture, seed=self.seed, **overrides)
+        return self.models[architecture]
 
     def reference(self, model_dir: Path) -> HFReference:
         if model_dir not in self.references:
@@ -180,15 +186,20 @@ def _slug(setup: Setup) -> str:
 
 def run_selftest(
     catalog: Sequence[Mutant] = CATALOG,
+    architectures: Sequence[str] | None = None,
     num_sequences: int = 1,
     seq_len: int = 256,
     seed: int = 0,
     device: str = "auto",
     log: Log | None = None,
 ) -> SelftestReport:
-    """Check every clean setup the catalog needs, then inject every applicable mutant and check again."""
+    """For each card (default: every registered one), check every clean setup the catalog needs, then inject
+    every mutant and check again."""
     resolve_device(device)
     random_batches(1, num_sequences, seq_len, seed)  # bad sizes are bad input, before any model is built
+    architectures = list(architectures or supported_architectures())
+    for name in architectures:
+        get_card(name)  # an unknown architecture is bad input
     report = SelftestReport()
     # Every model freed triggers gc.collect(); freezing the libraries' objects keeps each one from scanning them.
     gc.freeze()
@@ -196,25 +207,39 @@ def run_selftest(
         cleanup.callback(gc.unfreeze)
         tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="shardproof-selftest-"))
         ws = _Workspace(Path(tmp), num_sequences, seq_len, seed, device, log)
-        for mutant in catalog:
-            reason = mutant.not_applicable
-            if reason:
-                report.not_applicable.append((mutant, reason))
-                continue
-            setup = mutant.setup
-            model_dir = ws.model(setup.model)
-            if setup not in ws.checkpoints:
-                ws.checkpoints[setup] = ws.convert(model_dir, setup, _slug(setup))
-                report.clean.append(ws.check(setup, model_dir, ws.checkpoints[setup], None))
-            if mutant.target == "source":
-                source_copy = Path(shutil.copytree(model_dir, Path(tmp) / "models" / mutant.name))
-                mutant.edit(source_copy, model_dir)
-                model_dir, mutated = source_copy, ws.convert(source_copy, setup, mutant.name)
-            else:
-                mutated = Path(shutil.copytree(ws.checkpoints[setup], Path(tmp) / "checkpoints" / mutant.name))
-                mutant.edit(mutated, model_dir)
-            report.mutants.append(ws.check(setup, model_dir, mutated, mutant))
+        for architecture in architectures:
+            for mutant in catalog:
+                _inject(ws, report, mutant, mutant.layout.on(architecture), Path(tmp))
     return report
+
+
+def _inject(ws: _Workspace, report: SelftestReport, mutant: Mutant, setup: Setup, tmp: Path) -> None:
+    """Convert the setup cleanly (once), inject `mutant` into a copy and record both modes' outcome."""
+    model_dir = ws.model(setup.architecture)
+    if setup not in ws.checkpoints:
+        try:
+            ws.checkpoints[setup] = ws.convert(model_dir, setup, _slug(setup))
+        except ShardproofError as e:  # the self-test model cannot take this layout
+            ws.checkpoints[setup] = None
+            report.not_applicable.append((mutant, setup, f"the layout does not apply: {e}"))
+            return
+        report.clean.append(ws.check(setup, model_dir, ws.checkpoints[setup], None))
+    if ws.checkpoints[setup] is None:
+        report.not_applicable.append((mutant, setup, "the layout does not apply to this card's self-test model"))
+        return
+    slug = f"{mutant.name}-{_slug(setup)}"
+    try:
+        if mutant.target == "source":
+            source_copy = Path(shutil.copytree(model_dir, tmp / "models" / slug))
+            mutant.edit(source_copy, model_dir)
+            model_dir, mutated = source_copy, ws.convert(source_copy, setup, slug)
+        else:
+            mutated = Path(shutil.copytree(ws.checkpoints[setup], tmp / "checkpoints" / slug))
+            mutant.edit(mutated, model_dir)
+    except NotApplicable as e:
+        report.not_applicable.append((mutant, setup, str(e)))
+        return
+    report.mutants.append(ws.check(setup, model_dir, mutated, mutant))
 
 
 CAUGHT, MISSED, PASS, FAIL = "[bold green]caught[/]", "[bold red]MISSED[/]", "[green]pass[/]", "[bold red]FAIL[/]"
@@ -246,8 +271,8 @@ def selftest_table(report: SelftestReport) -> Table:
             located = f"[bold red]{located} (expected {o.mutant.diverges_at})[/]"
         table.add_row(f"{name}\n[dim]{o.setup}[/]", sharded, sharded_evidence(o.sharded), _precision_cell(o.sharded),
                       located, reassembled, reassembled_evidence(o.reassembled))
-    for mutant, reason in report.not_applicable:
-        table.add_row(f"{mutant.name}\n[dim]{mutant.setup}[/]", "[dim]not applicable[/]", reason, "-", "-", "-", "-")
+    for mutant, setup, reason in report.not_applicable:
+        table.add_row(f"{mutant.name}\n[dim]{setup}[/]", "[dim]not applicable[/]", reason, "-", "-", "-", "-")
     return table
 
 

@@ -5,8 +5,8 @@ fault the two share. Here `verify.sharded_runtime` runs the rank files, reading 
 shards, and its logits are compared with HF's own forward pass of the source model on the same token batches:
 
 * conversion: both sides compute in float32 over the same values: the checkpoint's, and HF's parameters set
-  to what a correct conversion stores for them, read back (the cast, and a format op's rounding such as
-  Gemma's 1 + weight). Only float32 summation order separates them, so the relative error
+  to what a correct conversion stores for them, read back (the cast, and an op's rounding such as
+  a norm stored as 1 + weight). Only float32 summation order separates them, so the relative error
   (max |diff| / max |reference logit|) must stay below CONVERSION_REL_ERROR. This isolates conversion faults
   from precision loss, which is what makes subtle faults visible in a float16 or bfloat16 checkpoint.
 * precision (float16 / bfloat16 only): the runtime computing in the checkpoint dtype against HF in float32

@@ -71,6 +71,7 @@ class RuntimeConfig:
     qk_layernorm: bool
     use_parallel_embedding: bool
     embedding_sharding_dim: int
+    share_embedding_table: bool
     tp_size: int
     pp_size: int
 
@@ -163,6 +164,7 @@ def load_config(path: Path) -> RuntimeConfig:
         qk_layernorm=bool(raw.get("qk_layernorm", False)),
         use_parallel_embedding=bool(raw.get("use_parallel_embedding", False)),
         embedding_sharding_dim=int(raw.get("embedding_sharding_dim", 0)),
+        share_embedding_table=bool(raw.get("share_embedding_table", False)) and int(need("pp_size", mapping)) == 1,
         tp_size=int(need("tp_size", mapping)),
         pp_size=int(need("pp_size", mapping)),
     )
@@ -179,6 +181,8 @@ def load_config(path: Path) -> RuntimeConfig:
          f"num_attention_heads={cfg.num_heads} not a multiple of num_key_value_heads"),
         (cfg.intermediate_size % tp == 0, f"intermediate_size not divisible by tp={tp}"),
         (cfg.embedding_sharding_dim in (0, 1), "embedding_sharding_dim must be 0 or 1"),
+        (not cfg.share_embedding_table or tp == 1 or (cfg.use_parallel_embedding and cfg.embedding_sharding_dim == 0),
+         "share_embedding_table at tp_size > 1 needs a vocab-parallel embedding (embedding_sharding_dim 0)"),
         (not (cfg.use_parallel_embedding and cfg.embedding_sharding_dim == 1)
          or hidden % tp == 0, f"hidden_size not divisible by tp={tp} (embedding_sharding_dim=1)"),
     ]
@@ -215,7 +219,8 @@ def expected_tensors(cfg: RuntimeConfig, rank: int) -> dict[str, tuple[int, ...]
             out |= {p + "mlp.fc.bias": (ffn,), p + "mlp.gate.bias": (ffn,), p + "mlp.proj.bias": (H,)}
     if pp_rank == cfg.pp_size - 1:
         out["transformer.ln_f.weight"] = (H,)
-        out["lm_head.weight"] = (cfg.vocab_per_rank, H)
+        if not cfg.share_embedding_table:
+            out["lm_head.weight"] = (cfg.vocab_per_rank, H)
     return out
 
 
@@ -426,8 +431,8 @@ def _lookup(ids: Tensor, ws: list[RankWeights], cfg: RuntimeConfig, comm: Collec
 
 def lm_logits(xs: list[Tensor], ws: list[RankWeights], cfg: RuntimeConfig, comm: Collectives) -> list[Tensor]:
     """ln_f then the vocab-parallel lm_head, gathered over TP and cut to vocab_size, float32."""
-    local = [F.linear(rms_norm(x, w["transformer.ln_f.weight"], cfg.norm_epsilon), w["lm_head.weight"])
-             for x, w in zip(xs, ws)]
+    head = "transformer.vocab_embedding.weight" if cfg.share_embedding_table else "lm_head.weight"
+    local = [F.linear(rms_norm(x, w["transformer.ln_f.weight"], cfg.norm_epsilon), w[head]) for x, w in zip(xs, ws)]
     return [full[..., : cfg.vocab_size].float() for full in comm.all_gather(local, dim=-1)]
 
 

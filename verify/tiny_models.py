@@ -1,4 +1,4 @@
-"""Tiny random HF models built from a config, every parameter randomized (norms too), for demos and tests."""
+"""Tiny random HF models built from a card's config, every parameter randomized (norms too), for demos and tests."""
 
 from __future__ import annotations
 
@@ -7,13 +7,7 @@ from typing import Any
 
 import torch
 
-CONFIG_CLASSES = {
-    "LlamaForCausalLM": "LlamaConfig",
-    "MistralForCausalLM": "MistralConfig",
-    "Qwen2ForCausalLM": "Qwen2Config",
-    "Qwen3ForCausalLM": "Qwen3Config",
-    "GemmaForCausalLM": "GemmaConfig",
-}
+from shardproof.converter.card import get_card
 
 TINY = dict(
     vocab_size=97,
@@ -26,20 +20,21 @@ TINY = dict(
 )
 
 
-def tiny_config(architecture: str = "LlamaForCausalLM", **overrides: Any):
-    """A transformers config for a tiny model of `architecture`; `overrides` replace any field."""
+def tiny_config(architecture: str, **overrides: Any):
+    """A transformers config for a tiny model of `architecture`: the shared tiny sizes, then the card's, then
+    `overrides`."""
     import transformers
 
-    cls = getattr(transformers, CONFIG_CLASSES[architecture])
-    fields = {**TINY, **overrides}
+    card = get_card(architecture)
+    fields = {**TINY, **card.tests.tiny, **overrides}
     fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
-    config = cls(**fields)
+    config = getattr(transformers, card.tests.config_class)(**fields)
     config.architectures = [architecture]
     return config
 
 
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Give every parameter random values: weights N(0, 0.1), norm weights near 1, biases N(0, 0.1).
+def randomize_(model: torch.nn.Module, seed: int, norm_center: float) -> None:
+    """Give every parameter random values: weights and biases N(0, 0.1), norm weights `norm_center` + N(0, 0.1).
 
     HF initializes norms to ones and biases to zeros, which would hide a mis-mapped norm or bias.
     """
@@ -47,13 +42,13 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float32) * 0.1
-            value = 1.0 + noise if "norm" in name else noise
+            value = norm_center + noise if "norm" in name else noise
             param.copy_(value.to(param.dtype))
 
 
 def build_tiny_model(
     directory: Path | str,
-    architecture: str = "LlamaForCausalLM",
+    architecture: str,
     seed: int = 0,
     dtype: str = "float32",
     max_shard_size: str | None = None,
@@ -65,7 +60,7 @@ def build_tiny_model(
     config = tiny_config(architecture, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    randomize_(model, seed)
+    randomize_(model, seed, get_card(architecture).tests.norm_center)
     model = model.to(getattr(torch, dtype))
     directory = Path(directory)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

@@ -1,7 +1,7 @@
 """Tensor-by-tensor comparison of the reassembled checkpoint with the source cast to the checkpoint's dtype.
 
-Conversion is data movement plus one cast (and, for a tensor with a format op such as Gemma's norm + 1, that
-op's declared rounding); the source goes through the same here, so every tensor must be bit-identical: there
+Conversion is data movement plus one cast (and, for a tensor made through an op that rounds, such as a norm stored as
+1 + weight, that op's declared rounding); the source goes through the same here, so every tensor must be bit-identical: there
 is no tolerance. A tensor that differs is also traced back to the rank files that hold
 it, by re-running its shard on the source and comparing with what each rank stores.
 """
@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from shardproof.converter.dtypes import TORCH_DTYPES
-from shardproof.converter.plan import Plan
+from shardproof.converter.checkpoint import TRTCheckpoint
+from shardproof.converter.plan import Plan, holds
+from shardproof.converter.reassemble import HF_WEIGHTS
 from shardproof.converter.source import HFCheckpoint
+from shardproof.converter.transforms import to_stored
 
-from .checkpoint import TRTCheckpoint
 from .metrics import first_difference, json_float, max_abs_diff
-from .reassemble import HF_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -104,28 +104,27 @@ def compare_weights(
 ) -> WeightComparison:
     """Compare every tensor of the source at `model_dir`, cast to the checkpoint's dtype, with the reassembled one.
 
-    The expected value is `Plan.reassembled_value`: the cast, through the format op's round trip where there is
-    one. Source tensors the checkpoint's architecture skips (rotary frequencies, a tied lm_head) are listed, not
+    The expected value is `Plan.reassembled_value`: the cast, through its ops' round trip where one rounds. Source tensors the checkpoint's architecture skips (rotary frequencies, a tied lm_head) are listed, not
     compared; whether a skip applies is decided from the source's own config. Differing tensors are traced to
     the rank files (see `locate_in_ranks`).
     """
     source = HFCheckpoint(model_dir)
     dtype = checkpoint.layout.dtype
-    arch = checkpoint.architecture
-    source_dims = arch.dims_from_hf(source.hf_config)
+    card = checkpoint.card
+    source_dims = card.config.dims_from_hf(source.hf_config)
     result = WeightComparison(dtype, [])
     with safe_open(str(Path(reassembled_dir) / HF_WEIGHTS), framework="pt") as rebuilt:
         rebuilt_names = set(rebuilt.keys())
         for name, (_, shape) in source.headers.items():
             shape = tuple(shape)
             if name not in rebuilt_names:
-                skip = next((s for s in arch.skips if source_dims.holds(s.when) and s.matches(name)), None)
+                skip = next((s for s in card.skips if holds(s.when, source_dims, checkpoint.layout) and s.matches(name)), None)
                 if skip is not None:
                     result.skipped[name] = skip.reason
                 else:
                     result.tensors.append(TensorComparison(name, shape, False, math.inf, None, "missing from the checkpoint"))
                 continue
-            expected = checkpoint.plan.reassembled_value(name, source.load(name, "float32"))
+            expected = checkpoint.plan.reassembled_value(name, source.load(name))
             actual = rebuilt.get_tensor(name)
             if tuple(actual.shape) != shape or actual.dtype != expected.dtype:
                 problem = f"{actual.dtype} {list(actual.shape)} in the checkpoint, {expected.dtype} {list(shape)} expected"
@@ -143,7 +142,7 @@ def locate_in_ranks(source: HFCheckpoint, checkpoint: TRTCheckpoint, names: set[
     """The rank-file tensors made from any of the source tensors `names` that differ from the source's shard."""
     if not names:
         return []
-    dtype, tp = checkpoint.layout.dtype, checkpoint.mapping.tp_size
+    tp = checkpoint.mapping.tp_size
     found = []
     for rank in checkpoint.plan.ranks:
         for planned in rank.tensors:
@@ -152,10 +151,7 @@ def locate_in_ranks(source: HFCheckpoint, checkpoint: TRTCheckpoint, names: set[
             shapes = tuple(tuple(source.headers[s][1]) if s in source.headers else None for s in planned.sources)
             if shapes != planned.source_shapes:
                 continue  # the source cannot make this tensor: already reported as missing or misshapen
-            if planned.op:  # as the converter does: the op in float32, then the cast
-                sources = [planned.op.forward(source.load(s, "float32"), TORCH_DTYPES[dtype]) for s in planned.sources]
-            else:
-                sources = [source.load(s, dtype) for s in planned.sources]
+            sources = to_stored(planned.ops, [source.load(s) for s in planned.sources], planned.torch_dtype)
             expected = planned.shard.forward(sources, tp, planned.tp_rank)
             actual = checkpoint.load(rank.rank, planned.name)
             if expected.dtype != actual.dtype or expected.shape != actual.shape:
@@ -168,12 +164,12 @@ def locate_in_ranks(source: HFCheckpoint, checkpoint: TRTCheckpoint, names: set[
 
 
 def format_rounded(model_dir: Path | str, plan: Plan) -> dict[str, torch.Tensor]:
-    """The source tensors that a format op rounds, as reassembly must give them back (empty for most models).
+    """The source tensors that an op rounds, as reassembly must give them back (empty for most models).
 
     Loaded into the source model in the checkpoint dtype, they make the model the checkpoint must equal.
     """
-    ops = {name: t.op for rank in plan.ranks for t in rank.tensors if t.op for name in t.sources}
-    if not ops:
+    names = plan.rounded_sources()
+    if not names:
         return {}
     source = HFCheckpoint(model_dir)
-    return {name: plan.reassembled_value(name, source.load(name, "float32")) for name in ops if name in source.headers}
+    return {name: plan.reassembled_value(name, source.load(name)) for name in names if name in source.headers}

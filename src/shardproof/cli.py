@@ -76,7 +76,7 @@ def plan_table(plan, title: str) -> Table:
     for rank in plan.ranks:
         table.add_row(
             str(rank.rank), str(rank.tp_rank), str(rank.pp_rank), _layers(rank.layers),
-            str(len(rank.tensors)), _human_bytes(plan.rank_bytes(rank.rank)),
+            str(len(rank.tensors)), _human_bytes(rank.nbytes),
         )
     return table
 
@@ -101,7 +101,7 @@ def convert(
         raise ShardproofError("--model_dir is required")
     args = dict(dtype=dtype, tp_size=tp_size, pp_size=pp_size, use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim)
     plan, _ = plan_conversion(model_dir, **args)
-    console.print(plan_table(plan, f"{plan.architecture.name} -> {plan.layout.dtype}, tp={tp_size} pp={pp_size}"))
+    console.print(plan_table(plan, f"{plan.card.name} -> {plan.layout.dtype}, tp={tp_size} pp={pp_size}"))
     if plan.skipped:
         console.print(f"skipped {len(plan.skipped)} source tensor(s): " + "; ".join(sorted(set(plan.skipped.values()))))
     if dry_run:
@@ -122,8 +122,8 @@ def reassemble(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output directory."),
 ) -> None:
     """Rebuild the HF checkpoint from the rank files alone, checking replicas, padding and completeness."""
-    from shardproof.verify.checkpoint import TRTCheckpoint
-    from shardproof.verify.reassemble import reassemble as run_reassemble
+    from shardproof.converter.checkpoint import TRTCheckpoint
+    from shardproof.converter.reassemble import reassemble as run_reassemble
 
     groups = len(TRTCheckpoint(checkpoint_dir).plan.groups())
     with progress_bar("reassembling", groups) as advance:
@@ -150,7 +150,7 @@ def report_violations(violations: list) -> None:
 @fails_cleanly
 def inspect(checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkpoint directory.")) -> None:
     """Print ranks, stages, tensors and bytes of a checkpoint, from its headers."""
-    from shardproof.verify.checkpoint import TRTCheckpoint
+    from shardproof.converter.checkpoint import TRTCheckpoint
 
     ckpt = TRTCheckpoint(checkpoint_dir)
     cfg, mapping = ckpt.config, ckpt.mapping
@@ -231,7 +231,8 @@ def verify(
 def check(
     model_dir: Optional[Path] = _option("--model_dir", help="HF model directory (or --demo)."),
     output_dir: Optional[Path] = _option("--output_dir", help="Keep the converted checkpoint here (default: a temporary directory)."),
-    demo: bool = typer.Option(False, "--demo", help="Build a tiny random GQA Llama and check it (no download)."),
+    demo: bool = typer.Option(False, "--demo", help="Build a tiny random GQA model and check it (no download)."),
+    architecture: Optional[str] = typer.Option(None, "--architecture", help="With --demo: the architecture of the demo model (default: the first registered)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, float32, float16 or bfloat16 (default auto; float16 with --demo)."),
     tp_size: Optional[int] = typer.Option(None, "--tp_size", "--tp-size", help="Tensor-parallel size (default 1; 4 with --demo)."),
     pp_size: Optional[int] = typer.Option(None, "--pp_size", "--pp-size", help="Pipeline-parallel size (default 1; 2 with --demo)."),
@@ -253,6 +254,8 @@ def check(
 
     if demo == (model_dir is not None):
         raise ShardproofError("pass either --model_dir or --demo")
+    if architecture and not demo:
+        raise ShardproofError("--architecture applies to --demo only (a model directory names its own)")
     defaults = demo_model.LAYOUT if demo else dict(dtype="auto", tp_size=1, pp_size=1)
     layout = dict(
         dtype=dtype or defaults["dtype"],
@@ -262,8 +265,9 @@ def check(
     report = _report_path(report)
     with tempfile.TemporaryDirectory(prefix="shardproof-demo-") as tmp:
         if demo:
-            model_dir = demo_model.build_demo_model(Path(tmp) / "model", seed)
-            console.print(demo_model.describe(model_dir, **layout), highlight=False)
+            architecture = architecture or demo_model.default_architecture()
+            model_dir = demo_model.build_demo_model(Path(tmp) / "model", architecture, seed)
+            console.print(demo_model.describe(model_dir, architecture, **layout), highlight=False)
         result = convert_and_check(
             model_dir, output_dir, **layout, use_parallel_embedding=use_parallel_embedding,
             embedding_sharding_dim=embedding_sharding_dim, overwrite=overwrite, mode=mode, device=device,
@@ -275,6 +279,7 @@ def check(
 @app.command()
 @fails_cleanly
 def selftest(
+    architecture: Optional[list[str]] = typer.Option(None, "--architecture", help="Run on this registered architecture only (repeatable; default: every one)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     num_sequences: int = typer.Option(1, "--num_sequences", "--num-sequences", help=SEQUENCES_HELP),
     seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
@@ -287,7 +292,8 @@ def selftest(
     from shardproof.verify.selftest import margins_line, run_selftest, selftest_table
 
     report = _report_path(report)
-    result = run_selftest(num_sequences=num_sequences, seq_len=seq_len, seed=seed, device=device, log=_log)
+    result = run_selftest(architectures=architecture, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
+                          device=device, log=_log)
     console.print(selftest_table(result))
     console.print(margins_line(result), highlight=False)
     if report is not None:

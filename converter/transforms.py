@@ -1,22 +1,106 @@
-"""Tensor-parallel sharding primitives and their exact inverses; they know no architecture.
+"""Transforms: how source tensors become one rank's tensor, and back. They know no architecture.
 
-Each primitive turns its source tensors (already cast to the checkpoint dtype) into the tensor one TP rank
-stores, and turns the tensors of all TP ranks back into the source tensors, reporting every way the rank
-tensors disagree with what the forward direction must have produced (replicas that differ, padding that is
-not zero).
+Two kinds, composed by a card's rows:
+- a *source op* (`SourceOp`) changes the source tensors before sharding: a value transform such as Gemma-style
+  `1 + weight`. `to_stored` is the one place that applies ops and the cast: ops that round run in float32 and
+  the result is cast once; exact ops commute with the cast. `to_source` inverts them, and `round_trip` is what
+  reassembly must give back, bit for bit.
+- a *shard* turns the (stored) source tensors into the tensor one TP rank keeps, and all ranks' tensors back,
+  reporting every way the rank tensors disagree with what the forward direction must have made (replicas that
+  differ, padding that is not zero). A row names a shard directly, or a *spec* (`resolve(dims, layout)`) when
+  the shard depends on the model's dimensions or the layout (fused QKV, the embedding).
+
+Both are open sets: any object with these methods works; the built-in ones are below.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
 Shape = tuple[int, ...]
 Problem = tuple[int, str]  # (tp_rank, what is wrong with that rank's tensor)
 
+
+class Shard(Protocol):
+    """Source tensors (already as stored) -> one TP rank's tensor, and every rank's tensors -> the sources."""
+
+    n_sources: int
+    kind: str
+
+    def check(self, shapes: Sequence[Shape], tp: int) -> str | None: ...
+
+    def local_shape(self, shapes: Sequence[Shape], tp: int) -> Shape: ...
+
+    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor: ...
+
+    def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]: ...
+
+    def resolve(self, dims: Any, layout: Any) -> "Shard": ...
+
+
+class SourceOp(Protocol):
+    """A value transform of each source tensor before sharding; `exact` False means it rounds (run in float32)."""
+
+    name: str
+    exact: bool
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def inverse(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+def to_stored(ops: Sequence[SourceOp], tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Source tensors as the checkpoint stores them, before sharding: ops that round run in float32 (as
+    TensorRT-LLM does: "upcasted to float32 in case of bfloat16") and the result is cast to `dtype` once."""
+    if all(op.exact for op in ops):
+        out = [t.to(dtype) for t in tensors]
+        for op in ops:
+            out = [op.forward(t) for t in out]
+        return out
+    out = [t.float() for t in tensors]
+    for op in ops:
+        out = [op.forward(t) for t in out]
+    return [t.to(dtype) for t in out]
+
+
+def to_source(ops: Sequence[SourceOp], tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The inverse of `to_stored`, in the stored dtype: ops undone in reverse order (in float32 when one rounds)."""
+    if all(op.exact for op in ops):
+        out = list(tensors)
+        for op in reversed(ops):
+            out = [op.inverse(t) for t in out]
+        return out
+    out = [t.float() for t in tensors]
+    for op in reversed(ops):
+        out = [op.inverse(t) for t in out]
+    return [o.to(t.dtype) for o, t in zip(out, tensors)]
+
+
+def round_trip(ops: Sequence[SourceOp], tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What reassembly gives back for a source tensor: the cast, and the rounding of any op that rounds."""
+    return to_source(ops, to_stored(ops, [tensor], dtype))[0]
+
+
+@dataclass(frozen=True)
+class AddOne:
+    """Stored = source + 1: for norms whose HF module multiplies by (1 + weight) and the runtime by the weight.
+    It rounds: 1 + w is not exact in any floating dtype."""
+
+    name = "add_one"
+    exact = False
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor + 1.0
+
+    def inverse(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor - 1.0
+
+
+ADD_ONE = AddOne()
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
     diff = (a.float() - b.float()).abs()
@@ -30,6 +114,9 @@ class Replicated:
 
     n_sources = 1
     kind = "replicated"
+
+    def resolve(self, dims: Any, layout: Any) -> Shard:
+        return self
 
     def check(self, shapes: Sequence[Shape], tp: int) -> str | None:
         return None
@@ -61,6 +148,9 @@ class Split:
     def kind(self) -> str:
         return {0: "column", 1: "row"}.get(self.dim, f"split{self.dim}")
 
+    def resolve(self, dims: Any, layout: Any) -> Shard:
+        return self
+
     def check(self, shapes: Sequence[Shape], tp: int) -> str | None:
         size = shapes[0][self.dim]
         if size % tp:
@@ -88,6 +178,9 @@ class VocabParallel:
 
     def check(self, shapes: Sequence[Shape], tp: int) -> str | None:
         return None
+
+    def resolve(self, dims: Any, layout: Any) -> Shard:
+        return self
 
     @staticmethod
     def padded_rows(rows: int, tp: int) -> int:
@@ -141,6 +234,9 @@ class FusedQKV:
             return f"num_key_value_heads={self.num_kv_heads} neither divides nor is divisible by tp_size={tp}"
         return None
 
+    def resolve(self, dims: Any, layout: Any) -> Shard:
+        return self
+
     def local_kv_heads(self, tp: int) -> int:
         return max(self.num_kv_heads // tp, 1)
 
@@ -180,8 +276,29 @@ class FusedQKV:
         return [q, torch.cat([parts[r][1] for r in heads]), torch.cat([parts[r][2] for r in heads])], problems
 
 
-Shard = Replicated | Split | VocabParallel | FusedQKV
 COLUMN = Split(0)
 ROW = Split(1)
 REPLICATED = Replicated()
 VOCAB = VocabParallel()
+
+
+@dataclass(frozen=True)
+class QKV:
+    """Spec: fused QKV over the model's heads (`dims.num_heads`, `num_kv_heads`, `head_dim`)."""
+
+    def resolve(self, dims: Any, layout: Any) -> Shard:
+        return FusedQKV(dims.num_heads, dims.num_kv_heads, dims.head_dim)
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """Spec: the token embedding as the layout asks: replicated, vocab-parallel (padded rows) or split on dim 1."""
+
+    def resolve(self, dims: Any, layout: Any) -> Shard:
+        if not layout.use_parallel_embedding:
+            return REPLICATED
+        return VOCAB if layout.embedding_sharding_dim == 0 else ROW
+
+
+QKV_SPEC = QKV()
+EMBEDDING = Embedding()

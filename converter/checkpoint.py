@@ -1,4 +1,5 @@
-"""A TensorRT-LLM checkpoint directory as the reassembler sees it: config.json, its plan, rank file headers."""
+"""A TensorRT-LLM checkpoint directory as the reassembler sees it: config.json, its plan (rebuilt from config.json
+alone through the card), rank file headers."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from shardproof.converter.architecture import Architecture, get_architecture
-from shardproof.converter.dtypes import safetensors_code
-from shardproof.converter.errors import ShardproofError
-from shardproof.converter.execute import rank_file
-from shardproof.converter.json_files import read_config
-from shardproof.converter.mapping import Mapping
-from shardproof.converter.plan import Layout, Plan, build_plan, expected_source_shapes
-from shardproof.converter.safetensors_io import Shape, TensorReader, read_header
+from .card import Card, get_card
+from .dtypes import safetensors_code
+from .errors import ShardproofError
+from .execute import rank_file
+from .json_files import read_config
+from .mapping import Mapping
+from .plan import Layout, Plan, build_plan, expected_source_shapes
+from .safetensors_io import Shape, TensorReader, read_header
 
 
 @dataclass(frozen=True)
@@ -37,20 +38,21 @@ class TRTCheckpoint:
         self.directory = Path(directory)
         config_path, self.config = read_config(self.directory, "checkpoint")
         try:
-            self.architecture: Architecture = get_architecture(self.config["architecture"])
-            self.dims = self.architecture.dims_from_trt(self.config)
+            self.card: Card = get_card(self.config["architecture"])
+            self.dims = self.card.config.dims_from_trt(self.config)
             self.layout = Layout(
                 dtype=self.config["dtype"],
                 mapping=Mapping.from_config(self.config["mapping"]),
                 use_parallel_embedding=bool(self.config.get("use_parallel_embedding", False)),
                 embedding_sharding_dim=int(self.config.get("embedding_sharding_dim", 0)),
+                share_embedding_table=bool(self.config.get("share_embedding_table", False)),
             )
         except KeyError as e:
             raise ShardproofError(f"{config_path}: missing field {e.args[0]!r}") from None
         except ShardproofError as e:
             raise ShardproofError(f"{config_path}: {e}") from None
-        self.source_shapes = expected_source_shapes(self.architecture, self.dims)
-        self.plan: Plan = build_plan(self.architecture, self.dims, self.layout, self.source_shapes, str(config_path))
+        self.source_shapes = expected_source_shapes(self.card, self.dims, self.layout)
+        self.plan: Plan = build_plan(self.card, self.dims, self.layout, self.source_shapes, str(config_path))
         self._readers: dict[int, TensorReader] = {}
 
     @property
@@ -68,7 +70,6 @@ class TRTCheckpoint:
     def structural_violations(self) -> list[Violation]:
         """Missing or extra rank files and tensors, and tensors whose shape or dtype differs from the plan."""
         violations = []
-        code = safetensors_code(getattr(torch, self.layout.dtype))
         for rank_plan in self.plan.ranks:
             headers = self.headers(rank_plan.rank)
             if headers is None:
@@ -81,6 +82,7 @@ class TRTCheckpoint:
                 dtype, shape = headers.pop(tensor.name)
                 if tuple(shape) != tensor.shape:
                     violations.append(Violation(rank_plan.rank, tensor.name, f"shape {list(shape)}, expected {list(tensor.shape)}"))
+                code = safetensors_code(tensor.torch_dtype)
                 if dtype != code:
                     violations.append(Violation(rank_plan.rank, tensor.name, f"dtype {dtype}, expected {code}"))
             violations += [Violation(rank_plan.rank, name, "unexpected extra tensor") for name in headers]

@@ -1,4 +1,5 @@
-"""The reassembler: runs every shard's inverse over the rank files and writes the HF checkpoint back."""
+"""The reassembler, the plan's exact inverse: runs every shard's and op's inverse over the rank files and writes
+the HF checkpoint back."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ from typing import Callable
 
 import torch
 
-from shardproof.converter.atomic import atomic_directory
-from shardproof.converter.dtypes import TORCH_DTYPES
-from shardproof.converter.safetensors_io import StreamWriter
-
+from .atomic import atomic_directory
 from .checkpoint import TRTCheckpoint, Violation
+from .safetensors_io import StreamWriter
+from .transforms import to_source
 
 HF_WEIGHTS = "model.safetensors"
 
@@ -51,18 +51,16 @@ def reassemble(
     plan, mapping = ckpt.plan, ckpt.mapping
     groups = plan.groups()
     uses = Counter(name for group in groups for name in group[0].sources)
-    order = list(dict.fromkeys(name for group in groups for name in group[0].sources))
-    dtype = TORCH_DTYPES[ckpt.layout.dtype]
+    dtypes = {name: group[0].torch_dtype for group in groups for name in group[0].sources}
     kept: dict[str, tuple[str, torch.Tensor]] = {}
     with atomic_directory(Path(output_dir), overwrite) as staging:
-        with StreamWriter(staging / HF_WEIGHTS, [(n, dtype, ckpt.source_shapes[n]) for n in order]) as writer:
+        with StreamWriter(staging / HF_WEIGHTS, [(n, d, ckpt.source_shapes[n]) for n, d in dtypes.items()]) as writer:
             for group in groups:
                 head = group[0]
                 pp_rank = head.pp_rank
                 locals_ = [ckpt.load(mapping.rank(t.tp_rank, pp_rank), t.name) for t in group]
                 sources, problems = head.shard.inverse(locals_, head.source_shapes)
-                if head.op:
-                    sources = [head.op.inverse(tensor) for tensor in sources]
+                sources = to_source(head.ops, sources)
                 result.violations += [Violation(mapping.rank(r, pp_rank), head.name, p) for r, p in problems]
                 for name, tensor in zip(head.sources, sources):
                     if name in kept:
@@ -77,6 +75,6 @@ def reassemble(
                     writer.write(name, tensor)
                 if progress:
                     progress(head.name)
-        (staging / "config.json").write_text(json.dumps(ckpt.architecture.hf_config(ckpt.config), indent=2) + "\n")
+        (staging / "config.json").write_text(json.dumps(ckpt.card.config.hf_config(ckpt.config), indent=2) + "\n")
     result.output_dir = Path(output_dir)
     return result

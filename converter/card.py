@@ -1,0 +1,236 @@
+"""The architecture card: everything shardproof knows about one family, registered under its HF name.
+
+A card holds the mapping rows `(target, sources, shard, ops, dtype)`, the source tensors' shapes and the ones
+skipped on purpose, the config translation both ways with every HF config field accounted for (read, or
+ignored with a reason), which sharded-runtime forward executes it, and what the tests and the self-test need
+(a tiny config, a hypothesis strategy). The plan, the reassembler, the verification modes, the property tests
+and the self-test iterate over the registry; shared code never names a family.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Literal, Mapping
+
+from .errors import ShardproofError
+from .transforms import Shard, SourceOp
+
+Shape = tuple[int, ...]
+Stage = Literal["first", "layer", "last"]
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The numbers and switches that decide every tensor's name and shape; a card subclasses it with its own.
+
+    Integer fields must be positive. `holds(condition)` evaluates a row's condition: a boolean field's name,
+    optionally negated with "!".
+    """
+
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ShardproofError(f"model dimension {f.name}={value!r} must be a positive integer")
+
+    def holds(self, condition: str | None) -> bool:
+        if condition is None:
+            return True
+        negate = condition.startswith("!")
+        return bool(getattr(self, condition.lstrip("!"))) != negate
+
+
+def placeholders(pattern: str) -> set[str]:
+    """The `{name}` indices of a name pattern."""
+    return {name for _, name, _, _ in string.Formatter().parse(pattern) if name}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One target tensor made from its source tensors: ops first (per source), then the shard.
+
+    `{i}` is the layer (local to the stage in the target, global in the sources). `dtype` pins the stored dtype
+    (e.g. "float32" for a router kept in float32); None stores the checkpoint's dtype.
+    """
+
+    target: str
+    sources: tuple[str, ...]
+    shard: Shard
+    stage: Stage
+    when: str | None = None
+    ops: tuple[SourceOp, ...] = ()
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        target = placeholders(self.target)
+        if ("i" in target) != (self.stage == "layer") or any(placeholders(s) != target for s in self.sources):
+            raise ValueError(f"row {self.target}: '{{i}}' must appear in the target and every source of a layer row only")
+
+    def instances(self, layers: range) -> list[tuple[str, tuple[str, ...]]]:
+        """(target, sources) names on a stage holding `layers`; layer targets take the stage-local index."""
+        if self.stage != "layer":
+            return [(self.target, self.sources)]
+        return [
+            (self.target.format(i=local), tuple(s.format(i=layer) for s in self.sources))
+            for local, layer in enumerate(layers)
+        ]
+
+
+def layer(target: str, *sources: str, shard: Shard, **kw: Any) -> Row:
+    return Row(f"transformer.layers.{{i}}.{target}", sources, shard, "layer", **kw)
+
+
+def first(target: str, *sources: str, shard: Shard, **kw: Any) -> Row:
+    return Row(target, sources, shard, "first", **kw)
+
+
+def last(target: str, *sources: str, shard: Shard, **kw: Any) -> Row:
+    return Row(target, sources, shard, "last", **kw)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Source tensors deliberately not converted, matched by regular expression, with the reason."""
+
+    pattern: str
+    reason: str
+    when: str | None = None
+
+    def matches(self, name: str) -> bool:
+        return re.search(self.pattern, name) is not None
+
+
+# Fields of every HF config.json that never change a model's weights or math, with the reason.
+GENERIC_IGNORED: Mapping[str, str] = {
+    "architectures": "read by shardproof itself to pick the card",
+    "model_type": "read by transformers to pick the config class",
+    "transformers_version": "metadata",
+    "_name_or_path": "metadata",
+    "dtype": "the source dtype; the checkpoint dtype is --dtype",
+    "torch_dtype": "the source dtype; the checkpoint dtype is --dtype",
+    "bos_token_id": "tokenizer metadata",
+    "eos_token_id": "tokenizer metadata",
+    "pad_token_id": "tokenizer metadata",
+    "use_cache": "generation-time switch",
+    "initializer_range": "initialization of untrained weights",
+    "attention_dropout": "training only (dropout is off at inference)",
+    "output_attentions": "what a forward returns, not what it computes",
+    "output_hidden_states": "what a forward returns, not what it computes",
+    "return_dict": "what a forward returns, not what it computes",
+    "chunk_size_feed_forward": "feed-forward chunking computes the same values",
+    "id2label": "labels of classification heads, which a causal LM does not have",
+    "label2id": "labels of classification heads, which a causal LM does not have",
+    "problem_type": "classification heads only",
+    "is_encoder_decoder": "false for every decoder-only family",
+}
+
+
+@dataclass(frozen=True)
+class ConfigMap:
+    """The config translation both ways, and what the card does with each HF config field.
+
+    `hf_read`: fields whose values the translation uses; `hf_ignored`: fields it deliberately does not use, with
+    the reason. A config.json field in neither (nor in GENERIC_IGNORED) is refused: it may change the math.
+    """
+
+    dims_from_hf: Callable[[Any], Dims]
+    trt_fields: Callable[[Any, Dims], dict]
+    dims_from_trt: Callable[[dict], Dims]
+    hf_config: Callable[[dict], dict]
+    hf_read: frozenset[str]
+    hf_ignored: Mapping[str, str] = field(default_factory=dict)
+
+    def ignored(self, config: Mapping[str, Any]) -> dict[str, str]:
+        """{field: reason} for the config's fields this card ignores; ShardproofError naming any unknown field."""
+        known = {**GENERIC_IGNORED, **self.hf_ignored}
+        unknown = sorted(k for k in config if k not in self.hf_read and k not in known)
+        if unknown:
+            raise ShardproofError(
+                f"field(s) {', '.join(unknown)} are not known to this architecture's card and may change the "
+                "model's math; shardproof refuses rather than drop them"
+            )
+        return {k: known[k] for k in config if k in known}
+
+
+@dataclass(frozen=True)
+class TestSupport:
+    """What tests and the self-test need to build models of this family from a config (no downloads).
+
+    `config_class`: the transformers config class; `tiny`: overrides of the shared tiny sizes; `selftest`:
+    overrides that switch on every optional feature (biases, ...) so every mutant has something to break;
+    `strategy()`: a hypothesis strategy of config overrides for the property tests (hypothesis imported
+    lazily: it is a test dependency); `norm_center`: the value norms are randomized around (1 when the model
+    multiplies by the weight, 0 when it multiplies by 1 + weight).
+    """
+
+    config_class: str
+    strategy: Callable[[], Any]
+    tiny: Mapping[str, Any] = field(default_factory=dict)
+    selftest: Mapping[str, Any] = field(default_factory=dict)
+    norm_center: float = 1.0
+
+
+def as_asked(layout: Any, dims: Dims) -> Any:
+    """The default layout rule: the layout as the user asked for it."""
+    return layout
+
+
+@dataclass(frozen=True)
+class Card:
+    """One family: HF architecture name (also TensorRT-LLM's `architecture`), rows, config, runtime, tests.
+
+    `layout(layout, dims)` lets a family force layout rules its TensorRT-LLM config class forces (default:
+    the layout as asked). `forward` names the sharded runtime's family forward that executes it.
+    """
+
+    name: str
+    model_type: str
+    forward: str
+    rows: tuple[Row, ...]
+    skips: tuple[Skip, ...]
+    source_shapes: Callable[[Dims], dict[str, Shape]]
+    config: ConfigMap
+    tests: TestSupport
+    layout: Callable[[Any, Dims], Any] = as_asked
+
+
+_REGISTRY: dict[str, Card] = {}
+
+
+def register(card: Card) -> Card:
+    """Register a card under its HF architecture name (at import time for built-ins, or from anywhere)."""
+    if card.name in _REGISTRY:
+        raise ValueError(f"architecture {card.name} is registered twice")
+    _REGISTRY[card.name] = card
+    return card
+
+
+def unregister(name: str) -> None:
+    """Remove a card (tests that register a card of their own clean up with this)."""
+    _REGISTRY.pop(name)
+
+
+def _load_builtins() -> None:
+    from . import cards  # noqa: F401  (registers the built-in cards)
+
+
+def get_card(name: str) -> Card:
+    """The card registered as `name`, or a ShardproofError listing the supported architectures."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ShardproofError(f"architecture {name!r} is not supported (supported: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]
+
+
+def cards() -> list[Card]:
+    """Every registered card, in registration order (built-ins first)."""
+    _load_builtins()
+    return list(_REGISTRY.values())
+
+
+def supported_architectures() -> list[str]:
+    return sorted(card.name for card in cards())
