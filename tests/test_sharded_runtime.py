@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from shardproof.converter.api import convert
-from shardproof.verify.distributed_runtime import run_distributed
-from shardproof.verify.sharded_runtime import ShardedCheckpoint, run_simulated
+from shardproof.verify.runtime.distributed import run_distributed
+from shardproof.verify.runtime.rank_files import ShardedCheckpoint
+from shardproof.verify.runtime.simulated import run_simulated
 from shardproof.verify.tiny_models import build_tiny_model
 
 SEQ_LEN = 64
