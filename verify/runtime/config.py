@@ -1,8 +1,8 @@
 """``config.json`` of a TensorRT-LLM checkpoint as the runtime reads it: generic fields, checked.
 
-A fault of the file (bad JSON, a missing key, sizes the mapping cannot split) raises ``ValueError``, and so
-does a feature the runtime does not execute (quantization, MoE, context parallelism, another position
-embedding, activation or rotary scaling), checked after the faults.
+A fault of the file (bad JSON, a missing key, sizes the mapping cannot split) raises ``ValueError``; a valid
+file asking for a feature the runtime does not execute (quantization, MoE, context parallelism, another
+position embedding, activation or rotary scaling) raises ``CheckNotRun``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from shardproof.converter.architecture import get_architecture, supported_architectures
-from shardproof.converter.errors import ShardproofError
+from shardproof.converter.errors import CheckNotRun, ShardproofError
 
 from .blocks import ACTIVATIONS, POSITION_EMBEDDING, ROTARY_SCALING_TYPES
 
@@ -72,7 +72,8 @@ class RuntimeConfig:
 
 
 def load_config(path: Path) -> RuntimeConfig:
-    """Parse and check ``config.json``; raise ``ValueError("<path>: <problem>")``."""
+    """Parse and check ``config.json``: ``ValueError("<path>: <problem>")`` for a fault of the file,
+    then ``CheckNotRun("<path>: <feature>")`` for a feature the runtime does not execute."""
 
     def bad(problem: str) -> ValueError:
         return ValueError(f"{path}: {problem}")
@@ -170,5 +171,5 @@ def load_config(path: Path) -> RuntimeConfig:
     ]
     for hit, feature in unsupported:
         if hit:
-            raise bad(feature)
+            raise CheckNotRun(f"{path}: {feature}")
     return cfg
