@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from shardproof.converter.api import convert
-from shardproof.verify.distributed_runtime import run_distributed
-from shardproof.verify.sharded_runtime import run_simulated
+from shardproof.verify.runtime.distributed import run_distributed
+from shardproof.verify.runtime.simulated import run_simulated
 from shardproof.verify.tiny_models import build_tiny_model
 
 MODEL = dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=256, head_dim=32, intermediate_size=512,

@@ -7,6 +7,7 @@ show that a wrong layout is not silently undone by the runtime.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,9 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+import shardproof.converter.card as card_module
 from shardproof.converter.api import convert
-from shardproof.verify.distributed_runtime import run_distributed
-from shardproof.verify.sharded_runtime import ShardedCheckpoint, run_simulated
+from shardproof.converter.card import get_card
+from shardproof.converter.errors import CheckNotRun
+from shardproof.verify.runtime.distributed import run_distributed
+from shardproof.verify.runtime.rank_files import ShardedCheckpoint
+from shardproof.verify.runtime.simulated import run_simulated
+from shardproof.verify.sharded_check import HFReference, check_sharded
 from shardproof.verify.tiny_models import build_tiny_model
 
 SEQ_LEN = 64
@@ -270,18 +276,65 @@ def test_wrong_shape_and_dtype(llama_tp2, tmp_path: Path) -> None:
         run_simulated(ckpt, _input_ids(97))
 
 
-@pytest.mark.parametrize("patch, problem", [
-    ({"rotary_scaling": {"rope_type": "yarn", "factor": 2.0}}, "unsupported rotary_scaling"),
-    ({"architecture": "GPT2LMHeadModel"}, "unsupported architecture"),
-    ({"hidden_act": "gelu"}, "unsupported hidden_act"),
-    ({"num_attention_heads": 5}, "num_attention_heads=5 not divisible by tp=2"),
-], ids=["yarn", "gpt2", "gelu", "heads"])
-def test_bad_config(llama_tp2, tmp_path: Path, patch: dict, problem: str) -> None:
-    ckpt = shutil.copytree(llama_tp2[1], tmp_path / "c")
+def _patched(ckpt_dir: Path, tmp_path: Path, patch: dict) -> Path:
+    """A copy of the checkpoint whose config.json has `patch` merged in (one level deep)."""
+    ckpt = shutil.copytree(ckpt_dir, tmp_path / "c")
     raw = json.loads((ckpt / "config.json").read_text())
-    (ckpt / "config.json").write_text(json.dumps({**raw, **patch}))
+    merged = {k: {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+              for k, v in patch.items()}
+    (ckpt / "config.json").write_text(json.dumps({**raw, **merged}))
+    return ckpt
+
+
+@pytest.mark.parametrize("patch, problem", [
+    ({"architecture": "GPT2LMHeadModel"}, "unsupported architecture"),
+    ({"num_attention_heads": 5}, "num_attention_heads=5 not divisible by tp=2"),
+    ({"rotary_scaling": {"factor": 2.0}}, "rotary_scaling .* names no rope_type"),
+    ({"rotary_scaling": "yarn"}, "rotary_scaling 'yarn' is not an object"),
+    ({"mapping": {"world_size": 3}}, "mapping.world_size=3"),
+], ids=["gpt2", "heads", "untyped-rope", "rope-not-object", "world-size"])
+def test_bad_config(llama_tp2, tmp_path: Path, patch: dict, problem: str) -> None:
     with pytest.raises(ValueError, match=rf"config\.json: {problem}"):
+        ShardedCheckpoint(_patched(llama_tp2[1], tmp_path, patch))
+
+
+@pytest.mark.parametrize("patch, feature", [
+    ({"rotary_scaling": {"rope_type": "yarn", "factor": 2.0}}, "unsupported rotary_scaling"),
+    ({"hidden_act": "gelu"}, "unsupported hidden_act"),
+    ({"position_embedding_type": "learned_absolute"}, "unsupported position_embedding_type"),
+    ({"moe": {"num_experts": 8, "top_k": 2}}, "MoE checkpoints are not supported"),
+    ({"quantization": {"quant_algo": "W8A16"}}, "quantized checkpoints are not supported"),
+    ({"mapping": {"cp_size": 2}}, r"context parallelism \(mapping.cp_size > 1\) is not supported"),
+], ids=["yarn", "gelu", "learned-positions", "moe", "quantized", "cp2"])
+def test_unsupported_feature_is_not_run(llama_tp2, tmp_path: Path, patch: dict, feature: str) -> None:
+    """A valid checkpoint the runtime cannot execute raises CheckNotRun, which is not a ValueError (a fault)."""
+    ckpt = _patched(llama_tp2[1], tmp_path, patch)
+    with pytest.raises(CheckNotRun, match=rf"config\.json: {feature}") as raised:
+        run_simulated(ckpt, _input_ids(97))
+    assert not isinstance(raised.value, ValueError)
+
+
+def test_a_fault_is_reported_before_an_unsupported_feature(llama_tp2, tmp_path: Path) -> None:
+    ckpt = _patched(llama_tp2[1], tmp_path, {"hidden_act": "gelu", "num_attention_heads": 5})
+    with pytest.raises(ValueError, match="num_attention_heads=5"):
         ShardedCheckpoint(ckpt)
+
+
+def test_forward_without_family_is_not_run(llama_tp2, monkeypatch) -> None:
+    """An architecture whose card names a forward no family module implements: CheckNotRun, naming it."""
+    name = json.loads((llama_tp2[1] / "config.json").read_text())["architecture"]
+    card = dataclasses.replace(get_card(name), forward="no-such-forward")
+    monkeypatch.setitem(card_module._REGISTRY, name, card)
+    with pytest.raises(CheckNotRun, match="no family forward 'no-such-forward'"):
+        ShardedCheckpoint(llama_tp2[1])
+
+
+def test_check_sharded_lets_check_not_run_through(llama_tp2, tmp_path: Path) -> None:
+    """The sharded check does not turn an unsupported feature into a structural failure."""
+    hf_dir, ckpt_dir = llama_tp2
+    ckpt = _patched(ckpt_dir, tmp_path, {"rotary_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(CheckNotRun, match="unsupported rotary_scaling"):
+        check_sharded(ckpt, HFReference(hf_dir, num_sequences=1, seq_len=16, device="cpu"))
 
 
 def test_bad_input_ids(llama_tp2) -> None:

@@ -25,7 +25,7 @@ from shardproof.converter.checkpoint import TRTCheckpoint
 from shardproof.converter.source import HFCheckpoint
 from shardproof.converter.transforms import VOCAB, SourceOp
 
-from .sharded_runtime import RuntimeConfig, load_config
+from .runtime.config import RuntimeConfig, load_config
 
 RankFiles = list[dict[str, Tensor]]
 Edit = Callable[[Path, Path], None]  # (directory rewritten in place, the source model directory)

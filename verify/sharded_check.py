@@ -1,7 +1,7 @@
 """The sharded-mode check: the checkpoint executed as TensorRT-LLM would, against the HF original.
 
 Round-tripping (`verify.equivalence`) proves the converter and the reassembler are inverses; it cannot see a
-fault the two share. Here `verify.sharded_runtime` runs the rank files, reading only config.json and the
+fault the two share. Here `verify.runtime` runs the rank files, reading only config.json and the
 shards, and its logits are compared with HF's own forward pass of the source model on the same token batches:
 
 * conversion: both sides compute in float32 over the same values: the checkpoint's, and HF's parameters set
@@ -31,7 +31,9 @@ from shardproof.converter.dtypes import dtype_name
 from .equivalence import PRECISION_THRESHOLDS
 from .forward import load_model, random_batches, release, resolve_device
 from .metrics import LogitMetrics, json_float, logit_metrics
-from .sharded_runtime import ShardedCheckpoint, SimulatedCollectives, embed, run_simulated
+from .runtime.collectives import SimulatedCollectives
+from .runtime.rank_files import ShardedCheckpoint
+from .runtime.simulated import run_simulated
 
 # float32 on both sides over identical values; calibrated in docs/selftest.md (clean <= 5.8e-6, faults >= 6.6e-3).
 CONVERSION_REL_ERROR = 1e-4
@@ -237,7 +239,8 @@ def _compare(name: str, reference: str, candidate: str, ref: Tensor, cand: Tenso
 def check_sharded(checkpoint_dir: Path | str, reference: HFReference) -> ShardedReport:
     """Run the checkpoint with the sharded runtime on `reference`'s tokens and compare (module docstring).
 
-    A checkpoint the runtime rejects (missing, extra or misshapen tensors, a bad config) fails as structural.
+    A checkpoint the runtime rejects (missing, extra or misshapen tensors, a bad config) fails as structural;
+    one using a feature the runtime cannot execute raises `CheckNotRun` (the check did not run).
     """
     ids = reference.input_ids
     report = ShardedReport(str(reference.model_dir), str(checkpoint_dir), ids.shape[0], ids.shape[1],
@@ -299,7 +302,7 @@ def _runtime_stages(ckpt: ShardedCheckpoint, ids: Tensor, dtype: torch.dtype) ->
     """The runtime's logits and float32 outputs [embedding, layer 0, ...] for `ids`, computing in `dtype`."""
     cfg = ckpt.config
     first_stage = [ckpt.weights(t, ids.device, dtype) for t in range(cfg.tp_size)]
-    embedding = embed(ids, first_stage, cfg, SimulatedCollectives())[0].float().cpu()
+    embedding = ckpt.family.embed(ids, first_stage, cfg, SimulatedCollectives())[0].float().cpu()
     logits, hidden = run_simulated(ckpt, ids, ids.device, dtype, return_hidden=True)
     return logits.cpu(), [embedding, *(h.cpu() for h in hidden)]
 

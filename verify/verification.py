@@ -2,7 +2,7 @@
 
 - reassembled: the rank files are inverted back into an HF checkpoint, compared with the source bit for bit,
   and run with transformers (verify/equivalence.py). It proves converter and reassembler are inverses.
-- sharded: the rank files are run as TensorRT-LLM would run them (verify/sharded_runtime.py) and compared
+- sharded: the rank files are run as TensorRT-LLM would run them (verify/runtime/) and compared
   with the HF original (verify/sharded_check.py). It catches a fault the converter and reassembler share.
 """
 

@@ -1,12 +1,13 @@
 """Truly distributed reference run: one process per rank, real torch.distributed collectives.
 
-    torchrun --nproc_per_node=WORLD -m shardproof.verify.distributed_runtime \\
+    torchrun --nproc_per_node=WORLD -m shardproof.verify.runtime.distributed \\
         --checkpoint_dir CKPT --input IDS.pt --output LOGITS.pt [--backend gloo|nccl]
 
 Each process loads only its own ``rank{N}.safetensors``, all-reduces row-parallel partial sums
 over its TP group, all-gathers vocab-parallel logits (and a dim-1 sharded embedding), and
 sends hidden states to the next pipeline stage with ``dist.send``/``dist.recv``. TP rank 0 of
-the last stage writes the float32 logits. The math is ``verify.sharded_runtime``'s.
+the last stage writes the float32 logits. The math is the simulated runner's
+(``run_stage`` with the checkpoint's family).
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from shardproof.verify.sharded_runtime import DTYPES, ShardedCheckpoint, check_input_ids, rotary_cos_sin, run_stage
+from .blocks import rotary_cos_sin
+from .config import DTYPES
+from .rank_files import ShardedCheckpoint
+from .stage import check_input_ids, run_stage
+
 
 class TorchDistributedCollectives:
     """Collectives of one TP group through torch.distributed; this process holds one rank."""
@@ -68,7 +73,7 @@ def run_rank(ckpt: ShardedCheckpoint, rank: int, input_ids: Tensor, device: torc
         dist.recv(x, src=rank - tp)
         inputs = [x]
     comm = TorchDistributedCollectives(groups[pp_rank], tp)
-    (out,) = run_stage(cfg, pp_rank, [ckpt.weights(rank, device, dtype)], inputs, comm,
+    (out,) = run_stage(ckpt.family, cfg, pp_rank, [ckpt.weights(rank, device, dtype)], inputs, comm,
                        rotary_cos_sin(cfg, T, device))
     if pp_rank == cfg.pp_size - 1:
         return out
@@ -134,7 +139,7 @@ def run_distributed(checkpoint_dir: str | Path, input_ids: Tensor, nproc: int | 
         inp, out = Path(tmp) / "input_ids.pt", Path(tmp) / "logits.pt"
         torch.save(input_ids.detach().cpu().long(), inp)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "shardproof.verify.distributed_runtime", "--checkpoint_dir", str(ckpt.path.resolve()),
+               "-m", "shardproof.verify.runtime.distributed", "--checkpoint_dir", str(ckpt.path.resolve()),
                "--input", str(inp), "--output", str(out), "--backend", backend,
                "--timeout_s", str(timeout_s)] + (["--compute_dtype", dtype_name] if dtype_name else [])
         env = dict(os.environ)

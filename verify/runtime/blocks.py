@@ -1,0 +1,177 @@
+"""The shared math of the decoder, written once per TP rank, with the tensors each block reads.
+
+Every function takes per-rank hidden states ``xs`` and per-rank weights ``ws`` (parallel lists; ``w`` is one
+rank's, scoped to its layer) and a ``Collectives`` for the cross-rank step, or works on one rank's tensor.
+Each rank keeps its own copy of the residual stream and reads its own copy of replicated tensors, as the
+engine does, so a replica that differs between rank files shows up.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from shardproof.converter.card import Shape
+
+    from .collectives import Collectives
+    from .config import RuntimeConfig
+    from .rank_files import RankWeights
+
+Rope = tuple[Tensor, Tensor]  # float32 cos, sin [T, head_size]
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+POSITION_EMBEDDING = "rope_gpt_neox"
+ROTARY_SCALING_TYPES = ("default", "linear", "llama3")
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm with the statistics in float32, scaled by ``weight`` in the compute dtype."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rotary_cos_sin(cfg: RuntimeConfig, seq_len: int, device: torch.device | str) -> Rope:
+    """float32 cos/sin tables [T, head_size] for rope_gpt_neox with the configured scaling."""
+    hd, s = cfg.head_size, cfg.rotary_scaling
+    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    pos = torch.arange(seq_len, dtype=torch.float32)
+    if s is not None and s["rope_type"] == "linear":
+        pos = pos / float(s["factor"])
+    elif s is not None and s["rope_type"] == "llama3":  # as transformers' ROPE_INIT_FUNCTIONS computes it
+        factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old_ctx = float(s["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_ctx / hi) & ~(wavelen > old_ctx / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1).to(device)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """GPT-NeoX ("rotate half") rotary embedding of x [B, heads, T, head_size]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
+def attention_tensors(cfg: RuntimeConfig, dense_bias: bool) -> dict[str, Shape]:
+    """One rank's attention tensors: fused qkv ``[q_r; k_r; v_r]``, optional q/k norms, row-parallel dense."""
+    H, hd, nq, nkv = cfg.hidden_size, cfg.head_size, cfg.q_heads_per_rank, cfg.kv_heads_per_rank
+    qkv_rows = (nq + 2 * nkv) * hd
+    out = {"attention.qkv.weight": (qkv_rows, H), "attention.dense.weight": (H, nq * hd)}
+    if cfg.attn_bias:
+        out["attention.qkv.bias"] = (qkv_rows,)
+    if dense_bias:
+        out["attention.dense.bias"] = (H,)
+    if cfg.qk_layernorm:
+        out |= {"attention.q_layernorm.weight": (hd,), "attention.k_layernorm.weight": (hd,)}
+    return out
+
+
+def attention(h: Tensor, w: RankWeights, cfg: RuntimeConfig, rope: Rope) -> Tensor:
+    """One rank's causal GQA attention of normed ``h`` through dense: a partial sum, before the all-reduce."""
+    B, T, _ = h.shape
+    nq, nkv, hd = cfg.q_heads_per_rank, cfg.kv_heads_per_rank, cfg.head_size
+    qkv = F.linear(h, w["attention.qkv.weight"], w["attention.qkv.bias"] if cfg.attn_bias else None)
+    q, k, v = (t.reshape(B, T, -1, hd) for t in qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1))
+    if cfg.qk_layernorm:  # per-head RMSNorm over head_size, before rotary
+        q = rms_norm(q, w["attention.q_layernorm.weight"], cfg.norm_epsilon)
+        k = rms_norm(k, w["attention.k_layernorm.weight"], cfg.norm_epsilon)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    k, v = k.repeat_interleave(nq // nkv, dim=1), v.repeat_interleave(nq // nkv, dim=1)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.linear(o.transpose(1, 2).reshape(B, T, nq * hd), w["attention.dense.weight"])
+
+
+def gated_mlp_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
+    """One rank's MLP tensors: column-parallel fc and gate, row-parallel proj."""
+    H, ffn = cfg.hidden_size, cfg.intermediate_size // cfg.tp_size
+    out = {"mlp.fc.weight": (ffn, H), "mlp.gate.weight": (ffn, H), "mlp.proj.weight": (H, ffn)}
+    if cfg.mlp_bias:
+        out |= {"mlp.fc.bias": (ffn,), "mlp.gate.bias": (ffn,), "mlp.proj.bias": (H,)}
+    return out
+
+
+def gated_mlp(h: Tensor, w: RankWeights, cfg: RuntimeConfig) -> Tensor:
+    """One rank's proj(act(fc(h)) * gate(h)) of normed ``h``: a partial sum, before the all-reduce."""
+    fc = F.linear(h, w["mlp.fc.weight"], w["mlp.fc.bias"] if cfg.mlp_bias else None)
+    gate = F.linear(h, w["mlp.gate.weight"], w["mlp.gate.bias"] if cfg.mlp_bias else None)
+    return F.linear(ACTIVATIONS[cfg.hidden_act](fc) * gate, w["mlp.proj.weight"])
+
+
+def row_parallel(parts: list[Tensor], ws: list[RankWeights], comm: Collectives, bias: str | None) -> list[Tensor]:
+    """All-reduce the per-rank partial sums, then add the replicated ``bias`` tensor once, if named."""
+    out = comm.all_reduce(parts)
+    return out if bias is None else [o + w[bias] for o, w in zip(out, ws)]
+
+
+def decoder_layer_tensors(cfg: RuntimeConfig, dense_bias: bool) -> dict[str, Shape]:
+    """One rank's tensors of a pre-norm decoder layer (names relative to the layer)."""
+    H = cfg.hidden_size
+    return {"input_layernorm.weight": (H,), **attention_tensors(cfg, dense_bias),
+            "post_layernorm.weight": (H,), **gated_mlp_tensors(cfg)}
+
+
+def decoder_layer(xs: list[Tensor], ws: list[RankWeights], cfg: RuntimeConfig, rope: Rope, comm: Collectives,
+                  dense_bias: bool) -> list[Tensor]:
+    """x + dense(attn(norm(x))), then x + proj(mlp(norm(x))); row-parallel biases added once."""
+    eps = cfg.norm_epsilon
+    attn = row_parallel([attention(rms_norm(x, w["input_layernorm.weight"], eps), w, cfg, rope)
+                         for x, w in zip(xs, ws)], ws, comm, "attention.dense.bias" if dense_bias else None)
+    xs = [x + a for x, a in zip(xs, attn)]
+    mlp = row_parallel([gated_mlp(rms_norm(x, w["post_layernorm.weight"], eps), w, cfg) for x, w in zip(xs, ws)],
+                       ws, comm, "mlp.proj.bias" if cfg.mlp_bias else None)
+    return [x + m for x, m in zip(xs, mlp)]
+
+
+def embedding_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
+    """The first stage's embedding table: whole, vocab-parallel (dim 0, padded) or hidden-parallel (dim 1)."""
+    V, H, tp = cfg.vocab_size, cfg.hidden_size, cfg.tp_size
+    shape = ((V, H) if not cfg.use_parallel_embedding
+             else (cfg.vocab_per_rank, H) if cfg.embedding_sharding_dim == 0 else (V, H // tp))
+    return {"transformer.vocab_embedding.weight": shape}
+
+
+def embedding(ids: Tensor, ws: list[RankWeights], cfg: RuntimeConfig, comm: Collectives,
+              scale: float | None = None) -> list[Tensor]:
+    """Token embedding: replicated, vocab-parallel (masked lookup + all-reduce) or hidden-parallel
+    (all-gather); then multiplied by ``scale`` in the compute dtype, if given."""
+    tables = [w["transformer.vocab_embedding.weight"] for w in ws]
+    if not cfg.use_parallel_embedding:
+        xs = [F.embedding(ids, t) for t in tables]
+    elif cfg.embedding_sharding_dim == 1:
+        xs = comm.all_gather([F.embedding(ids, t) for t in tables], dim=-1)
+    else:
+        parts = []
+        for w, t in zip(ws, tables):
+            local = ids - w.tp_rank * t.shape[0]
+            inside = (local >= 0) & (local < t.shape[0])
+            rows = F.embedding(local.clamp(0, t.shape[0] - 1), t)
+            parts.append(torch.where(inside.unsqueeze(-1), rows, torch.zeros((), dtype=t.dtype, device=t.device)))
+        xs = comm.all_reduce(parts)
+    return xs if scale is None else [x * torch.tensor(scale, dtype=x.dtype) for x in xs]
+
+
+def lm_head_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
+    """The last stage's final norm and vocab-parallel lm_head (zero-padded to tp * ceil(V / tp) rows); no
+    lm_head when the embedding table is shared with it."""
+    if cfg.share_embedding_table:
+        return {"transformer.ln_f.weight": (cfg.hidden_size,)}
+    return {"transformer.ln_f.weight": (cfg.hidden_size,), "lm_head.weight": (cfg.vocab_per_rank, cfg.hidden_size)}
+
+
+def lm_logits(xs: list[Tensor], ws: list[RankWeights], cfg: RuntimeConfig, comm: Collectives) -> list[Tensor]:
+    """ln_f then the vocab-parallel lm_head (or the shared embedding table), gathered over TP and cut to
+    vocab_size, float32."""
+    head = "transformer.vocab_embedding.weight" if cfg.share_embedding_table else "lm_head.weight"
+    local = [F.linear(rms_norm(x, w["transformer.ln_f.weight"], cfg.norm_epsilon), w[head]) for x, w in zip(xs, ws)]
+    return [full[..., : cfg.vocab_size].float() for full in comm.all_gather(local, dim=-1)]

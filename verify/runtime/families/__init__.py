@@ -1,0 +1,3 @@
+"""One module per family forward; importing this package registers them."""
+
+from . import gemma, llama, qwen2  # noqa: F401

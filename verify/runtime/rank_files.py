@@ -1,0 +1,116 @@
+"""A checkpoint directory's rank files: which tensors each rank holds, and checked access to them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from shardproof.converter.card import Shape
+
+from .config import RuntimeConfig, load_config
+from .family import Family, get_family
+
+LAYER_PREFIX = "transformer.layers.{}."  # layer names are local to the stage: 0 .. len(stage_layers) - 1
+
+
+def rank_tensors(cfg: RuntimeConfig, rank: int, first: dict[str, Shape], layer: dict[str, Shape],
+                 last: dict[str, Shape]) -> dict[str, Shape]:
+    """Every tensor of ``rank{rank}.safetensors``: ``first`` on the first stage, ``layer`` once per layer of
+    the rank's stage (under ``LAYER_PREFIX``), ``last`` on the last stage."""
+    pp_rank = rank // cfg.tp_size
+    out = dict(first) if pp_rank == 0 else {}
+    for j in range(len(cfg.stage_layers(pp_rank))):
+        out |= {LAYER_PREFIX.format(j) + name: shape for name, shape in layer.items()}
+    if pp_rank == cfg.pp_size - 1:
+        out |= last
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class RankWeights:
+    """Read-only view of one rank file: ``w[name]`` checks name, shape and dtype, then casts."""
+
+    path: Path
+    tensors: dict[str, Tensor]
+    expected: dict[str, Shape]
+    stored_dtype: torch.dtype
+    tp_rank: int
+    device: torch.device | str
+    dtype: torch.dtype
+    prefix: str = ""
+
+    def __getitem__(self, name: str) -> Tensor:
+        full = self.prefix + name
+        if full not in self.tensors:
+            raise ValueError(f"{self.path}: missing tensor '{full}'")
+        t = self.tensors[full]
+        if full in self.expected and tuple(t.shape) != self.expected[full]:
+            raise ValueError(f"{self.path}: tensor '{full}' has shape {list(t.shape)}, "
+                             f"expected {list(self.expected[full])}")
+        if t.dtype != self.stored_dtype:
+            raise ValueError(f"{self.path}: tensor '{full}' is {t.dtype}, config says {self.stored_dtype}")
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def scope(self, prefix: str) -> RankWeights:
+        """The same file with ``prefix`` prepended to every name."""
+        return dataclasses.replace(self, prefix=self.prefix + prefix)
+
+
+class ShardedCheckpoint:
+    """A TensorRT-LLM checkpoint directory: parsed config, the family forward that runs it, and lazily
+    loaded rank files."""
+
+    def __init__(self, checkpoint_dir: str | Path) -> None:
+        self.path = Path(checkpoint_dir)
+        if not self.path.is_dir():
+            raise ValueError(f"{self.path}: checkpoint directory does not exist")
+        self.config = load_config(self.path / "config.json")
+        self.family: Family = get_family(self.config.forward)
+        self._files: dict[int, dict[str, Tensor]] = {}
+
+    def rank_path(self, rank: int) -> Path:
+        return self.path / f"rank{rank}.safetensors"
+
+    def tensors(self, rank: int) -> dict[str, Tensor]:
+        """Raw tensors of ``rank{rank}.safetensors`` (loaded on first use, then cached)."""
+        if not 0 <= rank < self.config.world_size:
+            raise ValueError(f"{self.path}: rank {rank} outside world_size {self.config.world_size}")
+        if rank not in self._files:
+            path = self.rank_path(rank)
+            if not path.is_file():
+                raise ValueError(f"{path}: missing rank file")
+            try:
+                self._files[rank] = load_file(path)
+            except Exception as e:  # safetensors raises its own error types for corrupt files
+                raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
+        return self._files[rank]
+
+    def weights(self, rank: int, device: torch.device | str = "cpu",
+                dtype: torch.dtype | None = None) -> RankWeights:
+        """Checked view of one rank's tensors, cast to ``dtype`` (default: checkpoint dtype)."""
+        cfg = self.config
+        return RankWeights(self.rank_path(rank), self.tensors(rank), self.family.tensors(cfg, rank),
+                           cfg.dtype, rank % cfg.tp_size, device, dtype or cfg.dtype)
+
+    def validate(self, ranks: Sequence[int] | None = None) -> None:
+        """Fail on any missing, unexpected, misshapen or wrongly typed tensor in the rank files."""
+        cfg = self.config
+        for rank in range(cfg.world_size) if ranks is None else ranks:
+            path, found, expected = self.rank_path(rank), self.tensors(rank), self.family.tensors(cfg, rank)
+            if missing := sorted(set(expected) - set(found)):
+                raise ValueError(f"{path}: missing tensor(s) {missing}")
+            if extra := sorted(set(found) - set(expected)):
+                raise ValueError(f"{path}: unexpected tensor(s) {extra}")
+            for name, shape in expected.items():
+                if tuple(found[name].shape) != shape:
+                    raise ValueError(f"{path}: tensor '{name}' has shape {list(found[name].shape)}, "
+                                     f"expected {list(shape)}")
+                if found[name].dtype != cfg.dtype:
+                    raise ValueError(f"{path}: tensor '{name}' is {found[name].dtype}, "
+                                     f"config says {cfg.dtype}")
