@@ -16,8 +16,10 @@ import shardproof.verify.mutations as mutations
 from shardproof.converter.api import convert
 from shardproof.converter.architecture import supported_architectures
 from shardproof.cli import app
+from shardproof.verify.forward import BatchOptions
 from shardproof.verify.mutations import CATALOG
 from shardproof.verify.selftest import run_selftest
+from shardproof.verify.serialize import to_json
 from shardproof.verify.sharded_check import CONVERSION_REL_ERROR, HFReference, check_sharded, sharded_check
 from shardproof.verify.tiny_models import build_tiny_model
 
@@ -100,7 +102,7 @@ def references(tmp_path_factory) -> dict[str, HFReference]:
     tmp = tmp_path_factory.mktemp("clean")
     return {
         arch: HFReference(build_tiny_model(tmp / arch, arch, seed=5, **OVERRIDES.get(arch, {})),
-                          num_sequences=1, seq_len=256, seed=1, device="cpu")
+                          BatchOptions("cpu", num_sequences=1, seq_len=256, seed=1))
         for arch in supported_architectures()
     }
 
@@ -116,14 +118,14 @@ def test_clean_conversions_pass_the_sharded_mode(references, tmp_path: Path, arc
     expected = ["conversion"] if dtype == "float32" else ["conversion", "precision"]
     assert [c.name for c in report.comparisons] == expected
     assert report.comparison("conversion").relative_error < CONVERSION_REL_ERROR / 10
-    _no_nan(json.dumps(report.to_json()))
+    _no_nan(json.dumps(to_json(report)))
 
 
 def test_a_checkpoint_of_another_model_fails_at_the_embedding(tmp_path: Path) -> None:
     source = build_tiny_model(tmp_path / "source", "LlamaForCausalLM", seed=5)
     other = build_tiny_model(tmp_path / "other", "LlamaForCausalLM", seed=6)
     convert(other, tmp_path / "ckpt", dtype="float32", tp_size=2)
-    report = sharded_check(source, tmp_path / "ckpt", device="cpu", num_sequences=1, seq_len=64)
+    report = sharded_check(source, tmp_path / "ckpt", BatchOptions("cpu", num_sequences=1, seq_len=64))
     assert not report.passed
     assert report.localization.first_diverging == "embedding"
 
@@ -131,7 +133,7 @@ def test_a_checkpoint_of_another_model_fails_at_the_embedding(tmp_path: Path) ->
 def test_mutants_of_unsupported_architectures_are_listed_not_run(monkeypatch) -> None:
     monkeypatch.setattr(mutations, "supported_architectures", lambda: ["LlamaForCausalLM"])
     gemma = [m for m in CATALOG if m.setup.architecture == "GemmaForCausalLM"]
-    report = run_selftest(gemma, device="cpu")
+    report = run_selftest(gemma, BatchOptions("cpu", num_sequences=1))
     assert report.clean == [] and report.mutants == []
     assert [(m.name, reason) for m, reason in report.not_applicable] == [
         (m.name, "GemmaForCausalLM is not a supported architecture") for m in gemma]

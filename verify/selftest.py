@@ -24,8 +24,9 @@ from rich.table import Table
 from shardproof.converter.api import convert
 
 from .equivalence import EquivalenceReport, verify_equivalence
-from .forward import random_batches, resolve_device
+from .forward import BatchOptions
 from .mutations import CATALOG, MODELS, Mutant, Setup
+from .serialize import to_json
 from .sharded_check import CONVERSION_REL_ERROR, HFReference, ShardedReport, check_sharded
 from .tiny_models import build_tiny_model
 
@@ -37,7 +38,7 @@ def sharded_evidence(report: ShardedReport) -> str:
     if report.structural:
         return "structural: " + report.structural.replace(report.checkpoint_dir.rstrip("/") + "/", "")
     failed = [check for c in report.comparisons for check in c.failed_checks]
-    return str(failed[0] if failed else report.comparison("conversion").check("relative_error"))
+    return str(failed[0] if failed else report.comparison("conversion").checks["relative_error"])
 
 
 def sharded_located(report: ShardedReport) -> str | None:
@@ -90,7 +91,7 @@ class Outcome:
             "fault": self.mutant.fault if self.mutant else None,
             "setup": str(self.setup),
             "ok": self.ok,
-            "sharded": {**self.sharded.to_json(), "evidence": sharded_evidence(self.sharded),
+            "sharded": {**to_json(self.sharded), "evidence": sharded_evidence(self.sharded),
                         "located": sharded_located(self.sharded),
                         "expected_location": self.mutant.diverges_at if self.mutant else None,
                         "precision_alone_catches": None if precision is None else not precision.passed},
@@ -138,9 +139,8 @@ class SelftestReport:
 class _Workspace:
     """Source models, their HF references and clean conversions, each made once, under one directory."""
 
-    def __init__(self, root: Path, num_sequences: int, seq_len: int, seed: int, device: str, log: Log | None):
-        self.root, self.log = root, log
-        self.num_sequences, self.seq_len, self.seed, self.device = num_sequences, seq_len, seed, device
+    def __init__(self, root: Path, batch: BatchOptions, log: Log | None):
+        self.root, self.batch, self.log = root, batch, log
         self.models: dict[str, Path] = {}
         self.references: dict[Path, HFReference] = {}
         self.checkpoints: dict[Setup, Path] = {}
@@ -151,13 +151,12 @@ class _Workspace:
 
             logging.disable_progress_bar()
             architecture, overrides = MODELS[key]
-            self.models[key] = build_tiny_model(self.root / "models" / key, architecture, seed=self.seed, **overrides)
+            self.models[key] = build_tiny_model(self.root / "models" / key, architecture, seed=self.batch.seed, **overrides)
         return self.models[key]
 
     def reference(self, model_dir: Path) -> HFReference:
         if model_dir not in self.references:
-            batch = (self.num_sequences, self.seq_len, self.seed, self.device)
-            self.references[model_dir] = HFReference(model_dir, *batch)
+            self.references[model_dir] = HFReference(model_dir, self.batch)
         return self.references[model_dir]
 
     def convert(self, model_dir: Path, setup: Setup, name: str) -> Path:
@@ -169,8 +168,7 @@ class _Workspace:
         if self.log:
             self.log(f"{mutant.name if mutant else 'clean'} ({setup}): sharded and reassembled modes")
         sharded = check_sharded(checkpoint_dir, self.reference(model_dir))
-        reassembled = verify_equivalence(model_dir, checkpoint_dir, self.device, self.num_sequences, self.seq_len,
-                                         self.seed)
+        reassembled = verify_equivalence(model_dir, checkpoint_dir, self.batch)
         return Outcome(setup, sharded, reassembled, mutant)
 
 
@@ -179,23 +177,16 @@ def _slug(setup: Setup) -> str:
 
 
 def run_selftest(
-    catalog: Sequence[Mutant] = CATALOG,
-    num_sequences: int = 1,
-    seq_len: int = 256,
-    seed: int = 0,
-    device: str = "auto",
-    log: Log | None = None,
+    catalog: Sequence[Mutant] = CATALOG, batch: BatchOptions = BatchOptions(num_sequences=1), log: Log | None = None
 ) -> SelftestReport:
     """Check every clean setup the catalog needs, then inject every applicable mutant and check again."""
-    resolve_device(device)
-    random_batches(1, num_sequences, seq_len, seed)  # bad sizes are bad input, before any model is built
     report = SelftestReport()
     # Every model freed triggers gc.collect(); freezing the libraries' objects keeps each one from scanning them.
     gc.freeze()
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(gc.unfreeze)
         tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="shardproof-selftest-"))
-        ws = _Workspace(Path(tmp), num_sequences, seq_len, seed, device, log)
+        ws = _Workspace(Path(tmp), batch, log)
         for mutant in catalog:
             reason = mutant.not_applicable
             if reason:
