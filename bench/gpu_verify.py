@@ -23,8 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from shardproof.verify.verification import MODES, convert_and_check
-from shardproof.verify.forward import resolve_device
+from shardproof.verify.forward import BatchOptions, resolve_device
 from shardproof.verify.report_view import render
+from shardproof.verify.serialize import to_json
 
 FULL = dict(
     hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=8,
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{parameters * 4 / 2**30:.1f} GiB")
         report = convert_and_check(
             Path(tmp) / "model", Path(tmp) / "checkpoint", dtype=args.dtype, tp_size=args.tp, pp_size=args.pp,
-            mode=args.mode, device=str(device), num_sequences=args.num_sequences, seq_len=args.seq_len, seed=args.seed,
+            mode=args.mode, batch=BatchOptions(str(device), args.num_sequences, args.seq_len, args.seed),
             log=lambda message: console.print(message, style="dim"),
         )
     render(report, console)
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         "seq_len": args.seq_len,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "mode": args.mode,
-        "precision": report.reassembled.precision.to_json() if report.reassembled and report.reassembled.precision else None,
-        "sharded": report.sharded.to_json() if report.sharded else None,
+        "precision": to_json(report.reassembled.precision) if report.reassembled and report.reassembled.precision else None,
+        "sharded": to_json(report.sharded) if report.sharded else None,
         "failures": report.failures,
     }
     text = json.dumps(result, indent=2)

@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 from shardproof.converter.api import convert
 from shardproof.converter.card import cards, supported_architectures
 from shardproof.cli import app
+from shardproof.verify.forward import BatchOptions
 from shardproof.verify.mutations import CATALOG
 from shardproof.verify.selftest import run_selftest
+from shardproof.verify.serialize import to_json
 from shardproof.verify.sharded_check import CONVERSION_REL_ERROR, HFReference, check_sharded, sharded_check
 from shardproof.verify.tiny_models import build_tiny_model
 
@@ -106,7 +108,7 @@ def references(tmp_path_factory) -> dict[str, HFReference]:
     tmp = tmp_path_factory.mktemp("clean")
     return {
         arch: HFReference(build_tiny_model(tmp / arch, arch, seed=5, **OVERRIDES.get(arch, {})),
-                          num_sequences=1, seq_len=256, seed=1, device="cpu")
+                          BatchOptions("cpu", num_sequences=1, seq_len=256, seed=1))
         for arch in supported_architectures()
     }
 
@@ -122,14 +124,14 @@ def test_clean_conversions_pass_the_sharded_mode(references, tmp_path: Path, arc
     expected = ["conversion"] if dtype == "float32" else ["conversion", "precision"]
     assert [c.name for c in report.comparisons] == expected
     assert report.comparison("conversion").relative_error < CONVERSION_REL_ERROR / 10
-    _no_nan(json.dumps(report.to_json()))
+    _no_nan(json.dumps(to_json(report)))
 
 
 def test_a_checkpoint_of_another_model_fails_at_the_embedding(tmp_path: Path) -> None:
     source = build_tiny_model(tmp_path / "source", "LlamaForCausalLM", seed=5)
     other = build_tiny_model(tmp_path / "other", "LlamaForCausalLM", seed=6)
     convert(other, tmp_path / "ckpt", dtype="float32", tp_size=2)
-    report = sharded_check(source, tmp_path / "ckpt", device="cpu", num_sequences=1, seq_len=64)
+    report = sharded_check(source, tmp_path / "ckpt", BatchOptions("cpu", num_sequences=1, seq_len=64))
     assert not report.passed
     assert report.localization.first_diverging == "embedding"
 
@@ -138,7 +140,7 @@ def test_a_mutant_with_nothing_to_break_is_listed_not_run() -> None:
     """A card with no op that rounds has no `1 + weight` to get wrong: the mutant is not applicable there."""
     (op_mutant,) = [m for m in CATALOG if m.name == "norm-not-shifted"]
     plain = next(c.name for c in cards() if not any(row.ops for row in c.rows))
-    report = run_selftest([op_mutant], architectures=[plain], device="cpu")
+    report = run_selftest([op_mutant], architectures=[plain], batch=BatchOptions("cpu", num_sequences=1))
     assert report.mutants == [] and len(report.clean) == 1 and report.clean[0].ok
     assert [(m.name, str(s), r) for m, s, r in report.not_applicable] == [
         (op_mutant.name, f"{plain} bfloat16 tp2 pp1", f"{plain} has no op that rounds to get wrong")]

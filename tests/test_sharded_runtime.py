@@ -21,6 +21,7 @@ import shardproof.converter.card as card_module
 from shardproof.converter.api import convert
 from shardproof.converter.card import get_card
 from shardproof.converter.errors import CheckNotRun
+from shardproof.verify.forward import BatchOptions
 from shardproof.verify.runtime.distributed import run_distributed
 from shardproof.verify.runtime.rank_files import ShardedCheckpoint
 from shardproof.verify.runtime.simulated import run_simulated
@@ -334,7 +335,7 @@ def test_check_sharded_lets_check_not_run_through(llama_tp2, tmp_path: Path) -> 
     hf_dir, ckpt_dir = llama_tp2
     ckpt = _patched(ckpt_dir, tmp_path, {"rotary_scaling": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(CheckNotRun, match="unsupported rotary_scaling"):
-        check_sharded(ckpt, HFReference(hf_dir, num_sequences=1, seq_len=16, device="cpu"))
+        check_sharded(ckpt, HFReference(hf_dir, BatchOptions("cpu", num_sequences=1, seq_len=16)))
 
 
 def test_bad_input_ids(llama_tp2) -> None:

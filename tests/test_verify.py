@@ -19,10 +19,12 @@ from typer.testing import CliRunner
 from shardproof.converter.api import convert
 from shardproof.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, app
 from shardproof.verify.equivalence import PRECISION_THRESHOLDS, EquivalenceReport, verify_equivalence
+from shardproof.verify.forward import BatchOptions
 from shardproof.verify.metrics import bit_identical, first_difference, logit_metrics
+from shardproof.verify.serialize import to_json
 from shardproof.verify.tiny_models import build_tiny_model
 
-FAST = dict(device="cpu", num_sequences=2, seq_len=32)
+FAST = BatchOptions(device="cpu", num_sequences=2, seq_len=32)
 FAST_ARGS = ["--device", "cpu", "--num-sequences", "2", "--seq-len", "32"]
 runner = CliRunner()
 
@@ -63,7 +65,7 @@ def verify_both(model: Path, checkpoint: Path, tmp_path: Path) -> tuple[int, Equ
     saved = json.loads(report_file.read_text())
     assert saved["mode"] == "both"
     assert saved["passed"] == (saved["reassembled"]["passed"] and saved["sharded"]["passed"]) == (result.exit_code == EXIT_OK)
-    return result.exit_code, verify_equivalence(model, checkpoint, **FAST), saved["reassembled"]
+    return result.exit_code, verify_equivalence(model, checkpoint, FAST), saved["reassembled"]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_logit_metrics():
     overflowed[1, 3, 7] = float("inf")
     bad = logit_metrics(logits, overflowed)
     assert bad.nonfinite == 1 and math.isnan(bad.kl_mean) and math.isnan(bad.cosine_min)
-    assert bad.to_json()["kl_mean"] == "nan"
+    assert to_json(bad)["kl_mean"] == "nan"
 
 
 # --- correct conversions pass -------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def test_logit_metrics():
 )
 def test_correct_conversion_passes(tmp_path, architecture, overrides, layout):
     model = build_tiny_model(tmp_path / "model", architecture, seed=3, **overrides)
-    report = verify_equivalence(model, converted(model, tmp_path / "ckpt", **layout), **FAST)
+    report = verify_equivalence(model, converted(model, tmp_path / "ckpt", **layout), FAST)
     assert report.passed, report.failures
     assert not report.violations and not report.config_differences and report.localization is None
     assert report.weights.ok and len(report.weights.tensors) > 0 and not report.weights.ranks
@@ -187,7 +189,7 @@ def test_gate_and_up_swapped(tmp_path, llama):
         (rank, f"transformer.layers.1.mlp.{name}.weight") for rank in range(2) for name in ("fc", "gate")
     }
     assert not report.forward.identical and report.forward.differing_sequences == [0, 1]
-    assert report.localization.divergence.module == "model.layers.1.mlp.gate_proj"
+    assert report.localization.module == "model.layers.1.mlp.gate_proj"
     assert report.localization.scope == "model.layers.1"
     assert set(report.localization.differing_tensors) == differing
     assert saved["localization"]["module"] == "model.layers.1.mlp.gate_proj"
@@ -237,7 +239,7 @@ def test_norm_scaled(tmp_path, llama, ranks):
         assert not report.violations
         assert [t.name for t in report.weights.mismatches] == ["model.layers.2.input_layernorm.weight"]
         assert {(r.rank, r.tensor) for r in report.weights.ranks} == {(2, name), (3, name)}
-        assert report.localization.divergence.module == "model.layers.2.input_layernorm"
+        assert report.localization.module == "model.layers.2.input_layernorm"
         assert report.localization.differing_tensors == ["model.layers.2.input_layernorm.weight"]
 
 
@@ -250,7 +252,7 @@ def test_gemma_norm_stored_without_its_plus_one(tmp_path):
     code, report, _ = verify_both(model, ckpt, tmp_path)
     assert code == EXIT_FAILED and not report.violations
     assert [t.name for t in report.weights.mismatches] == ["model.layers.1.post_attention_layernorm.weight"]
-    assert report.localization.divergence.module == "model.layers.1.post_attention_layernorm"
+    assert report.localization.module == "model.layers.1.post_attention_layernorm"
 
 
 def test_two_kv_heads_swapped(tmp_path, llama_kv4):
@@ -270,7 +272,7 @@ def test_two_kv_heads_swapped(tmp_path, llama_kv4):
     assert report.weights.mismatches[0].first_diff_index[0] == 2 * head
     assert [(r.rank, r.tensor) for r in report.weights.ranks] == [(1, "transformer.layers.0.attention.qkv.weight")]
     assert report.weights.ranks[0].first_diff_index[0] == q_rows
-    assert report.localization.divergence.module == "model.layers.0.self_attn.k_proj"
+    assert report.localization.module == "model.layers.0.self_attn.k_proj"
     assert saved["weights"]["rank_differences"][0]["rank"] == 1
 
 
@@ -319,7 +321,9 @@ def test_tensor_set_changed(tmp_path, llama, fault):
     assert code == EXIT_FAILED
     assert [(v.rank, v.tensor, v.problem) for v in report.violations] == [(rank, name, problem)]
     assert report.weights is None and report.forward is None and saved["weights"] is None
-    assert any("could not be rebuilt" in f for f in report.failures)
+    assert [(o.check, o.status.value) for o in report.checks] == [
+        ("reassembly", "failed"), *((check, "not run") for check in ("config", "weights", "forward", "precision"))]
+    assert "could not be rebuilt" in report.checks[-1].reason
 
 
 def test_wrong_rotary_base_in_config_is_localized(tmp_path, llama):
@@ -331,7 +335,7 @@ def test_wrong_rotary_base_in_config_is_localized(tmp_path, llama):
     assert code == EXIT_FAILED and report.weights.ok
     assert report.config_differences and report.config_differences[0].startswith("rope_parameters")
     assert not report.forward.identical
-    assert report.localization.divergence.module == "model.rotary_emb"
+    assert report.localization.module == "model.rotary_emb"
 
 
 def test_checkpoint_of_another_model_fails(tmp_path, llama):
@@ -340,7 +344,7 @@ def test_checkpoint_of_another_model_fails(tmp_path, llama):
     code, report, _ = verify_both(llama, ckpt, tmp_path)
     assert code == EXIT_FAILED
     assert len(report.weights.mismatches) == len(report.weights.tensors)
-    assert report.localization.divergence.module == "model.embed_tokens"
+    assert report.localization.module == "model.embed_tokens"
 
 
 # --- the precision effect -------------------------------------------------------------------------------------
@@ -352,10 +356,10 @@ def test_fp16_overflow_fails_the_precision_check(tmp_path, llama):
     for f in llama.iterdir():
         (model / f.name).write_bytes(f.read_bytes())
     rewrite_source(model, lambda t: t.update({"model.layers.1.mlp.down_proj.weight": t["model.layers.1.mlp.down_proj.weight"] * 1e5}))
-    fp16 = verify_equivalence(model, converted(model, tmp_path / "fp16", dtype="float16"), **FAST)
+    fp16 = verify_equivalence(model, converted(model, tmp_path / "fp16", dtype="float16"), FAST)
     assert fp16.weights.ok and fp16.forward.identical  # the conversion itself is exact
     assert not fp16.passed and not fp16.precision.ok
-    assert fp16.precision.metrics.nonfinite > 0 and not fp16.precision.checks["nonfinite"][3]
+    assert fp16.precision.metrics.nonfinite > 0 and not fp16.precision.checks["nonfinite"].passed
     assert fp16.precision.first_nonfinite_module.startswith("model.layers.1.")
     assert any("precision effect of float16" in f for f in fp16.failures)
     report_file = tmp_path / "fp16.json"
@@ -363,7 +367,7 @@ def test_fp16_overflow_fails_the_precision_check(tmp_path, llama):
     assert result.exit_code == EXIT_FAILED
     saved = json.loads(report_file.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))["reassembled"]
     assert saved["precision"]["checks"]["nonfinite"]["passed"] is False and saved["precision"]["metrics"]["kl_mean"] == "nan"
-    bf16 = verify_equivalence(model, converted(model, tmp_path / "bf16", dtype="bfloat16"), **FAST)
+    bf16 = verify_equivalence(model, converted(model, tmp_path / "bf16", dtype="bfloat16"), FAST)
     assert bf16.passed, bf16.failures
 
 

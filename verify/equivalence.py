@@ -19,43 +19,31 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 
-from shardproof.converter.card import get_card
 from shardproof.converter.checkpoint import Violation
 from shardproof.converter.dtypes import TORCH_DTYPES
 from shardproof.converter.reassemble import reassemble
-from shardproof.converter.source import HFCheckpoint
 
-from .forward import Divergence, first_divergence, first_nonfinite, hidden_states, model_logits, random_batches, resolve_device
-from .metrics import LogitMetrics, bit_identical, json_float, logit_metrics
+from .forward import BatchOptions, first_divergence, first_nonfinite, hidden_states, model_logits
+from .inputs import check_inputs
+from .metrics import LogitMetrics, bit_identical, logit_metrics
+from .outcomes import CheckOutcome, Status, judged, not_run, overall
+from .thresholds import PRECISION_THRESHOLDS, Check, Thresholds, precision_checks
 from .weights import WeightComparison, compare_weights, format_rounded
 
 Log = Callable[[str], None]
 
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Limits on the float32 model vs the checkpoint dtype's model; docs/verification.md says where they come from."""
-
-    kl_mean: float
-    top1_agreement: float
-    cosine_min: float
-
-
-PRECISION_THRESHOLDS: dict[str, Thresholds] = {
-    "float32": Thresholds(kl_mean=1e-6, top1_agreement=0.99, cosine_min=0.99999),
-    "float16": Thresholds(kl_mean=1e-3, top1_agreement=0.90, cosine_min=0.999),
-    "bfloat16": Thresholds(kl_mean=3e-2, top1_agreement=0.80, cosine_min=0.95),
-}
 
 CONFIG_FIELDS = (
     "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters", "max_position_embeddings",
     "attention_bias", "mlp_bias", "tie_word_embeddings",
 )
+MODE = "reassembled"
+CHECKS = ("reassembly", "config", "weights", "forward", "precision")
 
 
 @dataclass
@@ -67,78 +55,49 @@ class ForwardComparison:
     differing_sequences: list[int]
     problem: str | None = None
 
-    def to_json(self) -> dict:
-        return {
-            "identical": self.identical,
-            "metrics": self.metrics.to_json() if self.metrics else None,
-            "differing_sequences": self.differing_sequences,
-            "problem": self.problem,
-        }
-
 
 @dataclass
 class PrecisionEffect:
     """The float32 source against the source cast to the checkpoint dtype: what the cast costs, against thresholds."""
 
+    JSON_PROPERTIES: ClassVar[tuple[str, ...]] = ("ok", "checks")
+
     dtype: str
     metrics: LogitMetrics
-    thresholds: Thresholds
     first_nonfinite_module: str | None = None
 
     @property
-    def checks(self) -> dict[str, tuple[float, str, float, bool]]:
-        """metric -> (value, comparison, threshold, passed); NaN fails every comparison."""
-        m, t = self.metrics, self.thresholds
-        return {
-            "kl_mean": (m.kl_mean, "<=", t.kl_mean, m.kl_mean <= t.kl_mean),
-            "top1_agreement": (m.top1_agreement, ">=", t.top1_agreement, m.top1_agreement >= t.top1_agreement),
-            "cosine_min": (m.cosine_min, ">=", t.cosine_min, m.cosine_min >= t.cosine_min),
-            "nonfinite": (m.nonfinite, "==", 0, m.nonfinite == 0),
-        }
+    def thresholds(self) -> Thresholds:
+        return PRECISION_THRESHOLDS[self.dtype]
+
+    @property
+    def checks(self) -> dict[str, Check]:
+        return precision_checks(self.metrics, self.dtype)
 
     @property
     def ok(self) -> bool:
-        return all(passed for *_, passed in self.checks.values())
-
-    def to_json(self) -> dict:
-        return {
-            "reference_dtype": "float32",
-            "dtype": self.dtype,
-            "ok": self.ok,
-            "metrics": self.metrics.to_json(),
-            "checks": {
-                name: {"value": json_float(v), "op": op, "threshold": thr, "passed": ok}
-                for name, (v, op, thr, ok) in self.checks.items()
-            },
-            "first_nonfinite_module": self.first_nonfinite_module,
-        }
+        return all(c.passed for c in self.checks.values())
 
 
 @dataclass
 class Localization:
-    """Where the two models first part: the module, and the differing weights of its layer (or of itself)."""
+    """Where the two models first part (`module` None: no module output differs on `sequence`), and the differing
+    weights of its decoder layer (or of the module itself outside the layers)."""
 
     sequence: int
-    divergence: Divergence | None
+    module: str | None
+    max_abs_diff: float | None
+    first_diff_index: tuple[int, ...] | None
+    detail: str | None
     scope: str | None
     differing_tensors: list[str]
-
-    def to_json(self) -> dict:
-        d = self.divergence
-        return {
-            "sequence": self.sequence,
-            "module": d.module if d else None,
-            "max_abs_diff": json_float(d.max_abs_diff) if d else None,
-            "first_diff_index": list(d.first_diff_index) if d and d.first_diff_index is not None else None,
-            "detail": d.detail if d else None,
-            "scope": self.scope,
-            "differing_tensors": self.differing_tensors,
-        }
 
 
 @dataclass
 class EquivalenceReport:
-    """Everything the check found; `passed` only when every stage ran and found nothing."""
+    """Everything the check found; `passed` only when every check ran and passed."""
+
+    JSON_PROPERTIES: ClassVar[tuple[str, ...]] = ("passed", "failures", "checks")
 
     model_dir: str
     checkpoint_dir: str
@@ -157,54 +116,33 @@ class EquivalenceReport:
     forward: ForwardComparison | None = None
     precision: PrecisionEffect | None = None
     localization: Localization | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict, metadata={"json": "timings_s"})
+
+    @property
+    def checks(self) -> list[CheckOutcome]:
+        """The outcome of each of CHECKS, in order."""
+        v = self.violations
+        outcomes = [judged(MODE, "reassembly", [f"{len(v)} reassembly violation(s)"] if v else [])]
+        if self.weights is None:
+            return outcomes + not_run(MODE, CHECKS[1:], "the checkpoint could not be rebuilt, so it was not compared")
+        c, w = self.config_differences, self.weights
+        outcomes.append(judged(MODE, "config", [f"{len(c)} config field(s) differ"] if c else []))
+        differ = len(w.mismatches) + len(w.extra)
+        outcomes.append(judged(MODE, "weights", [f"{differ} tensor(s) differ from the source"] if differ else []))
+        f, p = self.forward, self.precision
+        outcomes.append(judged(MODE, "forward", [] if f.identical else [f.problem or "logits are not bit-identical to the source's"]))
+        failed = [name for name, check in p.checks.items() if not check.passed]
+        outcomes.append(judged(MODE, "precision", [f"precision effect of {self.dtype} exceeds thresholds: {', '.join(failed)}"] if failed else []))
+        return outcomes
 
     @property
     def failures(self) -> list[str]:
-        """One line per reason the check fails."""
-        reasons = []
-        if self.violations:
-            reasons.append(f"{len(self.violations)} reassembly violation(s)")
-        if self.config_differences:
-            reasons.append(f"{len(self.config_differences)} config field(s) differ")
-        if self.weights is None:
-            reasons.append("the checkpoint could not be rebuilt, so weights and logits were not compared")
-        if self.weights is not None and not self.weights.ok:
-            reasons.append(f"{len(self.weights.mismatches) + len(self.weights.extra)} tensor(s) differ from the source")
-        if self.forward is not None and not self.forward.identical:
-            reasons.append(self.forward.problem or "logits are not bit-identical to the source's")
-        if self.precision is not None and not self.precision.ok:
-            failed = [name for name, (*_, ok) in self.precision.checks.items() if not ok]
-            reasons.append(f"precision effect of {self.dtype} exceeds thresholds: {', '.join(failed)}")
-        return reasons
+        """One line per failed check."""
+        return [o.reason for o in self.checks if o.status is Status.FAILED]
 
     @property
     def passed(self) -> bool:
-        return not self.failures
-
-    def to_json(self) -> dict:
-        return {
-            "passed": self.passed,
-            "failures": self.failures,
-            "model_dir": self.model_dir,
-            "checkpoint_dir": self.checkpoint_dir,
-            "architecture": self.architecture,
-            "dtype": self.dtype,
-            "tp_size": self.tp_size,
-            "pp_size": self.pp_size,
-            "device": self.device,
-            "num_sequences": self.num_sequences,
-            "seq_len": self.seq_len,
-            "seed": self.seed,
-            "violations": [{"rank": v.rank, "tensor": v.tensor, "problem": v.problem} for v in self.violations],
-            "config_differences": self.config_differences,
-            "notes": self.notes,
-            "weights": self.weights.to_json() if self.weights else None,
-            "forward": self.forward.to_json() if self.forward else None,
-            "precision": self.precision.to_json() if self.precision else None,
-            "localization": self.localization.to_json() if self.localization else None,
-            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-        }
+        return overall(self.checks) is Status.PASSED
 
 
 def _stopwatch(timings: dict[str, float], log: Log | None) -> Callable[[str, str], contextlib.AbstractContextManager]:
@@ -253,22 +191,15 @@ def sliding_window_note(config, seq_len: int) -> list[str]:
 
 
 def verify_equivalence(
-    model_dir: Path | str,
-    checkpoint_dir: Path | str,
-    device: str = "auto",
-    num_sequences: int = 4,
-    seq_len: int = 256,
-    seed: int = 0,
-    log: Log | None = None,
+    model_dir: Path | str, checkpoint_dir: Path | str, batch: BatchOptions = BatchOptions(), log: Log | None = None
 ) -> EquivalenceReport:
     """Check that the checkpoint at `checkpoint_dir` is the HF model at `model_dir` (see the module docstring).
 
-    Bad input (unreadable directories, no CUDA for device="cuda") raises ShardproofError; everything the
+    Bad input (unreadable directories, a model transformers cannot load) raises ShardproofError; everything the
     checkpoint gets wrong is in the report. `log` receives a line as each stage starts.
     """
-    dev = resolve_device(device)
-    random_batches(1, num_sequences, seq_len, seed)  # validates the sizes before any work
-    get_card(HFCheckpoint(model_dir).architecture)  # the source must be a readable, supported model
+    check_inputs(model_dir, checkpoint_dir, batch)
+    dev, seq_len = batch.torch_device, batch.seq_len
     timings: dict[str, float] = {}
     stage = _stopwatch(timings, log)
     with tempfile.TemporaryDirectory(prefix="shardproof-reassembled-") as tmp:
@@ -278,7 +209,8 @@ def verify_equivalence(
         mapping = ckpt.mapping
         report = EquivalenceReport(
             str(model_dir), str(checkpoint_dir), ckpt.card.name, ckpt.layout.dtype, mapping.tp_size,
-            mapping.pp_size, str(dev), num_sequences, seq_len, seed, violations=rebuilt.violations, timings=timings,
+            mapping.pp_size, str(dev), batch.num_sequences, seq_len, batch.seed, violations=rebuilt.violations,
+            timings=timings,
         )
         if rebuilt.output_dir is None:
             return report
@@ -294,7 +226,8 @@ def verify_equivalence(
                 "the source model is compared with that rounding applied"
             )
         vocab = min(source_config.vocab_size, rebuilt_config.vocab_size)
-        _compare_models(report, Path(model_dir), rounded, rebuilt.output_dir, vocab, dev, stage)
+        input_ids = batch.input_ids(vocab)
+        _compare_models(report, Path(model_dir), rounded, rebuilt.output_dir, input_ids, dev, stage)
     return report
 
 
@@ -303,13 +236,12 @@ def _compare_models(
     source: Path,
     rounded: dict[str, torch.Tensor],
     rebuilt: Path,
-    vocab: int,
+    input_ids: torch.Tensor,
     dev: torch.device,
     stage: Callable,
 ) -> None:
     """Forward, precision and localization stages; `rounded` replaces source tensors after loading."""
     dtype = TORCH_DTYPES[report.dtype]
-    input_ids = random_batches(vocab, report.num_sequences, report.seq_len, report.seed)
     with stage("forward", f"running the source ({report.dtype}) and the checkpoint's model on {dev}"):
         expected = model_logits(source, dtype, dev, input_ids, rounded)
         actual = model_logits(rebuilt, dtype, dev, input_ids)
@@ -320,7 +252,7 @@ def _compare_models(
         exact = dtype == torch.float32 and not rounded
         reference = expected if exact else model_logits(source, torch.float32, dev, input_ids)
         metrics = logit_metrics(reference, expected)
-        report.precision = PrecisionEffect(report.dtype, metrics, PRECISION_THRESHOLDS[report.dtype])
+        report.precision = PrecisionEffect(report.dtype, metrics)
         if metrics.nonfinite:
             sequence = int((~torch.isfinite(expected)).flatten(1).any(dim=1).nonzero()[0])
             states = hidden_states(source, dtype, dev, input_ids[sequence : sequence + 1], rounded)
@@ -350,12 +282,13 @@ def _localize(
     sequence = report.forward.differing_sequences[0] if report.forward.differing_sequences else 0
     ids = input_ids[sequence : sequence + 1]
     expected = hidden_states(source, dtype, dev, ids, rounded)
-    divergence = first_divergence(expected, hidden_states(rebuilt, dtype, dev, ids))
-    scope = None if divergence is None else _scope(divergence.module)
+    d = first_divergence(expected, hidden_states(rebuilt, dtype, dev, ids))
     differing = [t.name for t in report.weights.mismatches]
-    if scope is not None:
-        differing = [name for name in differing if name.startswith(scope + ".")]
-    return Localization(sequence, divergence, scope, differing)
+    if d is None:
+        return Localization(sequence, None, None, None, None, None, differing)
+    scope = _scope(d.module)
+    differing = [name for name in differing if name.startswith(scope + ".")]
+    return Localization(sequence, d.module, d.max_abs_diff, d.first_diff_index, d.detail, scope, differing)
 
 
 def _scope(module: str) -> str:

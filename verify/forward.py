@@ -30,12 +30,53 @@ def resolve_device(device: str) -> torch.device:
     raise ShardproofError(f"--device {device!r} is not one of auto, cpu, cuda")
 
 
-def random_batches(vocab_size: int, num_sequences: int, seq_len: int, seed: int) -> torch.Tensor:
-    """Token ids [num_sequences, seq_len], uniform over the vocabulary, reproducible from `seed`."""
-    if num_sequences < 1 or seq_len < 1:
-        raise ShardproofError(f"--num-sequences={num_sequences} and --seq-len={seq_len} must both be at least 1")
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (num_sequences, seq_len), generator=generator)
+MAX_SEQ_LEN = 32768  # tokens per sequence, whatever the model allows
+MAX_TOKENS = 131072  # num_sequences x seq_len: each model run keeps tokens x vocab logits in host memory
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """The random token batches every model runs on: where, how many, how long, from which seed.
+
+    Checked on creation (bad values raise ShardproofError naming the option); `fit` checks seq_len against a model.
+    """
+
+    device: str = "auto"
+    num_sequences: int = 4
+    seq_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        resolve_device(self.device)
+        n, length = self.num_sequences, self.seq_len
+        if n < 1:
+            raise ShardproofError(f"--num-sequences {n}: must be at least 1")
+        if not 1 <= length <= MAX_SEQ_LEN:
+            raise ShardproofError(f"--seq-len {length}: must be between 1 and {MAX_SEQ_LEN}")
+        if n * length > MAX_TOKENS:
+            raise ShardproofError(f"--num-sequences {n} x --seq-len {length} = {n * length} tokens: above the limit of {MAX_TOKENS}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ShardproofError(f"--seed {self.seed}: must be between 0 and 2**63 - 1")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def fit(self, max_positions: int | None, model: str) -> None:
+        """ShardproofError when seq_len exceeds the model's max_position_embeddings (None: unknown)."""
+        if max_positions is not None and self.seq_len > max_positions:
+            raise ShardproofError(f"--seq-len {self.seq_len}: above max_position_embeddings={max_positions} of {model}")
+
+    def input_ids(self, vocab_size: int) -> torch.Tensor:
+        """Token ids [num_sequences, seq_len], uniform over the vocabulary, reproducible from the seed."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randint(0, vocab_size, (self.num_sequences, self.seq_len), generator=generator)
+
+
+def one_line(error: Exception) -> str:
+    """An exception's message on one line (its type when it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def load_model(
@@ -47,7 +88,10 @@ def load_model(
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+    except Exception as e:  # reading the input failed: bad input, never a failed check
+        raise ShardproofError(f"{model_dir}: transformers cannot load the model ({one_line(e)})") from None
     if overrides:
         parameters = dict(model.named_parameters())
         with torch.no_grad():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -56,10 +56,6 @@ class LogitMetrics:
     kl_max: float
     top1_agreement: float
     nonfinite: int
-
-    def to_json(self) -> dict:
-        """A JSON-safe dict: non-finite floats become strings ("nan", "inf")."""
-        return {k: json_float(v) for k, v in asdict(self).items()}
 
 
 def logit_metrics(reference: torch.Tensor, candidate: torch.Tensor, chunk: int = 4096) -> LogitMetrics:

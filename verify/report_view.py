@@ -7,9 +7,12 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from shardproof.converter.checkpoint import Violation
 from .equivalence import EquivalenceReport
 from .metrics import LogitMetrics
+from .outcomes import CheckOutcome, Status
 from .sharded_check import ShardedReport
+from .thresholds import Check
 from .verification import Verification
 
 MAX_ROWS = 20
@@ -26,61 +29,60 @@ def _index(index: tuple[int, ...] | None) -> str:
     return "-" if index is None else str(list(index))
 
 
+def _cell(outcome: CheckOutcome) -> str:
+    return {Status.PASSED: PASS, Status.FAILED: FAIL, Status.NOT_RUN: SKIP}[outcome.status]
+
+
+def _check_line(check: Check) -> str:
+    return f"{check.metric} {_num(check.value)} {check.op} {_num(check.threshold)}"
+
+
 def summary_table(report: EquivalenceReport) -> Table:
-    """One row per stage: what it found."""
+    """One row per check: its status and what it found."""
     table = Table(title=f"{report.architecture} {report.dtype} tp={report.tp_size} pp={report.pp_size} on {report.device}")
     for column in ("stage", "result", "details"):
         table.add_column(column)
-    v = report.violations
-    table.add_row("reassembly", FAIL if v else PASS, f"{len(v)} violation(s)" if v else "replicas, padding and tensor set as planned")
-    w = report.weights
-    if w is None:
-        for stage in ("config", "weights", "forward", "precision"):
-            table.add_row(stage, SKIP, "the rank files are too broken to rebuild the model")
-        return table
-    c = report.config_differences
-    table.add_row("config", FAIL if c else PASS, "; ".join(c) if c else "model-defining fields equal")
-    detail = f"{len(w.tensors) - len(w.mismatches)}/{len(w.tensors)} tensors bit-identical to the source as {w.dtype}"
-    if w.extra:
-        detail += f"; {len(w.extra)} extra tensor(s)"
-    if w.skipped:
-        detail += f"; {len(w.skipped)} skipped on purpose"
-    table.add_row("weights", PASS if w.ok else FAIL, detail)
-    f = report.forward
-    if f.identical:
-        table.add_row("forward", PASS, f"logits bit-identical ({report.num_sequences} x {report.seq_len} tokens)")
-    elif f.metrics is None:
-        table.add_row("forward", FAIL, f.problem or "")
-    else:
+    w, f, p = report.weights, report.forward, report.precision
+    found = {
+        "reassembly": "replicas, padding and tensor set as planned",
+        "config": "model-defining fields equal",
+        "forward": f"logits bit-identical ({report.num_sequences} x {report.seq_len} tokens)",
+    }
+    if w is not None:
+        found["weights"] = f"{len(w.tensors) - len(w.mismatches)}/{len(w.tensors)} tensors bit-identical to the source as {w.dtype}"
+        found["weights"] += f"; {len(w.extra)} extra tensor(s)" if w.extra else ""
+        found["weights"] += f"; {len(w.skipped)} skipped on purpose" if w.skipped else ""
+    if report.config_differences:
+        found["config"] = "; ".join(report.config_differences)
+    if f is not None and not f.identical and f.metrics is not None:
         m = f.metrics
-        table.add_row(
-            "forward", FAIL,
-            f"sequences {f.differing_sequences} differ: max abs diff {_num(m.max_abs_diff)}, KL {_num(m.kl_mean)}, "
-            f"top-1 {m.top1_agreement:.2%}",
-        )
-    p = report.precision
-    checks = ", ".join(f"{name} {_num(value)} {op} {_num(threshold)}" for name, (value, op, threshold, _) in p.checks.items())
-    nonfinite = f"; first non-finite output: {p.first_nonfinite_module}" if p.first_nonfinite_module else ""
-    table.add_row("precision", PASS if p.ok else FAIL, f"float32 vs {p.dtype}: {checks}{nonfinite}")
+        found["forward"] = (f"sequences {f.differing_sequences} differ: max abs diff {_num(m.max_abs_diff)}, "
+                            f"KL {_num(m.kl_mean)}, top-1 {m.top1_agreement:.2%}")
+    if p is not None:
+        nonfinite = f"; first non-finite output: {p.first_nonfinite_module}" if p.first_nonfinite_module else ""
+        found["precision"] = f"float32 vs {p.dtype}: {', '.join(map(_check_line, p.checks.values()))}{nonfinite}"
+    for outcome in report.checks:
+        detail = found.get(outcome.check) if outcome.status is not Status.NOT_RUN else None
+        table.add_row(outcome.check, _cell(outcome), detail or outcome.reason or "")
     loc = report.localization
     if loc is not None:
-        d = loc.divergence
-        if d is None:
+        if loc.module is None:
             text = f"no module output differs on sequence {loc.sequence}"
         else:
-            text = f"first divergence at [bold]{d.module}[/] (sequence {loc.sequence}, max abs diff {_num(d.max_abs_diff)})"
-            if d.detail:
-                text += f": {d.detail}"
+            text = f"first divergence at [bold]{loc.module}[/] (sequence {loc.sequence}, max abs diff {_num(loc.max_abs_diff)})"
+            if loc.detail:
+                text += f": {loc.detail}"
             text += f"; differing tensors in {loc.scope}: {', '.join(loc.differing_tensors) or 'none'}"
         table.add_row("localization", FAIL, text)
     return table
 
 
-def violations_table(report: EquivalenceReport) -> Table:
-    table = Table(title=f"{len(report.violations)} reassembly violation(s)", title_style="bold red")
+def violations_table(violations: list[Violation]) -> Table:
+    """Each violation: rank, tensor, problem."""
+    table = Table(title=f"{len(violations)} violation(s)", title_style="bold red")
     for column in ("rank", "tensor", "problem"):
         table.add_column(column)
-    for v in report.violations:
+    for v in violations:
         table.add_row("-" if v.rank is None else str(v.rank), v.tensor, v.problem)
     return table
 
@@ -127,7 +129,7 @@ def metrics_table(report: EquivalenceReport) -> Table:
             continue
         exact = _num(getattr(f.metrics, name)) if f.metrics else "-"
         cost = _num(getattr(p.metrics, name))
-        threshold = f"{checks[name][1]} {_num(checks[name][2])}" if name in checks else ""
+        threshold = f"{checks[name].op} {_num(checks[name].threshold)}" if name in checks else ""
         table.add_row(name, exact, cost, threshold)
     return table
 
@@ -141,7 +143,7 @@ def sharded_table(report: ShardedReport) -> Table:
     if report.structural:
         table.add_row("structure", FAIL, "-", report.structural)
     for c in report.comparisons:
-        checks = "; ".join(f"{k.metric} {_num(k.value)} {k.op} {_num(k.threshold)}" for k in c.checks)
+        checks = "; ".join(map(_check_line, c.checks.values()))
         table.add_row(f"{c.name}: {c.candidate} vs {c.reference}", PASS if c.passed else FAIL, _num(c.relative_error), checks)
     if report.localization is not None and report.localization.first_diverging:
         loc = report.localization
@@ -155,7 +157,7 @@ def render(result: Verification, console: Console) -> None:
     if report is not None:
         console.print(summary_table(report))
         if report.violations:
-            console.print(violations_table(report))
+            console.print(violations_table(report.violations))
         if report.weights is not None:
             for table in mismatch_tables(report):
                 console.print(table)
@@ -166,7 +168,7 @@ def render(result: Verification, console: Console) -> None:
     if result.sharded is not None:
         console.print(sharded_table(result.sharded))
     console.print("time: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items()), style="dim")
-    if not result.passed:
+    if result.status is Status.FAILED:
         console.print("[bold red]FAIL[/]: " + "; ".join(result.failures), highlight=False)
         return
     claims = []
@@ -174,4 +176,9 @@ def render(result: Verification, console: Console) -> None:
         claims.append(f"reassembled: the checkpoint is the model, bit for bit, and {report.dtype} stays within the precision limits")
     if result.sharded is not None:
         claims.append("sharded: run as TensorRT-LLM runs it, the checkpoint computes what the model computes")
+    if result.status is Status.NOT_RUN:
+        not_run = "; ".join(f"{mode} mode: {reason}" for mode, reason in result.not_run.items())
+        console.print(f"[bold yellow]NOT RUN[/]: nothing failed, but {not_run}"
+                      + (f"; {'; '.join(claims)}" if claims else ""), highlight=False)
+        return
     console.print("[bold green]PASS[/]: " + "; ".join(claims), highlight=False)

@@ -28,8 +28,9 @@ from shardproof.converter.card import get_card, supported_architectures
 from shardproof.converter.errors import ShardproofError
 
 from .equivalence import EquivalenceReport, verify_equivalence
-from .forward import random_batches, resolve_device
+from .forward import BatchOptions
 from .mutations import CATALOG, Mutant, NotApplicable, Setup
+from .serialize import to_json
 from .sharded_check import CONVERSION_REL_ERROR, HFReference, ShardedReport, check_sharded
 from .tiny_models import build_tiny_model
 
@@ -41,7 +42,7 @@ def sharded_evidence(report: ShardedReport) -> str:
     if report.structural:
         return "structural: " + report.structural.replace(report.checkpoint_dir.rstrip("/") + "/", "")
     failed = [check for c in report.comparisons for check in c.failed_checks]
-    return str(failed[0] if failed else report.comparison("conversion").check("relative_error"))
+    return str(failed[0] if failed else report.comparison("conversion").checks["relative_error"])
 
 
 def sharded_located(report: ShardedReport) -> str | None:
@@ -94,7 +95,7 @@ class Outcome:
             "fault": self.mutant.fault if self.mutant else None,
             "setup": str(self.setup),
             "ok": self.ok,
-            "sharded": {**self.sharded.to_json(), "evidence": sharded_evidence(self.sharded),
+            "sharded": {**to_json(self.sharded), "evidence": sharded_evidence(self.sharded),
                         "located": sharded_located(self.sharded),
                         "expected_location": self.mutant.diverges_at if self.mutant else None,
                         "precision_alone_catches": None if precision is None else not precision.passed},
@@ -143,9 +144,8 @@ class SelftestReport:
 class _Workspace:
     """Source models, their HF references and clean conversions, each made once, under one directory."""
 
-    def __init__(self, root: Path, num_sequences: int, seq_len: int, seed: int, device: str, log: Log | None):
-        self.root, self.log = root, log
-        self.num_sequences, self.seq_len, self.seed, self.device = num_sequences, seq_len, seed, device
+    def __init__(self, root: Path, batch: BatchOptions, log: Log | None):
+        self.root, self.batch, self.log = root, batch, log
         self.models: dict[str, Path] = {}
         self.references: dict[Path, HFReference] = {}
         self.checkpoints: dict[Setup, Path | None] = {}  # None: the layout does not apply to the model
@@ -157,13 +157,12 @@ class _Workspace:
             logging.disable_progress_bar()
             overrides = get_card(architecture).tests.selftest
             directory = self.root / "models" / architecture
-            self.models[architecture] = build_tiny_model(directory, architecture, seed=self.seed, **overrides)
+            self.models[architecture] = build_tiny_model(directory, architecture, seed=self.batch.seed, **overrides)
         return self.models[architecture]
 
     def reference(self, model_dir: Path) -> HFReference:
         if model_dir not in self.references:
-            batch = (self.num_sequences, self.seq_len, self.seed, self.device)
-            self.references[model_dir] = HFReference(model_dir, *batch)
+            self.references[model_dir] = HFReference(model_dir, self.batch)
         return self.references[model_dir]
 
     def convert(self, model_dir: Path, setup: Setup, name: str) -> Path:
@@ -175,8 +174,7 @@ class _Workspace:
         if self.log:
             self.log(f"{mutant.name if mutant else 'clean'} ({setup}): sharded and reassembled modes")
         sharded = check_sharded(checkpoint_dir, self.reference(model_dir))
-        reassembled = verify_equivalence(model_dir, checkpoint_dir, self.device, self.num_sequences, self.seq_len,
-                                         self.seed)
+        reassembled = verify_equivalence(model_dir, checkpoint_dir, self.batch)
         return Outcome(setup, sharded, reassembled, mutant)
 
 
@@ -187,16 +185,11 @@ def _slug(setup: Setup) -> str:
 def run_selftest(
     catalog: Sequence[Mutant] = CATALOG,
     architectures: Sequence[str] | None = None,
-    num_sequences: int = 1,
-    seq_len: int = 256,
-    seed: int = 0,
-    device: str = "auto",
+    batch: BatchOptions = BatchOptions(num_sequences=1),
     log: Log | None = None,
 ) -> SelftestReport:
     """For each card (default: every registered one), check every clean setup the catalog needs, then inject
     every mutant and check again."""
-    resolve_device(device)
-    random_batches(1, num_sequences, seq_len, seed)  # bad sizes are bad input, before any model is built
     architectures = list(architectures or supported_architectures())
     for name in architectures:
         get_card(name)  # an unknown architecture is bad input
@@ -206,7 +199,7 @@ def run_selftest(
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(gc.unfreeze)
         tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="shardproof-selftest-"))
-        ws = _Workspace(Path(tmp), num_sequences, seq_len, seed, device, log)
+        ws = _Workspace(Path(tmp), batch, log)
         for architecture in architectures:
             for mutant in catalog:
                 _inject(ws, report, mutant, mutant.layout.on(architecture), Path(tmp))

@@ -21,76 +21,58 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from shardproof.converter.api import plan_conversion
 from shardproof.converter.dtypes import dtype_name
+from shardproof.converter.source import HFCheckpoint
 
-from .equivalence import PRECISION_THRESHOLDS
-from .forward import load_model, random_batches, release, resolve_device
-from .metrics import LogitMetrics, json_float, logit_metrics
+from .forward import BatchOptions, load_model, release
+from .metrics import LogitMetrics, logit_metrics
+from .outcomes import CheckOutcome, Status, judged, not_run, overall
 from .runtime.collectives import SimulatedCollectives
 from .runtime.rank_files import ShardedCheckpoint
 from .runtime.simulated import run_simulated
+from .thresholds import Check, checks_by_metric, precision_checks
 
 # float32 on both sides over identical values; calibrated in docs/selftest.md (clean <= 5.8e-6, faults >= 6.6e-3).
 CONVERSION_REL_ERROR = 1e-4
 FINAL_STAGE = "final norm + lm_head"
 
 
-@dataclass(frozen=True)
-class Check:
-    """One metric against its threshold; NaN fails every comparison."""
-
-    metric: str
-    value: float
-    op: str
-    threshold: float
-
-    @property
-    def passed(self) -> bool:
-        if self.op == "<=":
-            return self.value <= self.threshold
-        if self.op == ">=":
-            return self.value >= self.threshold
-        return self.value == self.threshold
-
-    def __str__(self) -> str:
-        return f"{self.metric} {self.value:.3g} (must be {self.op} {self.threshold:.3g})"
-
-    def to_json(self) -> dict:
-        return {"metric": self.metric, "value": json_float(self.value), "op": self.op,
-                "threshold": self.threshold, "passed": self.passed}
+MODE = "sharded"
+CHECKS = ("conversion", "precision")
 
 
 @dataclass
 class LogitComparison:
-    """Candidate logits (the runtime) against reference logits (HF), with the checks that judge them."""
+    """Candidate logits (the runtime) against reference logits (HF), with the checks that judge them, by metric."""
+
+    JSON_PROPERTIES: ClassVar[tuple[str, ...]] = ("passed",)
 
     name: str
     reference: str
     candidate: str
     metrics: LogitMetrics
     relative_error: float
-    checks: list[Check]
+    checks: dict[str, Check]
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    def check(self, metric: str) -> Check:
-        return next(c for c in self.checks if c.metric == metric)
+        return all(c.passed for c in self.checks.values())
 
     @property
     def failed_checks(self) -> list[Check]:
-        return [c for c in self.checks if not c.passed]
+        return [c for c in self.checks.values() if not c.passed]
 
-    def to_json(self) -> dict:
-        return {"name": self.name, "reference": self.reference, "candidate": self.candidate,
-                "passed": self.passed, "relative_error": json_float(self.relative_error),
-                "metrics": self.metrics.to_json(), "checks": [c.to_json() for c in self.checks]}
+
+@dataclass(frozen=True)
+class StageError:
+    stage: str
+    relative_error: float
 
 
 @dataclass
@@ -100,18 +82,15 @@ class Localization:
     comparison: str
     sequence: int
     criterion: str
-    stages: list[tuple[str, float]]
+    stages: list[StageError]
     first_diverging: str | None
-
-    def to_json(self) -> dict:
-        return {"comparison": self.comparison, "sequence": self.sequence, "criterion": self.criterion,
-                "first_diverging": self.first_diverging,
-                "stages": [{"stage": s, "relative_error": json_float(e)} for s, e in self.stages]}
 
 
 @dataclass
 class ShardedReport:
-    """Everything the sharded-mode check found; `passed` only when every comparison passed."""
+    """Everything the sharded-mode check found; `passed` only when every check ran and passed."""
+
+    JSON_PROPERTIES: ClassVar[tuple[str, ...]] = ("passed", "failures", "checks")
 
     model_dir: str
     checkpoint_dir: str
@@ -130,25 +109,23 @@ class ShardedReport:
         return next((c for c in self.comparisons if c.name == name), None)
 
     @property
-    def failures(self) -> list[str]:
-        """One line per reason the check fails."""
+    def checks(self) -> list[CheckOutcome]:
+        """conversion, then precision unless the checkpoint is float32 (its math is the conversion comparison's)."""
+        names = CHECKS[:1] if self.dtype == "float32" else CHECKS
         if self.structural:
-            return [f"the runtime rejects the checkpoint: {self.structural}"]
-        return [f"{c.name}: {check}" for c in self.comparisons for check in c.failed_checks]
+            rejected = f"the runtime rejects the checkpoint: {self.structural}"
+            return [judged(MODE, "conversion", [rejected]), *not_run(MODE, names[1:], rejected)]
+        return [judged(MODE, name, [f"{name}: {check}" for check in self.comparison(name).failed_checks])
+                for name in names]
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per failed check."""
+        return [o.reason for o in self.checks if o.status is Status.FAILED]
 
     @property
     def passed(self) -> bool:
-        return not self.failures
-
-    def to_json(self) -> dict:
-        return {
-            "passed": self.passed, "failures": self.failures, "model_dir": self.model_dir,
-            "checkpoint_dir": self.checkpoint_dir, "dtype": self.dtype, "tp_size": self.tp_size,
-            "pp_size": self.pp_size, "device": self.device, "num_sequences": self.num_sequences,
-            "seq_len": self.seq_len, "seed": self.seed, "structural": self.structural,
-            "comparisons": [c.to_json() for c in self.comparisons],
-            "localization": self.localization.to_json() if self.localization else None,
-        }
+        return overall(self.checks) is Status.PASSED
 
 
 class HFReference:
@@ -158,13 +135,10 @@ class HFReference:
     to that dtype stores for it, read back (`Plan.reassembled_value`). Each run is computed once and kept.
     """
 
-    def __init__(self, model_dir: Path | str, num_sequences: int = 2, seq_len: int = 256, seed: int = 0,
-                 device: str = "auto") -> None:
-        from transformers import AutoConfig
-
-        self.model_dir, self.seed, self.device = Path(model_dir), seed, resolve_device(device)
-        self.vocab_size = AutoConfig.from_pretrained(str(model_dir), local_files_only=True).vocab_size
-        self.input_ids = random_batches(self.vocab_size, num_sequences, seq_len, seed)
+    def __init__(self, model_dir: Path | str, batch: BatchOptions = BatchOptions(num_sequences=2)) -> None:
+        self.model_dir, self.seed, self.device = Path(model_dir), batch.seed, batch.torch_device
+        self.vocab_size = HFCheckpoint(model_dir).hf_config.vocab_size
+        self.input_ids = batch.input_ids(self.vocab_size)
         self._runs: dict[tuple[str | None, int | None], tuple[Tensor, list[Tensor]]] = {}
 
     def logits(self, rounding: str | None) -> Tensor:
@@ -224,15 +198,12 @@ def relative_error(reference: Tensor, candidate: Tensor) -> float:
 def _compare(name: str, reference: str, candidate: str, ref: Tensor, cand: Tensor, dtype: str) -> LogitComparison:
     metrics = logit_metrics(ref, cand)
     error = relative_error(ref, cand)
-    checks = [Check("nonfinite", metrics.nonfinite, "==", 0)]
     if name == "conversion":
-        checks = [Check("reference_nonfinite", int((~torch.isfinite(ref)).sum()), "==", 0), *checks,
-                  Check("relative_error", error, "<=", CONVERSION_REL_ERROR)]
+        checks = checks_by_metric(Check("reference_nonfinite", int((~torch.isfinite(ref)).sum()), "==", 0),
+                                  Check("nonfinite", metrics.nonfinite, "==", 0),
+                                  Check("relative_error", error, "<=", CONVERSION_REL_ERROR))
     else:
-        t = PRECISION_THRESHOLDS[dtype]
-        checks += [Check("kl_mean", metrics.kl_mean, "<=", t.kl_mean),
-                   Check("top1_agreement", metrics.top1_agreement, ">=", t.top1_agreement),
-                   Check("cosine_min", metrics.cosine_min, ">=", t.cosine_min)]
+        checks = precision_checks(metrics, dtype)
     return LogitComparison(name, reference, candidate, metrics, error, checks)
 
 
@@ -269,7 +240,7 @@ def check_sharded(checkpoint_dir: Path | str, reference: HFReference) -> Sharded
         return report
     # Stage by stage in float32 over stored values, unless the reference itself is not finite (the source does
     # not survive the cast): then in the checkpoint dtype against HF float32, looking for the first inf or NaN.
-    if not conversion.passed and conversion.check("reference_nonfinite").passed:
+    if not conversion.passed and conversion.checks["reference_nonfinite"].passed:
         report.localization = _localize(ckpt, reference, "conversion", dtype, torch.float32, wide)
     else:
         report.localization = _localize(ckpt, reference, "precision", None, cfg.dtype, native)
@@ -289,7 +260,7 @@ def _localize(ckpt: ShardedCheckpoint, reference: HFReference, name: str, roundi
     stages, first = [], None
     for label, ref, cand in zip(labels, [*ref_stages, ref_out], [*cand_stages, cand_out]):
         error = relative_error(ref, cand)
-        stages.append((label, error))
+        stages.append(StageError(label, error))
         broken = bool((~torch.isfinite(cand) & torch.isfinite(ref)).any())
         if first is None and (broken or (exact and not error <= CONVERSION_REL_ERROR)):
             first = label
@@ -307,7 +278,7 @@ def _runtime_stages(ckpt: ShardedCheckpoint, ids: Tensor, dtype: torch.dtype) ->
     return logits.cpu(), [embedding, *(h.cpu() for h in hidden)]
 
 
-def sharded_check(model_dir: Path | str, checkpoint_dir: Path | str, device: str = "auto", num_sequences: int = 2,
-                  seq_len: int = 256, seed: int = 0) -> ShardedReport:
+def sharded_check(model_dir: Path | str, checkpoint_dir: Path | str,
+                  batch: BatchOptions = BatchOptions(num_sequences=2)) -> ShardedReport:
     """Check the checkpoint at `checkpoint_dir` against the HF model at `model_dir` on random token batches."""
-    return check_sharded(checkpoint_dir, HFReference(model_dir, num_sequences, seq_len, seed, device))
+    return check_sharded(checkpoint_dir, HFReference(model_dir, batch))

@@ -4,6 +4,9 @@
   and run with transformers (verify/equivalence.py). It proves converter and reassembler are inverses.
 - sharded: the rank files are run as TensorRT-LLM would run them (verify/runtime/) and compared
   with the HF original (verify/sharded_check.py). It catches a fault the converter and reassembler share.
+
+Every check of a requested mode ends passed, failed, or not run: a mode that raises CheckNotRun (a valid
+checkpoint using a feature it cannot execute yet) has all its checks not run, with the reason; the other still runs.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
-from shardproof.converter.errors import ShardproofError
+from shardproof.converter.errors import CheckNotRun, ShardproofError
 
-from .equivalence import EquivalenceReport, verify_equivalence
-from .forward import random_batches, resolve_device
-from .sharded_check import ShardedReport, sharded_check
+from .equivalence import CHECKS as REASSEMBLED_CHECKS, EquivalenceReport, verify_equivalence
+from .forward import BatchOptions
+from .inputs import check_inputs, check_model
+from .outcomes import CheckOutcome, Status, not_run, overall
+from .sharded_check import CHECKS as SHARDED_CHECKS, ShardedReport, sharded_check
 
 MODES = ("both", "reassembled", "sharded")
 Log = Callable[[str], None]
@@ -27,54 +32,63 @@ Log = Callable[[str], None]
 
 @dataclass
 class Verification:
-    """The reports of the modes that ran; `passed` only when every one of them passed."""
+    """The reports of the modes that ran, and why any requested mode did not run (mode -> reason)."""
+
+    JSON_PROPERTIES: ClassVar[tuple[str, ...]] = ("status", "passed", "failures", "checks")
 
     mode: str
     reassembled: EquivalenceReport | None = None
     sharded: ShardedReport | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    not_run: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict, metadata={"json": "timings_s"})
+
+    @property
+    def checks(self) -> list[CheckOutcome]:
+        """Every requested check, mode by mode: passed, failed or not run."""
+        outcomes = []
+        for name, report, checks in (("reassembled", self.reassembled, REASSEMBLED_CHECKS),
+                                     ("sharded", self.sharded, SHARDED_CHECKS)):
+            if name in self.not_run:
+                outcomes += not_run(name, checks, self.not_run[name])
+            elif report is not None:
+                outcomes += report.checks
+        return outcomes
+
+    @property
+    def status(self) -> Status:
+        """failed if any check failed, else not run if any check did not run, else passed."""
+        return overall(self.checks)
 
     @property
     def failures(self) -> list[str]:
-        reasons = [f"reassembled: {r}" for r in (self.reassembled.failures if self.reassembled else [])]
-        return reasons + [f"sharded: {r}" for r in (self.sharded.failures if self.sharded else [])]
+        return [str(o) for o in self.checks if o.status is Status.FAILED]
 
     @property
     def passed(self) -> bool:
-        return not self.failures
-
-    def to_json(self) -> dict:
-        return {
-            "passed": self.passed,
-            "mode": self.mode,
-            "failures": self.failures,
-            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-            "reassembled": self.reassembled.to_json() if self.reassembled else None,
-            "sharded": self.sharded.to_json() if self.sharded else None,
-        }
+        return self.status is Status.PASSED
 
 
 def verify_checkpoint(
     model_dir: Path | str,
     checkpoint_dir: Path | str,
     mode: str = "both",
-    device: str = "auto",
-    num_sequences: int = 4,
-    seq_len: int = 256,
-    seed: int = 0,
+    batch: BatchOptions = BatchOptions(),
     log: Log | None = None,
 ) -> Verification:
-    """Run the chosen mode(s) on the same random token batches; bad input raises ShardproofError."""
-    _check_arguments(mode, device, num_sequences, seq_len, seed)
+    """Run the chosen mode(s) on the same random token batches; bad input raises ShardproofError before any work."""
+    check_mode(mode)
+    check_inputs(model_dir, checkpoint_dir, batch)
     result = Verification(mode)
     if mode in ("both", "reassembled"):
-        result.reassembled = verify_equivalence(model_dir, checkpoint_dir, device, num_sequences, seq_len, seed, log)
-        result.timings.update(result.reassembled.timings)
+        with _unless_not_run(result, "reassembled"):
+            result.reassembled = verify_equivalence(model_dir, checkpoint_dir, batch, log)
+            result.timings.update(result.reassembled.timings)
     if mode in ("both", "sharded"):
         if log:
             log("running the rank files with the sharded reference runtime")
         start = time.perf_counter()
-        result.sharded = sharded_check(model_dir, checkpoint_dir, device, num_sequences, seq_len, seed)
+        with _unless_not_run(result, "sharded"):
+            result.sharded = sharded_check(model_dir, checkpoint_dir, batch)
         result.timings["sharded"] = time.perf_counter() - start
     return result
 
@@ -82,39 +96,44 @@ def verify_checkpoint(
 def convert_and_check(
     model_dir: Path | str,
     output_dir: Path | str | None = None,
-    dtype: str = "auto",
-    tp_size: int = 1,
-    pp_size: int = 1,
-    use_parallel_embedding: bool = False,
-    embedding_sharding_dim: int = 0,
-    overwrite: bool = False,
     mode: str = "both",
-    device: str = "auto",
-    num_sequences: int = 4,
-    seq_len: int = 256,
-    seed: int = 0,
+    batch: BatchOptions = BatchOptions(),
+    overwrite: bool = False,
     log: Log | None = None,
+    **layout: Any,
 ) -> Verification:
-    """Convert `model_dir` (into `output_dir`, or a temporary directory removed afterwards), then verify it."""
+    """Convert `model_dir` (into `output_dir`, or a temporary directory removed afterwards), then verify it.
+
+    `layout` holds `shardproof.converter.api.convert`'s keyword arguments (dtype, tp_size, pp_size, ...).
+    """
     from shardproof.converter.api import convert
 
-    _check_arguments(mode, device, num_sequences, seq_len, seed)  # before the conversion, not after it
+    check_mode(mode)  # before the conversion, not after it
+    check_model(model_dir, batch)
     with _output(output_dir) as out:
         if log:
-            log(f"converting {model_dir} (dtype {dtype}, tp={tp_size}, pp={pp_size})")
+            log(f"converting {model_dir} ({', '.join(f'{k}={v}' for k, v in layout.items())})")
         start = time.perf_counter()
-        convert(model_dir, out, dtype, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim, overwrite)
+        convert(model_dir, out, overwrite=overwrite, **layout)
         elapsed = time.perf_counter() - start
-        result = verify_checkpoint(model_dir, out, mode, device, num_sequences, seq_len, seed, log)
+        result = verify_checkpoint(model_dir, out, mode, batch, log)
     result.timings = {"convert": elapsed, **result.timings}
     return result
 
 
-def _check_arguments(mode: str, device: str, num_sequences: int, seq_len: int, seed: int) -> None:
+def check_mode(mode: str) -> None:
+    """ShardproofError unless `mode` is one of MODES."""
     if mode not in MODES:
         raise ShardproofError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
-    resolve_device(device)
-    random_batches(1, num_sequences, seq_len, seed)
+
+
+@contextlib.contextmanager
+def _unless_not_run(result: Verification, mode: str) -> Iterator[None]:
+    """Record CheckNotRun from the block as the reason `mode` did not run."""
+    try:
+        yield
+    except CheckNotRun as e:
+        result.not_run[mode] = str(e)
 
 
 @contextlib.contextmanager

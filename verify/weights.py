@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import safe_open
@@ -21,7 +22,7 @@ from shardproof.converter.reassemble import HF_WEIGHTS
 from shardproof.converter.source import HFCheckpoint
 from shardproof.converter.transforms import to_stored
 
-from .metrics import first_difference, json_float, max_abs_diff
+from .metrics import first_difference, max_abs_diff
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,6 @@ class TensorComparison:
     first_diff_index: tuple[int, ...] | None = None
     problem: str | None = None
 
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "shape": list(self.shape),
-            "equal": self.equal,
-            "max_abs_diff": json_float(self.max_abs_diff),
-            "first_diff_index": list(self.first_diff_index) if self.first_diff_index is not None else None,
-            "problem": self.problem,
-        }
-
 
 @dataclass(frozen=True)
 class RankDifference:
@@ -56,25 +47,18 @@ class RankDifference:
     max_abs_diff: float
     first_diff_index: tuple[int, ...] | None
 
-    def to_json(self) -> dict:
-        return {
-            "rank": self.rank,
-            "tensor": self.tensor,
-            "sources": list(self.sources),
-            "max_abs_diff": json_float(self.max_abs_diff),
-            "first_diff_index": list(self.first_diff_index) if self.first_diff_index is not None else None,
-        }
-
 
 @dataclass
 class WeightComparison:
     """Every source tensor compared; `skipped` are source tensors not converted on purpose (name -> reason)."""
 
+    JSON_PROPERTIES: ClassVar[tuple[str, ...]] = ("ok",)
+
     dtype: str
     tensors: list[TensorComparison]
     skipped: dict[str, str] = field(default_factory=dict)
     extra: list[str] = field(default_factory=list)
-    ranks: list[RankDifference] = field(default_factory=list)
+    ranks: list[RankDifference] = field(default_factory=list, metadata={"json": "rank_differences"})
 
     @property
     def mismatches(self) -> list[TensorComparison]:
@@ -83,18 +67,6 @@ class WeightComparison:
     @property
     def ok(self) -> bool:
         return not self.mismatches and not self.extra
-
-    def to_json(self) -> dict:
-        return {
-            "dtype": self.dtype,
-            "ok": self.ok,
-            "compared": len(self.tensors),
-            "mismatched": len(self.mismatches),
-            "tensors": [t.to_json() for t in self.tensors],
-            "skipped": self.skipped,
-            "extra": self.extra,
-            "rank_differences": [r.to_json() for r in self.ranks],
-        }
 
 
 def compare_weights(
@@ -160,7 +132,6 @@ def locate_in_ranks(source: HFCheckpoint, checkpoint: TRTCheckpoint, names: set[
             if index is not None:
                 found.append(RankDifference(rank.rank, planned.name, planned.sources, max_abs_diff(expected, actual), index))
     return found
-
 
 
 def format_rounded(model_dir: Path | str, plan: Plan) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """The `shardproof` command line: convert, reassemble, inspect (and the verification verbs).
 
 Options are spelled as TensorRT-LLM's convert_checkpoint.py spells them (`--model_dir`), dash forms accepted.
-Exit codes: 0 success or pass, 1 verification failed, 2 bad input or usage.
+Exit codes: 0 success or pass; 1 a check failed; 2 bad input or usage (one line naming the file or option);
+3 (verify, check) nothing failed but a requested check could not run (the report says which and why).
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from rich.table import Table
 
 from shardproof.converter.errors import ShardproofError
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_RUN = 0, 1, 2, 3
+EXIT_CODES = ("Exit codes: 0 pass; 1 a check failed; 2 bad input or usage; 3 (verify, check) nothing failed but a "
+              "requested check could not run.")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert HF checkpoints to TensorRT-LLM and prove them exact.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help=f"Convert HF checkpoints to TensorRT-LLM and prove them exact. {EXIT_CODES}")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -128,22 +132,18 @@ def reassemble(
     groups = len(TRTCheckpoint(checkpoint_dir).plan.groups())
     with progress_bar("reassembling", groups) as advance:
         result = run_reassemble(checkpoint_dir, output_dir, overwrite=overwrite, progress=advance)
-    report_violations(result.violations)
+    _print_violations(result.violations)
     if result.output_dir is not None:
         console.print(f"wrote the HF checkpoint to {result.output_dir}")
     raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILED)
 
 
-def report_violations(violations: list) -> None:
+def _print_violations(violations: list) -> None:
     """Print each violation (rank, tensor, problem), or nothing when there are none."""
-    if not violations:
-        return
-    table = Table(title=f"{len(violations)} violation(s)", title_style="bold red")
-    for column in ("rank", "tensor", "problem"):
-        table.add_column(column)
-    for v in violations:
-        table.add_row("-" if v.rank is None else str(v.rank), v.tensor, v.problem)
-    console.print(table)
+    from shardproof.verify.report_view import violations_table
+
+    if violations:
+        console.print(violations_table(violations))
 
 
 @app.command()
@@ -169,7 +169,7 @@ def inspect(checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkp
         )
     console.print(table)
     violations = ckpt.structural_violations()
-    report_violations(violations)
+    _print_violations(violations)
     raise typer.Exit(EXIT_OK if not violations else EXIT_FAILED)
 
 
@@ -177,24 +177,44 @@ def _log(message: str) -> None:
     err_console.print(f"[dim]{message}[/]", highlight=False)
 
 
-def _report_path(report: Optional[Path]) -> Optional[Path]:
+def _check_report_path(report: Optional[Path]) -> None:
     """Check up front that --report can be written, so a long check does not end in a lost report."""
-    if report is not None and not report.parent.is_dir():
+    if report is None:
+        return
+    if report.is_dir():
+        raise ShardproofError(f"--report {report}: is a directory, not a file")
+    if not report.parent.is_dir():
         raise ShardproofError(f"--report {report}: directory {report.parent} does not exist")
-    return report
+
+
+def _write_report(data: dict, report: Optional[Path]) -> None:
+    """Write JSON-safe `data` to `report`, when given."""
+    import json
+
+    if report is not None:
+        report.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+        console.print(f"wrote the JSON report to {report}")
+
+
+def _batch_options(device: str, num_sequences: int, seq_len: int, seed: int, mode: str, report: Optional[Path]):
+    """verify's and check's options, checked before any work: ShardproofError names the first bad one."""
+    from shardproof.verify.forward import BatchOptions
+    from shardproof.verify.verification import check_mode
+
+    check_mode(mode)
+    _check_report_path(report)
+    return BatchOptions(device, num_sequences, seq_len, seed)
 
 
 def _finish(result, report: Optional[Path]) -> None:
-    """Print the verification, write its JSON to `report`, and exit 0 (pass) or 1 (fail)."""
-    import json
-
+    """Print the verification, write its JSON to `report`, and exit 0 (passed), 1 (failed) or 3 (not run)."""
+    from shardproof.verify.outcomes import Status
     from shardproof.verify.report_view import render
+    from shardproof.verify.serialize import to_json
 
     render(result, console)
-    if report is not None:
-        report.write_text(json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
-        console.print(f"wrote the JSON report to {report}")
-    raise typer.Exit(EXIT_OK if result.passed else EXIT_FAILED)
+    _write_report(to_json(result), report)
+    raise typer.Exit({Status.PASSED: EXIT_OK, Status.FAILED: EXIT_FAILED, Status.NOT_RUN: EXIT_NOT_RUN}[result.status])
 
 
 DEVICE_HELP = "auto (cuda when available), cpu or cuda: where the models run, one at a time."
@@ -216,14 +236,17 @@ def verify(
     mode: str = typer.Option("both", "--mode", help=MODE_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
 ) -> None:
-    """Prove a checkpoint is the model: reassembly, bit-exact weights and logits, sharded run, dtype cost, first divergence."""
+    """Prove a checkpoint is the model: reassembly, bit-exact weights and logits, sharded run, dtype cost, first divergence.
+
+    Exit codes: 0 every check passed; 1 a check failed; 2 bad input or usage; 3 nothing failed but a requested
+    check could not run.
+    """
     from shardproof.verify.verification import verify_checkpoint
 
     if model_dir is None or checkpoint_dir is None:
         raise ShardproofError("--model_dir and --checkpoint_dir are required")
-    report = _report_path(report)
-    result = verify_checkpoint(model_dir, checkpoint_dir, mode, device, num_sequences, seq_len, seed, log=_log)
-    _finish(result, report)
+    batch = _batch_options(device, num_sequences, seq_len, seed, mode, report)
+    _finish(verify_checkpoint(model_dir, checkpoint_dir, mode, batch, log=_log), report)
 
 
 @app.command()
@@ -246,7 +269,7 @@ def check(
     mode: str = typer.Option("both", "--mode", help=MODE_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
 ) -> None:
-    """Convert, then verify, in one command: the same report and exit codes as `verify`."""
+    """Convert, then verify, in one command: the same report and exit codes (0, 1, 2, 3) as `verify`."""
     import tempfile
 
     from shardproof.verify import demo as demo_model
@@ -256,22 +279,21 @@ def check(
         raise ShardproofError("pass either --model_dir or --demo")
     if architecture and not demo:
         raise ShardproofError("--architecture applies to --demo only (a model directory names its own)")
+    batch = _batch_options(device, num_sequences, seq_len, seed, mode, report)
     defaults = demo_model.LAYOUT if demo else dict(dtype="auto", tp_size=1, pp_size=1)
     layout = dict(
         dtype=dtype or defaults["dtype"],
         tp_size=tp_size if tp_size is not None else defaults["tp_size"],
         pp_size=pp_size if pp_size is not None else defaults["pp_size"],
     )
-    report = _report_path(report)
     with tempfile.TemporaryDirectory(prefix="shardproof-demo-") as tmp:
         if demo:
             architecture = architecture or demo_model.default_architecture()
             model_dir = demo_model.build_demo_model(Path(tmp) / "model", architecture, seed)
             console.print(demo_model.describe(model_dir, architecture, **layout), highlight=False)
         result = convert_and_check(
-            model_dir, output_dir, **layout, use_parallel_embedding=use_parallel_embedding,
-            embedding_sharding_dim=embedding_sharding_dim, overwrite=overwrite, mode=mode, device=device,
-            num_sequences=num_sequences, seq_len=seq_len, seed=seed, log=_log,
+            model_dir, output_dir, mode, batch, overwrite, _log, **layout,
+            use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
         )
     _finish(result, report)
 
@@ -287,16 +309,12 @@ def selftest(
     report: Optional[Path] = typer.Option(None, "--report", help="Write every result as JSON to this file."),
 ) -> None:
     """Inject known conversion faults into tiny models; exit 1 if the sharded mode misses one or a clean run fails."""
-    import json
-
+    from shardproof.verify.forward import BatchOptions
     from shardproof.verify.selftest import margins_line, run_selftest, selftest_table
 
-    report = _report_path(report)
-    result = run_selftest(architectures=architecture, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
-                          device=device, log=_log)
+    _check_report_path(report)
+    result = run_selftest(architectures=architecture, batch=BatchOptions(device, num_sequences, seq_len, seed), log=_log)
     console.print(selftest_table(result))
     console.print(margins_line(result), highlight=False)
-    if report is not None:
-        report.write_text(json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
-        console.print(f"wrote the JSON report to {report}")
+    _write_report(result.to_json(), report)
     raise typer.Exit(EXIT_OK if result.passed else EXIT_FAILED)

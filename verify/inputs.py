@@ -1,0 +1,24 @@
+"""Reading the inputs of a verification up front: an input that cannot be read is bad input, never a failed check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shardproof.converter.card import get_card
+from shardproof.converter.json_files import read_config
+from shardproof.converter.source import HFCheckpoint
+
+from .forward import BatchOptions
+
+
+def check_model(model_dir: Path | str, batch: BatchOptions) -> None:
+    """ShardproofError unless `model_dir` is a readable, supported HF model whose positions cover `batch`."""
+    source = HFCheckpoint(model_dir)
+    get_card(source.architecture)
+    batch.fit(getattr(source.hf_config, "max_position_embeddings", None), str(model_dir))
+
+
+def check_inputs(model_dir: Path | str, checkpoint_dir: Path | str, batch: BatchOptions) -> None:
+    """ShardproofError (one line naming the path and the problem) for a model or checkpoint that cannot be read."""
+    check_model(model_dir, batch)
+    read_config(Path(checkpoint_dir), "checkpoint")
