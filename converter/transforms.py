@@ -1,7 +1,7 @@
 """Transforms: how source tensors become one rank's tensor, and back. They know no architecture.
 
 Two kinds, composed by a card's rows:
-- a *source op* (`SourceOp`) changes the source tensors before sharding: a value transform such as Gemma-style
+- a *source op* (`SourceOp`) changes the source tensors before sharding: a value transform such as a norm stored as
   `1 + weight`. `to_stored` is the one place that applies ops and the cast: ops that round run in float32 and
   the result is cast once; exact ops commute with the cast. `to_source` inverts them, and `round_trip` is what
   reassembly must give back, bit for bit.
