@@ -185,6 +185,9 @@ class Card:
 
     `layout(layout, dims)` lets a family force layout rules its TensorRT-LLM config class forces (default:
     the layout as asked). `forward` names the sharded runtime's family forward that executes it.
+    `renames` are (checkpoint prefix, transformers prefix) pairs, with `{name}` placeholders, for checkpoints
+    whose tensor names differ from transformers' parameter names (saved outside transformers): two-way, so the
+    verifiers load such a checkpoint with `from_pretrained(key_mapping=...)` and the tests can write one.
     """
 
     name: str
@@ -196,6 +199,45 @@ class Card:
     config: ConfigMap
     tests: TestSupport
     layout: Callable[[Any, Dims], Any] = as_asked
+    renames: tuple[tuple[str, str], ...] = ()
+
+    def hf_name(self, name: str) -> str:
+        """transformers' parameter name for a checkpoint tensor name."""
+        for checkpoint, transformers in self.renames:
+            name = _rename(name, checkpoint, transformers)
+        return name
+
+    def checkpoint_name(self, name: str) -> str:
+        """The checkpoint's tensor name for a transformers parameter name."""
+        for checkpoint, transformers in self.renames:
+            name = _rename(name, transformers, checkpoint)
+        return name
+
+    @property
+    def hf_key_mapping(self) -> dict[str, str]:
+        """`renames` as transformers' `key_mapping` ({regex: replacement})."""
+        return {_prefix_regex(c): _replacement(t, c) for c, t in self.renames}
+
+
+def _names(pattern: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(pattern) if name]
+
+
+def _prefix_regex(pattern: str) -> str:
+    """`model.blocks.{i}.` -> `^model\\.blocks\\.([^.]+)\\.`"""
+    parts = string.Formatter().parse(pattern)
+    return "^" + "".join(re.escape(text) + ("([^.]+)" if name else "") for text, name, _, _ in parts)
+
+
+def _replacement(pattern: str, source: str) -> str:
+    """`model.layers.{i}.` -> `model.layers.\\1.`, numbering groups as they appear in `source`."""
+    groups = {name: index for index, name in enumerate(_names(source), 1)}
+    parts = string.Formatter().parse(pattern)
+    return "".join(text.replace("\\", "\\\\") + (f"\\{groups[name]}" if name else "") for text, name, _, _ in parts)
+
+
+def _rename(name: str, source: str, target: str) -> str:
+    return re.sub(_prefix_regex(source), _replacement(target, source), name)
 
 
 _REGISTRY: dict[str, Card] = {}

@@ -100,6 +100,10 @@ class Plan:
             return source.to(TORCH_DTYPES[self.layout.dtype])
         return round_trip(planned.ops, source, planned.torch_dtype)
 
+    def source_names(self) -> list[str]:
+        """Every source tensor a planned tensor is made from."""
+        return list(self._source_tensors)
+
     def rounded_sources(self) -> list[str]:
         """Source tensors whose ops round, so that reassembly gives back a rounded value, not the cast alone."""
         return [name for name, t in self._source_tensors.items() if not all(op.exact for op in t.ops)]

@@ -20,12 +20,13 @@ def saved_shapes(architecture: str, **overrides) -> dict[str, tuple[int, ...]]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides))
+    rename = get_card(architecture).checkpoint_name
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         shapes = {}
         for path in sorted(Path(tmp).glob("*.safetensors")):
             with safe_open(str(path), framework="pt") as f:
-                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+                shapes.update({rename(name): tuple(f.get_slice(name).get_shape()) for name in f.keys()})
     return shapes
 
 

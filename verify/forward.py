@@ -14,7 +14,9 @@ from typing import Any, Mapping
 
 import torch
 
+from shardproof.converter.card import get_card
 from shardproof.converter.errors import ShardproofError
+from shardproof.converter.json_files import read_config
 
 from .metrics import bit_identical, first_difference, max_abs_diff
 
@@ -82,21 +84,25 @@ def one_line(error: Exception) -> str:
 def load_model(
     model_dir: Path | str, dtype: torch.dtype, device: torch.device, overrides: Mapping[str, torch.Tensor] | None = None
 ) -> torch.nn.Module:
-    """An HF causal LM from a local directory with every weight cast to `dtype`, then the parameters named in
-    `overrides` replaced by those values, in eval mode on `device`."""
+    """An HF causal LM from a local directory with every weight cast to `dtype`, then the source tensors named in
+    `overrides` replaced by those values, in eval mode on `device`. Tensor names go through the card's
+    `hf_key_mapping` to transformers' parameter names."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    _, config = read_config(Path(model_dir), "model")
+    card = get_card((config.get("architectures") or [None])[0])
+    mapping = {"key_mapping": dict(card.hf_key_mapping)} if card.hf_key_mapping else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True, **mapping)
     except Exception as e:  # reading the input failed: bad input, never a failed check
         raise ShardproofError(f"{model_dir}: transformers cannot load the model ({one_line(e)})") from None
     if overrides:
         parameters = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in overrides.items():
-                parameters[name].copy_(value)
+                parameters[card.hf_name(name)].copy_(value)
     return model.to(device).eval()
 
 

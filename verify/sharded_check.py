@@ -164,10 +164,11 @@ class HFReference:
         return self._runs[key]
 
     def _round(self, model: torch.nn.Module, dtype: str) -> None:
-        plan, _ = plan_conversion(self.model_dir, dtype=dtype)
+        plan, source = plan_conversion(self.model_dir, dtype=dtype)
+        parameters = dict(model.named_parameters())
         with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(plan.reassembled_value(name, param.detach()).float())
+            for name in plan.source_names():
+                parameters[plan.card.hf_name(name)].copy_(plan.reassembled_value(name, source.load(name)).float())
 
 
 def _forward(model: torch.nn.Module, ids: Tensor, capture: bool) -> tuple[Tensor, list[Tensor]]:

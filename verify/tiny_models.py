@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from shardproof.converter.card import get_card
 
@@ -57,12 +59,30 @@ def build_tiny_model(
     """Save a randomized tiny `architecture` model to `directory` (safetensors, sharded if `max_shard_size`)."""
     from transformers import AutoModelForCausalLM
 
+    card = get_card(architecture)
     config = tiny_config(architecture, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    randomize_(model, seed, get_card(architecture).tests.norm_center)
+    randomize_(model, seed, card.tests.norm_center)
     model = model.to(getattr(torch, dtype))
     directory = Path(directory)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
+    saved = json.loads((directory / "config.json").read_text())
+    if saved["architectures"] != [architecture]:  # transformers writes its class name; a card may be a variant
+        (directory / "config.json").write_text(json.dumps({**saved, "architectures": [architecture]}, indent=2))
+    if card.renames:
+        rename_saved(directory, card.checkpoint_name)
     return directory
+
+
+def rename_saved(directory: Path, rename: Callable[[str], str]) -> None:
+    """Rename every tensor of a saved checkpoint (its safetensors files and index) with `rename`."""
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors = load_file(path)
+        save_file({rename(name): tensor for name, tensor in tensors.items()}, path, metadata={"format": "pt"})
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        content = json.loads(index.read_text())
+        content["weight_map"] = {rename(name): file for name, file in content["weight_map"].items()}
+        index.write_text(json.dumps(content, indent=2))
