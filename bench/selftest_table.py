@@ -1,0 +1,65 @@
+"""Run the self-test over every registered card and print docs/selftest.md's results table and margins.
+
+    python bench/selftest_table.py [--device cpu] [--report selftest.json]
+
+Every row comes from one `run_selftest` call: the clean conversion of each card's self-test model in each layout
+the catalog needs, then every mutant injected into it (not applicable where the card has nothing of its kind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from shardproof.verify.forward import BatchOptions
+from shardproof.verify.selftest import Outcome, margins_line, reassembled_evidence, run_selftest, sharded_located
+
+
+def _precision(outcome: Outcome) -> str:
+    precision = outcome.sharded.comparison("precision")
+    if precision is None:
+        return "–"
+    m = precision.metrics
+    return f"{m.kl_mean:.2g} / {m.top1_agreement:.3f} / {m.cosine_min:.5g}"
+
+
+def _conversion(outcome: Outcome) -> str:
+    if outcome.sharded.structural:
+        return "structural"
+    conversion = outcome.sharded.comparison("conversion")
+    return "–" if conversion is None else f"{conversion.relative_error:.2g}"
+
+
+def rows(report) -> list[str]:
+    lines = ["| checkpoint | setup | conversion rel. error | precision: KL mean / top-1 / cos min | sharded | names | reassembled |",
+             "|---|---|---|---|---|---|---|"]
+    for o in [*report.clean, *report.mutants]:
+        name = o.mutant.name if o.mutant else "clean"
+        sharded = ("pass" if o.sharded.passed else "FAIL") if o.mutant is None else ("caught" if not o.sharded.passed else "MISSED")
+        reassembled = "pass" if o.reassembled.passed else f"caught: {reassembled_evidence(o.reassembled)[:60]}"
+        lines.append(f"| {name} | {o.setup} | {_conversion(o)} | {_precision(o)} | {sharded} | "
+                     f"{sharded_located(o.sharded) or '–'} | {reassembled} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--report", type=Path)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    report = run_selftest(batch=BatchOptions(args.device, num_sequences=1))
+    elapsed = time.perf_counter() - start
+    print("\n".join(rows(report)))
+    print()
+    print(f"{len(report.clean)} clean setups, {len(report.mutants)} mutant runs, "
+          f"{len(report.not_applicable)} not applicable; passed: {report.passed}; {elapsed:.0f} s")
+    print(margins_line(report))
+    if args.report:
+        args.report.write_text(json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
