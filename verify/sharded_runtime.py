@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
+from shardproof.converter.safetensors_header import read_safetensors_header
+
 # architecture -> whether attention.dense carries a bias when attn_bias is set
 # (TensorRT-LLM: Llama's Attention defaults dense_bias to bias; Qwen2 has a q/k/v bias and no o_proj
 # bias. HF's Qwen3 gives o_proj a bias exactly when attention_bias is set, so its dense bias follows attn_bias).
@@ -269,8 +271,9 @@ class ShardedCheckpoint:
             if not path.is_file():
                 raise ValueError(f"{path}: missing rank file")
             try:
+                read_safetensors_header(path)  # judged first exactly as convert and reassemble judge it
                 self._files[rank] = load_file(path)
-            except Exception as e:  # safetensors raises its own error types for corrupt files
+            except Exception as e:  # ShardproofError, or safetensors' own error types for corrupt files
                 raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
         return self._files[rank]
 
