@@ -9,6 +9,7 @@ import torch
 from .dtypes import FLOAT_CODES, TORCH_DTYPES
 from .errors import ShardproofError
 from .json_files import read_config, read_json
+from .paths import resolved, within
 from .safetensors_io import Shape, TensorReader, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -40,21 +41,37 @@ class HFCheckpoint:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ShardproofError(f"{index}: not a safetensors index (no weight_map)")
-            files = [self.model_dir / name for name in dict.fromkeys(weight_map.values())]
+            for tensor, name in weight_map.items():
+                if not isinstance(name, str):
+                    raise ShardproofError(f"{index}: weight_map[{tensor!r}] is {name!r}, not a file name")
+            files = [self._inside(index, name) for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.exists()]
             if missing:
                 raise ShardproofError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
             return files
         single = self.model_dir / SINGLE
         if single.exists():
-            return [single]
+            return [self._inside(single, SINGLE)]
         raise ShardproofError(f"{self.model_dir}: no {SINGLE} or {INDEX} (only safetensors checkpoints are converted)")
+
+    def _inside(self, where: Path, name: str) -> Path:
+        """model_dir/`name`, refused when it names or links to a file outside the model directory.
+
+        A HuggingFace hub snapshot (`models--*/snapshots/<rev>`) links its files into the repository's
+        `blobs/`, which is therefore inside too.
+        """
+        path = self.model_dir / name
+        root = resolved(self.model_dir)
+        roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+        if Path(name).is_absolute() or ".." in Path(name).parts or not any(within(path, r) for r in roots):
+            raise ShardproofError(f"{where}: weight file {name!r} lies outside the model directory {self.model_dir}")
+        return path
 
     @property
     def architecture(self) -> str:
-        names = self.config_dict.get("architectures") or []
-        if len(names) != 1:
-            raise ShardproofError(f"{self.model_dir / 'config.json'}: 'architectures' must name exactly one architecture")
+        names = self.config_dict.get("architectures")
+        if not (isinstance(names, list) and len(names) == 1 and isinstance(names[0], str)):
+            raise ShardproofError(f"{self.model_dir / 'config.json'}: 'architectures' must be a list naming exactly one architecture")
         return names[0]
 
     @property
@@ -84,6 +101,8 @@ def _auto_config(model_dir: Path, config_path: Path):
 
     try:
         return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (ValueError, KeyError, OSError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # transformers' own validation of a hostile config raises many types (huggingface_hub's
+        # StrictDataclassError, ValueError, TypeError, ZeroDivisionError for zero heads, ...): all are bad input
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = " ".join(lines)[:300] if lines else type(e).__name__
         raise ShardproofError(f"{config_path}: transformers cannot parse it ({reason})") from None
