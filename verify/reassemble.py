@@ -54,7 +54,7 @@ def reassemble(
     order = list(dict.fromkeys(name for group in groups for name in group[0].sources))
     dtype = TORCH_DTYPES[ckpt.layout.dtype]
     kept: dict[str, tuple[str, torch.Tensor]] = {}
-    with atomic_directory(Path(output_dir), overwrite) as staging:
+    with atomic_directory(Path(output_dir), overwrite, inputs=[Path(checkpoint_dir)]) as staging:
         with StreamWriter(staging / HF_WEIGHTS, [(n, dtype, ckpt.source_shapes[n]) for n in order]) as writer:
             for group in groups:
                 head = group[0]
