@@ -8,12 +8,9 @@ import torch
 
 from .dtypes import FLOAT_CODES, TORCH_DTYPES
 from .errors import ShardproofError
-from .json_files import read_config, read_json
-from .paths import resolved, within
+from .json_files import read_config
+from .safetensors_index import weight_files
 from .safetensors_io import Shape, TensorReader, read_header
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 
 
 class HFCheckpoint:
@@ -25,7 +22,7 @@ class HFCheckpoint:
         self.hf_config = _auto_config(self.model_dir, config_path)
         self._files: dict[str, Path] = {}
         self.headers: dict[str, tuple[str, Shape]] = {}
-        for path in self._weight_files():
+        for path in weight_files(self.model_dir):
             for name, (code, shape) in read_header(path).items():
                 if name in self.headers:
                     raise ShardproofError(f"{path}: tensor {name} also appears in {self._files[name].name}")
@@ -34,38 +31,6 @@ class HFCheckpoint:
                 self._files[name] = path
                 self.headers[name] = (code, shape)
         self._readers: dict[Path, TensorReader] = {}
-
-    def _weight_files(self) -> list[Path]:
-        index = self.model_dir / INDEX
-        if index.exists():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ShardproofError(f"{index}: not a safetensors index (no weight_map)")
-            for tensor, name in weight_map.items():
-                if not isinstance(name, str):
-                    raise ShardproofError(f"{index}: weight_map[{tensor!r}] is {name!r}, not a file name")
-            files = [self._inside(index, name) for name in dict.fromkeys(weight_map.values())]
-            missing = [f.name for f in files if not f.exists()]
-            if missing:
-                raise ShardproofError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
-            return files
-        single = self.model_dir / SINGLE
-        if single.exists():
-            return [self._inside(single, SINGLE)]
-        raise ShardproofError(f"{self.model_dir}: no {SINGLE} or {INDEX} (only safetensors checkpoints are converted)")
-
-    def _inside(self, where: Path, name: str) -> Path:
-        """model_dir/`name`, refused when it names or links to a file outside the model directory.
-
-        A HuggingFace hub snapshot (`models--*/snapshots/<rev>`) links its files into the repository's
-        `blobs/`, which is therefore inside too.
-        """
-        path = self.model_dir / name
-        root = resolved(self.model_dir)
-        roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
-        if Path(name).is_absolute() or ".." in Path(name).parts or not any(within(path, r) for r in roots):
-            raise ShardproofError(f"{where}: weight file {name!r} lies outside the model directory {self.model_dir}")
-        return path
 
     @property
     def architecture(self) -> str:
