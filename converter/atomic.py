@@ -31,6 +31,9 @@ def check_output(final: Path, overwrite: bool = False, inputs: Sequence[Path] = 
             raise ShardproofError(f"{final}: exists and is not a directory")
         if final.exists() and not overwrite and any(final.iterdir()):
             raise ShardproofError(f"{final}: already exists and is not empty (pass --overwrite to replace it)")
+        ancestor = next((p for p in final.parents if os.path.lexists(p)), None)
+        if ancestor is not None and not ancestor.is_dir():
+            raise ShardproofError(f"{ancestor}: is not a directory, so it cannot hold the output {final}")
     except OSError as e:
         raise _filesystem_error(final, e) from None
 

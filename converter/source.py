@@ -70,4 +70,6 @@ def _auto_config(model_dir: Path, config_path: Path):
         # StrictDataclassError, ValueError, TypeError, ZeroDivisionError for zero heads, ...): all are bad input
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = " ".join(lines)[:300] if lines else type(e).__name__
+        if isinstance(e, ArithmeticError):
+            reason = f"{type(e).__name__}: {reason}; is a size or head count zero?"
         raise ShardproofError(f"{config_path}: transformers cannot parse it ({reason})") from None

@@ -12,10 +12,15 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from shardproof.converter.staging import staging_prefix
+
+REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=4, hidden_size=16, intermediate_size=16,
              num_hidden_layers=2, vocab_size=19)
 
@@ -319,6 +324,18 @@ def raw_header(text: bytes, claimed: int | None = None) -> Callable[[Path, Path,
     return damaged_model(edit)
 
 
+def source_for_sharded_verify(edit: Callable[[Path], None]) -> Callable[[Path, Path, Path], Run]:
+    """`verify --mode sharded` (which never reassembles) of the checkpoint against a damaged copy of the model."""
+
+    def build(tmp: Path, model: Path, ckpt: Path) -> Run:
+        m = copy_model(tmp, model)
+        edit(m)
+        return Run(["verify", "--model_dir", str(m), "--checkpoint_dir", str(ckpt), "--mode", "sharded", "--device", "cpu",
+                    "--num_sequences", "1", "--seq_len", "8"], [m, ckpt])
+
+    return build
+
+
 def rank_trailing_bytes(verb: str) -> Callable[[Path, Path, Path], Run]:
     return damaged_checkpoint(lambda c: c.joinpath("rank1.safetensors").open("ab").write(b"\0" * 64), verb)
 
@@ -341,6 +358,8 @@ CASES: list[Case] = [
     Case("2 offsets", "64 trailing bytes in a rank file (inspect)", rank_trailing_bytes("inspect"), fragments=("rank1.safetensors",)),
     Case("2 offsets", "64 trailing bytes in a rank file (reassemble)", rank_trailing_bytes("reassemble"), fragments=("rank1.safetensors",)),
     Case("2 offsets", "64 trailing bytes in a rank file (verify)", rank_trailing_bytes("verify"), fragments=("rank1.safetensors",)),
+    Case("2 offsets", "64 trailing bytes in the source (verify --mode sharded)",
+         source_for_sharded_verify(lambda m: m.joinpath("model.safetensors").open("ab").write(b"\0" * 64)), fragments=("model.safetensors",)),
     Case("2 offsets", "header length beyond the file", raw_header(b'{"a":1}', claimed=1000), fragments=("exceeds",)),
     Case("2 offsets", "header not UTF-8", raw_header(b'{"\xff":1}'), fragments=("UTF-8",)),
     Case("2 offsets", "unknown dtype", damaged_weights(lambda h: first_tensor(h).update(dtype="F128")), fragments=("dtype",)),
@@ -358,8 +377,8 @@ CASES: list[Case] = [
     Case("4 output", "output name of 300 characters (convert)", long_output_name(300), fragments=("File name too long",)),
     Case("4 output", "output name of 300 characters (reassemble)", long_output_name(300, "reassemble"), fragments=("File name too long",)),
     Case("4 output", "output directory is a symlink", output_symlink, fragments=("symbolic link",)),
-    Case("4 output", "output parent is a file (convert)", output_parent_is_file("convert"), fragments=("file",)),
-    Case("4 output", "output parent is a file (reassemble)", output_parent_is_file("reassemble"), fragments=("file",)),
+    Case("4 output", "output parent is a file (convert)", output_parent_is_file("convert"), fragments=("is not a directory",)),
+    Case("4 output", "output parent is a file (reassemble)", output_parent_is_file("reassemble"), fragments=("is not a directory",)),
     # 5. paths are text, not markup
     Case("5 markup", "model directory named 'm[/]x'", markup_path("m[/]x"), fragments=("m[/]x",)),
     Case("5 markup", "model directory named 'm[red]x'", markup_path("m[red]x"), fragments=("m[red]x",)),
@@ -367,6 +386,9 @@ CASES: list[Case] = [
     Case("6 bounds", "header claims a 4 TiB tensor in a small file", damaged_weights(four_tib), fragments=("4398046511104",)),
     Case("6 bounds", "header length 2**63", raw_header(b"{}", claimed=2**63), fragments=("implausible",)),
     Case("6 bounds", "config.json is /dev/zero", config_from("/dev/zero"), fragments=("not a regular file",)),
+    Case("6 bounds", "source config.json is /dev/zero (verify --mode sharded)",
+         source_for_sharded_verify(lambda m: (m / "config.json").unlink() or os.symlink("/dev/zero", m / "config.json")),
+         fragments=("not a regular file",)),
     Case("6 bounds", "config.json is 200 MiB", config_from("sparse"), fragments=("bytes",)),
     # 7. malformed inputs, one line each
     Case("7 malformed", "data_offsets missing", damaged_weights(lambda h: first_tensor(h).pop("data_offsets")), fragments=("data_offsets",)),
@@ -378,7 +400,7 @@ CASES: list[Case] = [
     Case("7 malformed", "architectures is a string", damaged_model(lambda m: edit_config(m, architectures="LlamaForCausalLM")), fragments=("architectures",)),
     Case("7 malformed", "hidden_size not divisible by heads", damaged_model(lambda m: edit_config(m, hidden_size=18, head_dim=None)), fragments=("hidden size",)),
     Case("7 malformed", "rms_norm_eps is a string", damaged_model(lambda m: edit_config(m, rms_norm_eps="1e-5")), fragments=("rms_norm_eps",)),
-    Case("7 malformed", "num_attention_heads is 0", damaged_model(lambda m: edit_config(m, num_attention_heads=0)), fragments=("config.json",)),
+    Case("7 malformed", "num_attention_heads is 0", damaged_model(lambda m: edit_config(m, num_attention_heads=0)), fragments=("config.json", "zero")),
     Case("7 malformed", "config.json is a directory (convert)", directory_instead_of("config.json", "convert"), fragments=("directory",)),
     Case("7 malformed", "config.json is a directory (inspect)", directory_instead_of("config.json", "inspect"), fragments=("directory",)),
     Case("7 malformed", "rank file is a directory (inspect)", directory_instead_of("rank1.safetensors", "inspect"), fragments=("directory",)),
@@ -390,6 +412,36 @@ CASES: list[Case] = [
     Case("7 TRT config", "mapping.tp_size is null", trt_config(mapping={"world_size": 2, "tp_size": None, "pp_size": 1}), exit_code=None),
     Case("7 TRT config", "rotary_base missing", trt_config_without("rotary_base"), exit_code=None),
 ]
+
+
+def convert_slowly(model: Path, out: Path, **popen) -> subprocess.Popen:
+    """`shardproof convert` in a subprocess that pauses, staging complete, before moving it into place."""
+    script = (
+        "import sys, time\n"
+        "import shardproof.converter.api as api\n"
+        "write = api.write_checkpoint\n"
+        "def slow(*args, **kwargs):\n"
+        "    write(*args, **kwargs)\n"
+        "    print('STAGED', flush=True)\n"
+        "    time.sleep(60)\n"
+        "api.write_checkpoint = slow\n"
+        "from shardproof.cli import app\n"
+        "sys.argv = ['shardproof'] + sys.argv[1:]\n"
+        "app()\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", script, "convert", "--model_dir", str(model), "--output_dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, **popen)
+
+
+def wait_staged(process: subprocess.Popen) -> None:
+    for line in process.stdout:
+        if line.strip() == "STAGED":
+            return
+    raise AssertionError(f"conversion ended before staging: {process.wait()} {process.stderr.read()}")
+
+
+def stagings(out: Path) -> list[Path]:
+    return [p for p in out.parent.iterdir() if p.name.startswith(staging_prefix(out))]
 
 
 def run_case(case: Case, tmp: Path, model: Path, ckpt: Path) -> Outcome:

@@ -17,12 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from shardproof.cli import app
-from shardproof.converter.staging import staging_prefix
 from tests.helpers import random_checkpoint
-from tests.hostile_cases import CASES, SMALL, digest, run_case
-
-REPO = Path(__file__).resolve().parents[1]
-
+from tests.hostile_cases import CASES, REPO, SMALL, convert_slowly, digest, run_case, stagings, wait_staged
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> tuple[Path, Path]:
@@ -46,69 +42,39 @@ def test_hostile_input(case, sources, tmp_path):
             assert fragment in outcome.first_line, (fragment, outcome.first_line)
 
 
-def _convert_slowly(model: Path, out: Path, **popen) -> subprocess.Popen:
-    """`shardproof convert` in a subprocess that pauses, staging complete, before moving it into place."""
-    script = (
-        "import sys, time\n"
-        "import shardproof.converter.api as api\n"
-        "write = api.write_checkpoint\n"
-        "def slow(*args, **kwargs):\n"
-        "    write(*args, **kwargs)\n"
-        "    print('STAGED', flush=True)\n"
-        "    time.sleep(60)\n"
-        "api.write_checkpoint = slow\n"
-        "from shardproof.cli import app\n"
-        "sys.argv = ['shardproof'] + sys.argv[1:]\n"
-        "app()\n"
-    )
-    return subprocess.Popen([sys.executable, "-c", script, "convert", "--model_dir", str(model), "--output_dir", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, **popen)
-
-
-def _wait_staged(process: subprocess.Popen) -> None:
-    for line in process.stdout:
-        if line.strip() == "STAGED":
-            return
-    raise AssertionError(f"conversion ended before staging: {process.wait()} {process.stderr.read()}")
-
-
-def _stagings(out: Path) -> list[Path]:
-    return [p for p in out.parent.iterdir() if p.name.startswith(staging_prefix(out))]
-
-
 def test_sigterm_removes_the_staging_directory(sources, tmp_path):
     model, _ = sources
     out = tmp_path / "out"
-    process = _convert_slowly(model, out)
-    _wait_staged(process)
-    assert _stagings(out)  # the signal arrives while a complete staging directory exists
+    process = convert_slowly(model, out)
+    wait_staged(process)
+    assert stagings(out)  # the signal arrives while a complete staging directory exists
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == -signal.SIGTERM
-    assert not out.exists() and not _stagings(out)
+    assert not out.exists() and not stagings(out)
 
 
 def test_stale_staging_of_a_killed_run_is_named_and_removed(sources, tmp_path):
     model, _ = sources
     out = tmp_path / "out"
-    process = _convert_slowly(model, out)
-    _wait_staged(process)
+    process = convert_slowly(model, out)
+    wait_staged(process)
     process.kill()  # SIGKILL: no cleanup can run
     process.wait(timeout=30)
-    (stale,) = _stagings(out)
+    (stale,) = stagings(out)
     result = subprocess.run([sys.executable, "-m", "shardproof", "convert", "--model_dir", str(model), "--output_dir", str(out)],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert str(stale) in result.stderr and "did not finish" in result.stderr
-    assert not _stagings(out) and (out / "rank0.safetensors").exists()
+    assert not stagings(out) and (out / "rank0.safetensors").exists()
 
 
 def test_a_running_conversions_staging_is_left_alone(sources, tmp_path):
     model, _ = sources
     out = tmp_path / "out"
-    running = _convert_slowly(model, out)
+    running = convert_slowly(model, out)
     try:
-        _wait_staged(running)
-        (staging,) = _stagings(out)
+        wait_staged(running)
+        (staging,) = stagings(out)
         other = CliRunner().invoke(app, ["convert", "--model_dir", str(model), "--output_dir", str(tmp_path / "out")])
         assert other.exit_code == 0 and staging.exists()
     finally:
@@ -138,7 +104,7 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(sources, tmp_path):
                             capture_output=True, text=True, cwd=REPO, preexec_fn=limit_file_size)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "File too large" in lines[0], result.stderr
-    assert not out.exists() and not _stagings(out) and digest(model) == before
+    assert not out.exists() and not stagings(out) and digest(model) == before
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")

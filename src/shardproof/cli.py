@@ -226,11 +226,13 @@ def verify(
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
 ) -> None:
     """Prove a checkpoint is the model: reassembly, bit-exact weights and logits, sharded run, dtype cost, first divergence."""
+    from shardproof.converter.source import HFCheckpoint
     from shardproof.verify.verification import verify_checkpoint
 
     if model_dir is None or checkpoint_dir is None:
         raise ShardproofError("--model_dir and --checkpoint_dir are required")
     report = _report_path(report)
+    HFCheckpoint(model_dir)  # every mode judges the source by the converter's reader first (bounded, validated)
     result = verify_checkpoint(model_dir, checkpoint_dir, mode, device, num_sequences, seq_len, seed, log=_log)
     _finish(result, report)
 
