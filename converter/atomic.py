@@ -77,8 +77,10 @@ def atomic_directory(final: Path, overwrite: bool = False, inputs: Sequence[Path
 
 
 def _filesystem_error(final: Path, e: OSError) -> ShardproofError:
-    where = e.filename if e.filename is not None else final
-    return ShardproofError(f"{where}: cannot write the output {final} ({e.strerror or type(e).__name__})")
+    reason = e.strerror or type(e).__name__
+    if e.filename is None or Path(e.filename) == final:
+        return ShardproofError(f"{final}: cannot write the output directory ({reason})")
+    return ShardproofError(f"{e.filename}: cannot write the output {final} ({reason})")
 
 
 class _Terminated(BaseException):

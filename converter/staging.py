@@ -18,7 +18,7 @@ _NAME_BYTES = 64
 def staging_prefix(final: Path) -> str:
     """The name prefix shared by every staging directory of the output `final`."""
     encoded = os.fsencode(final.name)
-    short = os.fsdecode(encoded[:_NAME_BYTES].decode("utf-8", "ignore").encode())
+    short = encoded[:_NAME_BYTES].decode("utf-8", "ignore")
     digest = hashlib.sha256(encoded).hexdigest()[:12]
     return f".{short}.{digest}.partial-"
 
