@@ -59,6 +59,6 @@ def convert(
 ) -> Plan:
     """Convert an HF checkpoint into a TensorRT-LLM checkpoint at `output_dir`, which appears only when complete."""
     plan, source = plan_conversion(model_dir, dtype, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim)
-    with atomic_directory(Path(output_dir), overwrite) as staging:
+    with atomic_directory(Path(output_dir), overwrite, inputs=[Path(model_dir)]) as staging:
         write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress)
     return plan

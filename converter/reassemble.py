@@ -53,7 +53,7 @@ def reassemble(
     uses = Counter(name for group in groups for name in group[0].sources)
     dtypes = {name: group[0].torch_dtype for group in groups for name in group[0].sources}
     kept: dict[str, tuple[str, torch.Tensor]] = {}
-    with atomic_directory(Path(output_dir), overwrite) as staging:
+    with atomic_directory(Path(output_dir), overwrite, inputs=[Path(checkpoint_dir)]) as staging:
         with StreamWriter(staging / HF_WEIGHTS, [(n, d, ckpt.source_shapes[n]) for n, d in dtypes.items()]) as writer:
             for group in groups:
                 head = group[0]

@@ -12,39 +12,12 @@ import torch
 
 from .dtypes import from_safetensors_code, safetensors_code
 from .errors import ShardproofError
-
-Shape = tuple[int, ...]
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-def _parse_header(path: Path) -> tuple[dict, int]:
-    """The raw header dict of a safetensors file and the offset where its data starts."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ShardproofError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (length,) = struct.unpack("<Q", raw)
-            if length > _MAX_HEADER:
-                raise ShardproofError(f"{path}: not a safetensors file (header length {length} is implausible)")
-            header = json.loads(f.read(length))
-    except FileNotFoundError:
-        raise ShardproofError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ShardproofError(f"{path}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ShardproofError(f"{path}: not a safetensors file (header is not an object)")
-    header.pop("__metadata__", None)
-    return header, 8 + length
+from .safetensors_header import Shape, read_safetensors_header
 
 
 def read_header(path: Path) -> dict[str, tuple[str, Shape]]:
-    """{tensor name: (dtype code, shape)} of a safetensors file, from its header alone."""
-    header, _ = _parse_header(path)
-    try:
-        return {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()}
-    except (TypeError, KeyError):
-        raise ShardproofError(f"{path}: not a safetensors file (malformed header entry)") from None
+    """{tensor name: (dtype code, shape)} of a safetensors file, from its validated header alone."""
+    return {name: (e.dtype, e.shape) for name, e in read_safetensors_header(path).tensors.items()}
 
 
 class TensorReader:
@@ -52,22 +25,27 @@ class TensorReader:
 
     def __init__(self, path: Path):
         self.path = path
-        self._header, self._data_start = _parse_header(path)
+        header = read_safetensors_header(path)
+        self._tensors, self._data_start = header.tensors, header.data_start
 
     def read(self, name: str) -> torch.Tensor:
-        entry = self._header[name]
-        dtype = from_safetensors_code(entry["dtype"])
-        begin, end = entry["data_offsets"]
-        if end - begin != math.prod(entry["shape"]) * dtype.itemsize:
-            raise ShardproofError(f"{self.path}: tensor {name} has {end - begin} bytes, its shape needs more or fewer")
-        buffer = bytearray(end - begin)
-        with open(self.path, "rb") as f:
-            f.seek(self._data_start + begin)
-            if f.readinto(buffer) != len(buffer):
-                raise ShardproofError(f"{self.path}: file is truncated (tensor {name} is incomplete)")
+        entry = self._tensors[name]
+        try:
+            dtype = from_safetensors_code(entry.dtype)
+        except ShardproofError as e:
+            raise ShardproofError(f"{self.path}: tensor {name}: {e}") from None
+        buffer = bytearray(entry.end - entry.begin)  # bounded: the header was checked against the file size
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._data_start + entry.begin)
+                complete = f.readinto(buffer) == len(buffer)
+        except OSError as e:
+            raise ShardproofError(f"{self.path}: cannot read ({e.strerror})") from None
+        if not complete:
+            raise ShardproofError(f"{self.path}: file is truncated (tensor {name} is incomplete)")
         if not buffer:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+            return torch.empty(entry.shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
 
 
 class StreamWriter:

@@ -8,11 +8,9 @@ import torch
 
 from .dtypes import FLOAT_CODES
 from .errors import ShardproofError
-from .json_files import read_config, read_json
+from .json_files import read_config
+from .safetensors_index import weight_files
 from .safetensors_io import Shape, TensorReader, read_header
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 
 
 class HFCheckpoint:
@@ -24,7 +22,7 @@ class HFCheckpoint:
         self.hf_config = _auto_config(self.model_dir, config_path)
         self._files: dict[str, Path] = {}
         self.headers: dict[str, tuple[str, Shape]] = {}
-        for path in self._weight_files():
+        for path in weight_files(self.model_dir):
             for name, (code, shape) in read_header(path).items():
                 if name in self.headers:
                     raise ShardproofError(f"{path}: tensor {name} also appears in {self._files[name].name}")
@@ -34,27 +32,11 @@ class HFCheckpoint:
                 self.headers[name] = (code, shape)
         self._readers: dict[Path, TensorReader] = {}
 
-    def _weight_files(self) -> list[Path]:
-        index = self.model_dir / INDEX
-        if index.exists():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ShardproofError(f"{index}: not a safetensors index (no weight_map)")
-            files = [self.model_dir / name for name in dict.fromkeys(weight_map.values())]
-            missing = [f.name for f in files if not f.exists()]
-            if missing:
-                raise ShardproofError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
-            return files
-        single = self.model_dir / SINGLE
-        if single.exists():
-            return [single]
-        raise ShardproofError(f"{self.model_dir}: no {SINGLE} or {INDEX} (only safetensors checkpoints are converted)")
-
     @property
     def architecture(self) -> str:
-        names = self.config_dict.get("architectures") or []
-        if len(names) != 1:
-            raise ShardproofError(f"{self.model_dir / 'config.json'}: 'architectures' must name exactly one architecture")
+        names = self.config_dict.get("architectures")
+        if not (isinstance(names, list) and len(names) == 1 and isinstance(names[0], str)):
+            raise ShardproofError(f"{self.model_dir / 'config.json'}: 'architectures' must be a list naming exactly one architecture")
         return names[0]
 
     @property
@@ -84,6 +66,10 @@ def _auto_config(model_dir: Path, config_path: Path):
 
     try:
         return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (ValueError, KeyError, OSError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # transformers' own validation of a hostile config raises many types (huggingface_hub's
+        # StrictDataclassError, ValueError, TypeError, ZeroDivisionError for zero heads, ...): all are bad input
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = " ".join(lines)[:300] if lines else type(e).__name__
+        if isinstance(e, ArithmeticError):
+            reason = f"{type(e).__name__}: {reason}; is a size or head count zero?"
         raise ShardproofError(f"{config_path}: transformers cannot parse it ({reason})") from None

@@ -51,17 +51,25 @@ def test_convert_accepts_trtllm_spellings_then_reassembles_and_inspects(model, t
     assert (tmp_path / "back" / "model.safetensors").exists()
 
 
-def test_dry_run_plans_from_headers_without_reading_data(model, tmp_path):
+def test_dry_run_plans_from_headers_without_reading_data(model, tmp_path, monkeypatch):
+    from shardproof.converter.safetensors_io import TensorReader
+
+    def no_data_reads(self, name):
+        raise AssertionError(f"dry run read tensor data of {name}")
+
+    monkeypatch.setattr(TensorReader, "read", no_data_reads)
+    result = run("convert", "--model_dir", model, "--tp_size", 2, "--pp_size", 2, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "tp=2 pp=2" in result.output
+    monkeypatch.undo()
     weights = model / "model.safetensors"
     raw = weights.read_bytes()
     (header_length,) = struct.unpack("<Q", raw[:8])
     weights.write_bytes(raw[: 8 + header_length])  # headers intact, every byte of tensor data gone
-    result = run("convert", "--model_dir", model, "--tp_size", 2, "--pp_size", 2, "--dry-run")
-    assert result.exit_code == 0, result.output
-    assert "tp=2 pp=2" in result.output
     out = tmp_path / "trt"
-    assert_clean_failure(run("convert", "--model_dir", model, "--output_dir", out), str(weights))
-    assert not out.exists() and not list(tmp_path.glob(".trt.partial-*"))
+    for args in (["--dry-run"], ["--output_dir", out]):  # judged from the header, the same way with or without data reads
+        assert_clean_failure(run("convert", "--model_dir", model, *args), str(weights), "the file holds 0")
+    assert not out.exists() and not list(tmp_path.glob(".trt*"))
 
 
 def test_missing_model_dir_and_config(tmp_path):

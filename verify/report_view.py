@@ -6,6 +6,7 @@ import math
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from shardproof.converter.checkpoint import Violation
 from .equivalence import EquivalenceReport
@@ -63,17 +64,17 @@ def summary_table(report: EquivalenceReport) -> Table:
         found["precision"] = f"float32 vs {p.dtype}: {', '.join(map(_check_line, p.checks.values()))}{nonfinite}"
     for outcome in report.checks:
         detail = found.get(outcome.check) if outcome.status is not Status.NOT_RUN else None
-        table.add_row(outcome.check, _cell(outcome), detail or outcome.reason or "")
+        table.add_row(outcome.check, _cell(outcome), Text(detail or outcome.reason or ""))
     loc = report.localization
     if loc is not None:
         if loc.module is None:
             text = f"no module output differs on sequence {loc.sequence}"
         else:
-            text = f"first divergence at [bold]{loc.module}[/] (sequence {loc.sequence}, max abs diff {_num(loc.max_abs_diff)})"
+            text = f"first divergence at {loc.module} (sequence {loc.sequence}, max abs diff {_num(loc.max_abs_diff)})"
             if loc.detail:
                 text += f": {loc.detail}"
             text += f"; differing tensors in {loc.scope}: {', '.join(loc.differing_tensors) or 'none'}"
-        table.add_row("localization", FAIL, text)
+        table.add_row("localization", FAIL, Text(text))
     return table
 
 
@@ -83,7 +84,7 @@ def violations_table(violations: list[Violation]) -> Table:
     for column in ("rank", "tensor", "problem"):
         table.add_column(column)
     for v in violations:
-        table.add_row("-" if v.rank is None else str(v.rank), v.tensor, v.problem)
+        table.add_row("-" if v.rank is None else str(v.rank), Text(v.tensor), Text(v.problem))
     return table
 
 
@@ -99,7 +100,7 @@ def mismatch_tables(report: EquivalenceReport) -> list[Table]:
         for column in ("tensor", "shape", "max abs diff", "first differing index", "problem"):
             table.add_column(column)
         for row in rows[:MAX_ROWS]:
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))
         if len(rows) > MAX_ROWS:
             table.caption = f"... and {len(rows) - MAX_ROWS} more (see --report)"
         tables.append(table)
@@ -108,7 +109,7 @@ def mismatch_tables(report: EquivalenceReport) -> list[Table]:
         for column in ("rank", "tensor", "made from", "max abs diff", "first differing index"):
             table.add_column(column)
         for r in w.ranks[:MAX_ROWS]:
-            table.add_row(str(r.rank), r.tensor, ", ".join(r.sources), _num(r.max_abs_diff), _index(r.first_diff_index))
+            table.add_row(str(r.rank), Text(r.tensor), Text(", ".join(r.sources)), _num(r.max_abs_diff), _index(r.first_diff_index))
         if len(w.ranks) > MAX_ROWS:
             table.caption = f"... and {len(w.ranks) - MAX_ROWS} more (see --report)"
         tables.append(table)
@@ -141,7 +142,7 @@ def sharded_table(report: ShardedReport) -> Table:
     for column in ("comparison", "result", "relative error", "checks"):
         table.add_column(column)
     if report.structural:
-        table.add_row("structure", FAIL, "-", report.structural)
+        table.add_row("structure", FAIL, "-", Text(report.structural))
     for c in report.comparisons:
         checks = "; ".join(map(_check_line, c.checks.values()))
         table.add_row(f"{c.name}: {c.candidate} vs {c.reference}", PASS if c.passed else FAIL, _num(c.relative_error), checks)
@@ -164,12 +165,12 @@ def render(result: Verification, console: Console) -> None:
         if report.forward is not None:
             console.print(metrics_table(report))
         for note in report.notes:
-            console.print(f"[yellow]note:[/] {note}", highlight=False)
+            console.print(Text.assemble(("note:", "yellow"), " ", note), highlight=False)
     if result.sharded is not None:
         console.print(sharded_table(result.sharded))
     console.print("time: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items()), style="dim")
     if result.status is Status.FAILED:
-        console.print("[bold red]FAIL[/]: " + "; ".join(result.failures), highlight=False)
+        console.print(Text.assemble(("FAIL", "bold red"), ": " + "; ".join(result.failures)), highlight=False)
         return
     claims = []
     if report is not None:
@@ -178,7 +179,7 @@ def render(result: Verification, console: Console) -> None:
         claims.append("sharded: run as TensorRT-LLM runs it, the checkpoint computes what the model computes")
     if result.status is Status.NOT_RUN:
         not_run = "; ".join(f"{mode} mode: {reason}" for mode, reason in result.not_run.items())
-        console.print(f"[bold yellow]NOT RUN[/]: nothing failed, but {not_run}"
-                      + (f"; {'; '.join(claims)}" if claims else ""), highlight=False)
+        console.print(Text.assemble(("NOT RUN", "bold yellow"), f": nothing failed, but {not_run}"
+                                    + (f"; {'; '.join(claims)}" if claims else "")), highlight=False)
         return
     console.print("[bold green]PASS[/]: " + "; ".join(claims), highlight=False)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import functools
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from shardproof.converter.errors import ShardproofError
 
@@ -38,17 +40,24 @@ def _option(*names: str, **kwargs) -> typer.models.OptionInfo:
 
 
 def fails_cleanly(command: Callable) -> Callable:
-    """Turn ShardproofError into a one-line message on stderr and exit code 2, with no traceback."""
+    """Turn ShardproofError (and any filesystem error) into one line on stderr and exit code 2, with no traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except ShardproofError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_BAD_INPUT) from None
+            _error(str(e))
+        except OSError as e:  # a filesystem error no reader anticipated still names the file, in one line
+            _error(f"{e.filename if e.filename is not None else 'input'}: {e.strerror or e}")
 
     return wrapper
+
+
+def _error(message: str) -> NoReturn:
+    one_line = message.replace("\r", "\\r").replace("\n", "\\n")
+    err_console.print(Text.assemble(("error:", "bold red"), " ", one_line), highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_BAD_INPUT)
 
 
 @contextlib.contextmanager
@@ -107,7 +116,7 @@ def convert(
     plan, _ = plan_conversion(model_dir, **args)
     console.print(plan_table(plan, f"{plan.card.name} -> {plan.layout.dtype}, tp={tp_size} pp={pp_size}"))
     if plan.skipped:
-        console.print(f"skipped {len(plan.skipped)} source tensor(s): " + "; ".join(sorted(set(plan.skipped.values()))))
+        console.print(f"skipped {len(plan.skipped)} source tensor(s): " + "; ".join(sorted(set(plan.skipped.values()))), markup=False)
     if dry_run:
         return
     if output_dir is None:
@@ -115,7 +124,7 @@ def convert(
     total = sum(len(r.tensors) for r in plan.ranks)
     with progress_bar("converting", total) as advance:
         run_convert(model_dir, output_dir, overwrite=overwrite, progress=advance, **args)
-    console.print(f"wrote {plan.layout.mapping.world_size} rank file(s) and config.json to {output_dir}")
+    console.print(f"wrote {plan.layout.mapping.world_size} rank file(s) and config.json to {output_dir}", markup=False)
 
 
 @app.command()
@@ -134,7 +143,7 @@ def reassemble(
         result = run_reassemble(checkpoint_dir, output_dir, overwrite=overwrite, progress=advance)
     _print_violations(result.violations)
     if result.output_dir is not None:
-        console.print(f"wrote the HF checkpoint to {result.output_dir}")
+        console.print(f"wrote the HF checkpoint to {result.output_dir}", markup=False)
     raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILED)
 
 
@@ -154,7 +163,7 @@ def inspect(checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkp
 
     ckpt = TRTCheckpoint(checkpoint_dir)
     cfg, mapping = ckpt.config, ckpt.mapping
-    table = Table(title=f"{cfg['architecture']} {cfg['dtype']}, tp={mapping.tp_size} pp={mapping.pp_size}, vocab {cfg['vocab_size']}")
+    table = Table(title=escape(f"{cfg['architecture']} {cfg['dtype']}, tp={mapping.tp_size} pp={mapping.pp_size}, vocab {cfg['vocab_size']}"))
     for column in ("rank", "tp_rank", "pp_rank", "layers", "tensors", "bytes", "file"):
         table.add_column(column, justify="right" if column not in ("layers", "file") else "left")
     for rank in ckpt.plan.ranks:
@@ -174,7 +183,7 @@ def inspect(checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkp
 
 
 def _log(message: str) -> None:
-    err_console.print(f"[dim]{message}[/]", highlight=False)
+    err_console.print(Text(message, style="dim"), highlight=False)
 
 
 def _check_report_path(report: Optional[Path]) -> None:
@@ -193,7 +202,7 @@ def _write_report(data: dict, report: Optional[Path]) -> None:
 
     if report is not None:
         report.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-        console.print(f"wrote the JSON report to {report}")
+        console.print(f"wrote the JSON report to {report}", markup=False)
 
 
 def _batch_options(device: str, num_sequences: int, seq_len: int, seed: int, mode: str, report: Optional[Path]):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from shardproof.converter.card import Shape
+from shardproof.converter.safetensors_header import read_safetensors_header
 
 from .config import RuntimeConfig, load_config
 from .family import Family, get_family
@@ -86,8 +87,9 @@ class ShardedCheckpoint:
             if not path.is_file():
                 raise ValueError(f"{path}: missing rank file")
             try:
+                read_safetensors_header(path)  # judged first exactly as convert and reassemble judge it
                 self._files[rank] = load_file(path)
-            except Exception as e:  # safetensors raises its own error types for corrupt files
+            except Exception as e:  # ShardproofError, or safetensors' own error types for corrupt files
                 raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
         return self._files[rank]
 
