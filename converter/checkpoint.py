@@ -38,8 +38,11 @@ class TRTCheckpoint:
         self.directory = Path(directory)
         config_path, self.config = read_config(self.directory, "checkpoint")
         try:
+            if not isinstance(self.config.get("mapping"), dict):
+                raise ShardproofError("'mapping' must be an object")
             self.card: Card = get_card(self.config["architecture"])
             self.dims = self.card.config.dims_from_trt(self.config)
+            self.card.config.hf_config(self.config)  # every field the reassembler writes back exists, before any work
             self.layout = Layout(
                 dtype=self.config["dtype"],
                 mapping=Mapping.from_config(self.config["mapping"]),
@@ -49,6 +52,8 @@ class TRTCheckpoint:
             )
         except KeyError as e:
             raise ShardproofError(f"{config_path}: missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong type (null, a list, a string)
+            raise ShardproofError(f"{config_path}: a field has the wrong type ({e})") from None
         except ShardproofError as e:
             raise ShardproofError(f"{config_path}: {e}") from None
         self.source_shapes = expected_source_shapes(self.card, self.dims, self.layout)

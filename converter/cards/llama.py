@@ -173,7 +173,8 @@ def dims_from_trt(cfg: dict, *, dense_bias: bool | None = None) -> DecoderDims:
 def hf_config(cfg: dict, model_type: str) -> dict:
     """An HF config.json for a Llama-family TensorRT-LLM config (the reassembler's output)."""
     scaling = cfg.get("rotary_scaling")
-    rope_parameters = {**(scaling or {"rope_type": "default"}), "rope_theta": cfg["rotary_base"]}
+    base = float(cfg["rotary_base"])
+    rope_parameters = {**(scaling or {"rope_type": "default"}), "rope_theta": base}
     return {
         "architectures": [cfg["architecture"]],
         "model_type": model_type,
@@ -189,7 +190,7 @@ def hf_config(cfg: dict, model_type: str) -> dict:
         "rms_norm_eps": cfg["norm_epsilon"],
         # transformers 5 reads rope_parameters; transformers 4 reads rope_theta and rope_scaling.
         "rope_parameters": rope_parameters,
-        "rope_theta": cfg["rotary_base"],
+        "rope_theta": base,
         "rope_scaling": scaling,
         "attention_bias": bool(cfg.get("attn_bias", False)),
         "mlp_bias": bool(cfg.get("mlp_bias", False)),
