@@ -38,7 +38,7 @@ class TRTCheckpoint:
         self.directory = Path(directory)
         config_path, self.config = read_config(self.directory, "checkpoint")
         try:
-            if not isinstance(self.config.get("mapping"), dict):
+            if not isinstance(self.config["mapping"], dict):
                 raise ShardproofError("'mapping' must be an object")
             self.card: Card = get_card(self.config["architecture"])
             self.dims = self.card.config.dims_from_trt(self.config)
