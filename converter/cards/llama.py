@@ -250,6 +250,10 @@ def with_switches(strategy: Callable[[], Any], **switches: bool) -> Callable[[],
     return build
 
 
+# A large rope_theta (as Llama 3) in every self-test model, so that a config that drops it is wrong at long positions.
+SELFTEST = {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+
+
 def decoder_card(
     name: str,
     model_type: str,
@@ -285,7 +289,8 @@ def decoder_card(
             hf_read=hf_read,
             hf_ignored=hf_ignored,
         ),
-        tests=TestSupport(config_class=config_class, strategy=strategy, selftest=selftest or {}, norm_center=norm_center),
+        tests=TestSupport(config_class=config_class, strategy=strategy, selftest={**SELFTEST, **(selftest or {})},
+                          norm_center=norm_center),
         **extra,
     )
 
@@ -293,7 +298,5 @@ def decoder_card(
 LLAMA = register(decoder_card(
     "LlamaForCausalLM", "llama", "LlamaConfig",
     strategy=with_switches(model_strategy, attention_bias=True, mlp_bias=True),
-    # biases everywhere so that every bias mutant applies; a large rope_theta (as Llama 3) so a config that
-    # drops it is wrong at long positions
-    selftest=dict(attention_bias=True, mlp_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    selftest=dict(attention_bias=True, mlp_bias=True),  # biases everywhere, so that every bias mutant applies
 ))
