@@ -111,11 +111,16 @@ def _qkv(files: RankFiles) -> list[tuple[dict[str, Tensor], str]]:
 
 @rank_edit
 def swap_gate_up(files: RankFiles, cfg: RuntimeConfig) -> None:
-    """HF gate_proj written as `mlp.gate` and up_proj as `mlp.fc` (GatedMLP is act(fc(x)) * gate(x))."""
+    """HF gate_proj written as `mlp.gate` and up_proj as `mlp.fc` (GatedMLP is act(fc(x)) * gate(x)); with a
+    fused swiglu fc, each rank's halves swapped to [gate_r; up_r]."""
     for f in files:
         for name in [n for n in f if ".mlp.fc." in n]:
             other = name.replace(".mlp.fc.", ".mlp.gate.")
-            f[name], f[other] = f[other], f[name]
+            if other in f:
+                f[name], f[other] = f[other], f[name]
+            elif cfg.hidden_act == "swiglu":
+                first, second = f[name].chunk(2)
+                f[name] = torch.cat([second, first])
 
 
 @rank_edit
