@@ -19,7 +19,7 @@ from .card import Card, Dims, Row, Shape
 from .dtypes import TORCH_DTYPES
 from .errors import ShardproofError
 from .mapping import Mapping
-from .transforms import Shard, SourceOp, round_trip
+from .transforms import Shard, SourceOp, resolve_ops, round_trip, stored_shapes
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,11 @@ class PlannedTensor:
     @property
     def torch_dtype(self) -> torch.dtype:
         return TORCH_DTYPES[self.dtype]
+
+    @property
+    def stored_shapes(self) -> tuple[Shape, ...]:
+        """The shapes the shard works on: the source shapes after the ops that chunk or reorder them."""
+        return stored_shapes(self.ops, self.source_shapes)
 
 
 @dataclass(frozen=True)
@@ -137,19 +142,20 @@ def build_plan(card: Card, dims: Dims, layout: Layout, source_shapes: dict[str, 
             if row.stage == "first" and pp_rank != 0 or row.stage == "last" and pp_rank != mapping.pp_size - 1:
                 continue
             shard = row.shard.resolve(dims, layout)
+            ops = resolve_ops(row.ops, dims, layout)
             for target, sources in row.instances(layers):
                 shapes = tuple(
                     _source_shape(name, pattern, row, expected, source_shapes, where)
                     for pattern, name in zip(row.sources, sources)
                 )
-                why = shard.check(shapes, mapping.tp_size)
+                why = shard.check(stored_shapes(ops, shapes), mapping.tp_size)
                 if why:
                     raise ShardproofError(f"{where}: cannot shard {target} over tp_size={mapping.tp_size}: {why}")
                 if target in tensors:
                     raise ShardproofError(f"{card.name}: rank {rank} would get {target} twice")
-                local = shard.local_shape(shapes, mapping.tp_size)
+                local = shard.local_shape(stored_shapes(ops, shapes), mapping.tp_size)
                 dtype = row.dtype or layout.dtype
-                tensors[target] = PlannedTensor(target, local, dtype, sources, shapes, shard, tp_rank, pp_rank, row.ops)
+                tensors[target] = PlannedTensor(target, local, dtype, sources, shapes, shard, tp_rank, pp_rank, ops)
                 consumed.update(sources)
         ranks.append(RankPlan(rank, tp_rank, pp_rank, layers, tuple(tensors.values())))
     skipped = {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -53,17 +53,55 @@ class SourceOp(Protocol):
     def inverse(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class PartsOp(Protocol):
+    """A source op over a row's whole list of source tensors that may change how many there are (one fused
+    tensor chunked into parts, parts reordered); `part_shapes` maps the shapes the same way. Exact."""
+
+    name: str
+    exact: bool
+
+    def forward_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
+
+    def inverse_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
+
+    def part_shapes(self, shapes: Sequence[Shape]) -> list[Shape]: ...
+
+
+def _forward(op: SourceOp | PartsOp, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return op.forward_parts(tensors) if isinstance(op, PartsOp) else [op.forward(t) for t in tensors]
+
+
+def _inverse(op: SourceOp | PartsOp, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return op.inverse_parts(tensors) if isinstance(op, PartsOp) else [op.inverse(t) for t in tensors]
+
+
+def resolve_ops(ops: Sequence[Any], dims: Any, layout: Any) -> tuple[SourceOp | PartsOp, ...]:
+    """A row's ops for this model: an op spec (one with `resolve`, e.g. a chunk sized by the heads) resolved
+    against the dims and layout, a plain op as it is."""
+    return tuple(op.resolve(dims, layout) if hasattr(op, "resolve") else op for op in ops)
+
+
+def stored_shapes(ops: Sequence[SourceOp | PartsOp], shapes: Sequence[Shape]) -> tuple[Shape, ...]:
+    """The shapes the shard receives: the source shapes mapped through the ops that change them."""
+    out = list(shapes)
+    for op in ops:
+        if isinstance(op, PartsOp):
+            out = op.part_shapes(out)
+    return tuple(tuple(s) for s in out)
+
+
 def to_stored(ops: Sequence[SourceOp], tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
     """Source tensors as the checkpoint stores them, before sharding: ops that round run in float32 (as
     TensorRT-LLM does: "upcasted to float32 in case of bfloat16") and the result is cast to `dtype` once."""
     if all(op.exact for op in ops):
         out = [t.to(dtype) for t in tensors]
         for op in ops:
-            out = [op.forward(t) for t in out]
+            out = _forward(op, out)
         return out
     out = [t.float() for t in tensors]
     for op in ops:
-        out = [op.forward(t) for t in out]
+        out = _forward(op, out)
     return [t.to(dtype) for t in out]
 
 
@@ -72,12 +110,13 @@ def to_source(ops: Sequence[SourceOp], tensors: Sequence[torch.Tensor]) -> list[
     if all(op.exact for op in ops):
         out = list(tensors)
         for op in reversed(ops):
-            out = [op.inverse(t) for t in out]
+            out = _inverse(op, out)
         return out
     out = [t.float() for t in tensors]
     for op in reversed(ops):
-        out = [op.inverse(t) for t in out]
-    return [o.to(t.dtype) for o, t in zip(out, tensors)]
+        out = _inverse(op, out)
+    dtype = tensors[0].dtype
+    return [o.to(dtype) for o in out]
 
 
 def round_trip(ops: Sequence[SourceOp], tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -101,6 +140,84 @@ class AddOne:
 
 
 ADD_ONE = AddOne()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One fused source split on dim 0 into parts of `sizes` rows (weights and biases alike); the inverse
+    concatenates them. Exact: it only moves values."""
+
+    sizes: tuple[int, ...]
+    name = "chunk"
+    exact = True
+
+    def forward_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        (fused,) = tensors
+        return list(torch.split(fused, list(self.sizes)))
+
+    def inverse_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat(list(tensors))]
+
+    def part_shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+        (shape,) = shapes
+        if shape[0] != sum(self.sizes):
+            raise ValueError(f"cannot chunk {shape[0]} rows into parts of {list(self.sizes)}")
+        return [(size, *shape[1:]) for size in self.sizes]
+
+
+@dataclass(frozen=True)
+class EqualChunks:
+    """One fused source split on dim 0 into `parts` equal parts (e.g. [gate; up]); the inverse concatenates."""
+
+    parts: int
+    name = "equal-chunks"
+    exact = True
+
+    def forward_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        (fused,) = tensors
+        return list(torch.chunk(fused, self.parts))
+
+    def inverse_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat(list(tensors))]
+
+    def part_shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+        (shape,) = shapes
+        if shape[0] % self.parts:
+            raise ValueError(f"cannot chunk {shape[0]} rows into {self.parts} equal parts")
+        return [(shape[0] // self.parts, *shape[1:])] * self.parts
+
+
+@dataclass(frozen=True)
+class QKVParts:
+    """Spec: a fused [q; k; v] source chunked by the model's heads (`dims.num_heads`, `num_kv_heads`, `head_dim`)."""
+
+    def resolve(self, dims: Any, layout: Any) -> Chunk:
+        kv = dims.num_kv_heads * dims.head_dim
+        return Chunk((dims.num_heads * dims.head_dim, kv, kv))
+
+
+@dataclass(frozen=True)
+class Reorder:
+    """Parts put in a new order: output i is input `order[i]`. Exact; the inverse restores the order."""
+
+    order: tuple[int, ...]
+    name = "reorder"
+    exact = True
+
+    def forward_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [tensors[i] for i in self.order]
+
+    def inverse_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [tensors[0]] * len(self.order)
+        for position, i in enumerate(self.order):
+            out[i] = tensors[position]
+        return out
+
+    def part_shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+        return [shapes[i] for i in self.order]
+
+
+QKV_PARTS = QKVParts()
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
     diff = (a.float() - b.float()).abs()
@@ -274,6 +391,34 @@ class FusedQKV:
                     )
         heads = range(0, tp, reps)
         return [q, torch.cat([parts[r][1] for r in heads]), torch.cat([parts[r][2] for r in heads])], problems
+
+
+@dataclass(frozen=True)
+class FusedColumn:
+    """Parts fused along dim 0, each split column-parallel: rank r keeps concat(part_0_r, part_1_r, ...), so
+    every rank holds its share of every part in the same order (a naive split of the concatenation would
+    give rank 0 the first part only)."""
+
+    n_sources: int
+    kind = "fused-column"
+
+    def resolve(self, dims: Any, layout: Any) -> Shard:
+        return self
+
+    def check(self, shapes: Sequence[Shape], tp: int) -> str | None:
+        bad = [shape[0] for shape in shapes if shape[0] % tp]
+        return f"dimension 0 of size {bad[0]} is not divisible by tp_size={tp}" if bad else None
+
+    def local_shape(self, shapes: Sequence[Shape], tp: int) -> Shape:
+        return (sum(shape[0] for shape in shapes) // tp, *shapes[0][1:])
+
+    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
+        return torch.cat([torch.chunk(part, tp)[tp_rank] for part in sources])
+
+    def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
+        tp = len(locals_)
+        pieces = [torch.split(local, [shape[0] // tp for shape in shapes]) for local in locals_]
+        return [torch.cat([p[i] for p in pieces]) for i in range(len(shapes))], []
 
 
 COLUMN = Split(0)

@@ -1,6 +1,6 @@
 """An independent oracle: TensorRT-LLM's Llama-family conversion rules written out literally, for tests.
 
-It follows tensorrt_llm/models/llama/convert.py (`load_weights_from_hf_model`) and convert_utils.py
+It follows tensorrt_llm/models/llama/convert.py (`load_weights_from_hf_model`; Phi-3: models/phi3/convert.py) and convert_utils.py
 (`dup_kv_weight`, `split`, `pad_vocab_size`) step by step on whole tensors, sharing no code with converter/,
 so a wrong primitive in converter/sharding.py cannot agree with it by construction.
 """
@@ -29,8 +29,9 @@ def pad_rows(v: torch.Tensor, tp: int) -> torch.Tensor:
     return torch.nn.functional.pad(v, (0, 0, 0, padded - v.shape[0]))
 
 
-# The families this oracle transcribes; Gemma's norms are stored as 1 + weight.
-ORACLE = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM"}
+# The families this oracle transcribes; Gemma's norms are stored as 1 + weight; Phi-3 fuses q/k/v and gate/up.
+ORACLE = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
+          "Phi3ForCausalLM"}
 FORCED_EMBEDDING = {"GemmaForCausalLM"}  # its TensorRT-LLM config decides the embedding's sharding itself
 
 
@@ -73,9 +74,15 @@ def expected_ranks(
         for local, layer in enumerate(stage):
             p, t = f"model.layers.{layer}.", f"transformer.layers.{local}."
             for kind in ("weight", "bias"):
-                if p + f"self_attn.q_proj.{kind}" not in hf:
+                if p + f"self_attn.qkv_proj.{kind}" in hf:  # Phi-3: rows [q; k; v] by heads
+                    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+                    q_rows = cfg["num_attention_heads"] * head_dim
+                    fused = hf[p + f"self_attn.qkv_proj.{kind}"]
+                    q, k, v = fused[:q_rows], fused[q_rows:q_rows + num_kv * head_dim], fused[q_rows + num_kv * head_dim:]
+                elif p + f"self_attn.q_proj.{kind}" in hf:
+                    q, k, v = (hf[p + f"self_attn.{n}_proj.{kind}"] for n in "qkv")
+                else:
                     continue
-                q, k, v = (hf[p + f"self_attn.{n}_proj.{kind}"] for n in "qkv")
                 if num_kv < tp:
                     k, v = dup_kv(k, num_kv, tp), dup_kv(v, num_kv, tp)
                 w[t + f"attention.qkv.{kind}"] = torch.cat([split(q, tp, tp_rank), split(k, tp, tp_rank), split(v, tp, tp_rank)])
@@ -85,7 +92,14 @@ def expected_ranks(
             for norm, name in (("q_norm", "q_layernorm"), ("k_norm", "k_layernorm")):
                 if p + f"self_attn.{norm}.weight" in hf:
                     w[t + f"attention.{name}.weight"] = hf[p + f"self_attn.{norm}.weight"]
+            if p + "mlp.gate_up_proj.weight" in hf:
+                # models/phi3/convert.py swaps the halves to [up; gate] (swiglu(t) = silu(t[half:]) * t[:half]);
+                # each rank needs its own [up_r; gate_r] for that to hold per rank.
+                gate, up = hf[p + "mlp.gate_up_proj.weight"].chunk(2)
+                w[t + "mlp.fc.weight"] = torch.cat([split(up, tp, tp_rank), split(gate, tp, tp_rank)])
             for hf_name, trt_name in (("gate_proj", "fc"), ("up_proj", "gate")):
+                if p + f"mlp.{hf_name}.weight" not in hf:
+                    continue
                 w[t + f"mlp.{trt_name}.weight"] = split(hf[p + f"mlp.{hf_name}.weight"], tp, tp_rank)
                 if p + f"mlp.{hf_name}.bias" in hf:
                     w[t + f"mlp.{trt_name}.bias"] = split(hf[p + f"mlp.{hf_name}.bias"], tp, tp_rank)

@@ -32,6 +32,14 @@ SEQ_LEN = 64
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+# Every scaling switches branch below SEQ_LEN: dynamic NTK rescales past max_position_embeddings (32), yarn and
+# longrope extend original_max_position_embeddings (16), so the long-context tables really run.
+DYNAMIC_ROPE = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+SHORT_FACTORS = [1.0, 1.05, 1.05, 1.16, 1.79, 1.99, 2.03, 2.72]
+LONG_FACTORS = [1.07, 2.13, 9.07, 15.41, 46.2, 57.29, 63.42, 64.12]
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": SHORT_FACTORS, "long_factor": LONG_FACTORS,
+            "original_max_position_embeddings": 16}
 
 # id: (architecture, HF config overrides, convert kwargs)
 CASES = {
@@ -48,6 +56,12 @@ CASES = {
         "LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}, dict(tp_size=2, pp_size=2)),
     "llama-rope-llama3-tp2": ("LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE}, dict(tp_size=2)),
     "llama-rope-linear-tp2": ("LlamaForCausalLM", {"rope_parameters": LINEAR_ROPE}, dict(tp_size=2)),
+    "llama-rope-dynamic-tp2": (
+        "LlamaForCausalLM", {"rope_parameters": DYNAMIC_ROPE, "max_position_embeddings": 32}, dict(tp_size=2)),
+    "llama-rope-yarn-tp2": ("LlamaForCausalLM", {"rope_parameters": YARN_ROPE, "max_position_embeddings": 64},
+                            dict(tp_size=2)),
+    "qwen2-rope-longrope-tp2": ("Qwen2ForCausalLM", {"rope_parameters": LONGROPE, "max_position_embeddings": 128},
+                                dict(tp_size=2)),
     "qwen2-qkv-bias-kv2-tp4": ("Qwen2ForCausalLM", {"num_key_value_heads": 2}, dict(tp_size=4)),
     "qwen2-tied-tp2-pp3-emb-dim0": (
         "Qwen2ForCausalLM", {"tie_word_embeddings": True},
@@ -300,13 +314,13 @@ def test_bad_config(llama_tp2, tmp_path: Path, patch: dict, problem: str) -> Non
 
 
 @pytest.mark.parametrize("patch, feature", [
-    ({"rotary_scaling": {"rope_type": "yarn", "factor": 2.0}}, "unsupported rotary_scaling"),
+    ({"rotary_scaling": {"rope_type": "proportional", "factor": 2.0}}, "unsupported rotary_scaling"),
     ({"hidden_act": "gelu"}, "unsupported hidden_act"),
     ({"position_embedding_type": "learned_absolute"}, "unsupported position_embedding_type"),
     ({"moe": {"num_experts": 8, "top_k": 2}}, "MoE checkpoints are not supported"),
     ({"quantization": {"quant_algo": "W8A16"}}, "quantized checkpoints are not supported"),
     ({"mapping": {"cp_size": 2}}, r"context parallelism \(mapping.cp_size > 1\) is not supported"),
-], ids=["yarn", "gelu", "learned-positions", "moe", "quantized", "cp2"])
+], ids=["proportional-rope", "gelu", "learned-positions", "moe", "quantized", "cp2"])
 def test_unsupported_feature_is_not_run(llama_tp2, tmp_path: Path, patch: dict, feature: str) -> None:
     """A valid checkpoint the runtime cannot execute raises CheckNotRun, which is not a ValueError (a fault)."""
     ckpt = _patched(llama_tp2[1], tmp_path, patch)
@@ -333,7 +347,7 @@ def test_forward_without_family_is_not_run(llama_tp2, monkeypatch) -> None:
 def test_check_sharded_lets_check_not_run_through(llama_tp2, tmp_path: Path) -> None:
     """The sharded check does not turn an unsupported feature into a structural failure."""
     hf_dir, ckpt_dir = llama_tp2
-    ckpt = _patched(ckpt_dir, tmp_path, {"rotary_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    ckpt = _patched(ckpt_dir, tmp_path, {"rotary_scaling": {"rope_type": "proportional", "factor": 2.0}})
     with pytest.raises(CheckNotRun, match="unsupported rotary_scaling"):
         check_sharded(ckpt, HFReference(hf_dir, BatchOptions("cpu", num_sequences=1, seq_len=16)))
 

@@ -173,9 +173,29 @@ def config_differences(source, rebuilt) -> list[str]:
     differences = []
     for name in CONFIG_FIELDS:
         a, b = getattr(source, name, missing), getattr(rebuilt, name, missing)
+        if name == "rope_parameters" and a is not missing and b is not missing and same_rope(source, rebuilt):
+            continue
         if a is not missing and a != b:
             differences.append(f"{name}: {a!r} in the source, {'absent' if b is missing else repr(b)} in the checkpoint")
     return differences
+
+
+def same_rope(source, rebuilt) -> bool:
+    """Whether transformers computes the same rotary tables (inverse frequencies and attention scaling) from both
+    configs, at a short length and past every type's switch: a format that stores the rope in its own fields
+    (longrope's factors and mscale) rebuilds an equivalent dict, not always the same keys."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    a, b = source.rope_parameters or {}, rebuilt.rope_parameters or {}
+    kind = a.get("rope_type", "default")
+    if kind != b.get("rope_type", "default") or kind not in ROPE_INIT_FUNCTIONS:
+        return a == b
+    init = ROPE_INIT_FUNCTIONS[kind]
+    for seq_len in (None, 2 * source.max_position_embeddings):
+        (fa, sa), (fb, sb) = init(source, None, seq_len=seq_len), init(rebuilt, None, seq_len=seq_len)
+        if sa != sb or not torch.equal(fa, fb):
+            return False
+    return True
 
 
 def sliding_window_note(config, seq_len: int) -> list[str]:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from shardproof.converter.checkpoint import TRTCheckpoint
 from shardproof.converter.source import HFCheckpoint
-from shardproof.converter.transforms import VOCAB, SourceOp
+from shardproof.converter.transforms import VOCAB, SourceOp, to_stored
 
 from .runtime.config import RuntimeConfig, load_config
 
@@ -111,11 +111,16 @@ def _qkv(files: RankFiles) -> list[tuple[dict[str, Tensor], str]]:
 
 @rank_edit
 def swap_gate_up(files: RankFiles, cfg: RuntimeConfig) -> None:
-    """HF gate_proj written as `mlp.gate` and up_proj as `mlp.fc` (GatedMLP is act(fc(x)) * gate(x))."""
+    """HF gate_proj written as `mlp.gate` and up_proj as `mlp.fc` (GatedMLP is act(fc(x)) * gate(x)); with a
+    fused swiglu fc, each rank's halves swapped to [gate_r; up_r]."""
     for f in files:
         for name in [n for n in f if ".mlp.fc." in n]:
             other = name.replace(".mlp.fc.", ".mlp.gate.")
-            f[name], f[other] = f[other], f[name]
+            if other in f:
+                f[name], f[other] = f[other], f[name]
+            elif cfg.hidden_act == "swiglu":
+                first, second = f[name].chunk(2)
+                f[name] = torch.cat([second, first])
 
 
 @rank_edit
@@ -278,6 +283,59 @@ def rotary_base_default(checkpoint_dir: Path, source_dir: Path) -> None:
     path.write_text(json.dumps({**config, "rotary_base": 10000.0}, indent=2) + "\n")
 
 
+def fused_column_split_naively(checkpoint_dir: Path, source_dir: Path) -> None:
+    """A fused column-parallel tensor (parts fused along dim 0, e.g. [up; gate]) split on dim 0 as one tensor:
+    rank 0 gets the first part's rows only, instead of its share of every part."""
+    ckpt, source = TRTCheckpoint(checkpoint_dir), HFCheckpoint(source_dir)
+    tp = ckpt.mapping.tp_size
+    planned = [(rank.rank, t) for rank in ckpt.plan.ranks for t in rank.tensors if t.shard.kind == "fused-column"]
+    if not planned or tp < 2:
+        raise NotApplicable("needs a fused column-parallel tensor and tp_size >= 2")
+
+    def edit(files: RankFiles, cfg: RuntimeConfig) -> None:
+        for rank, t in planned:
+            parts = to_stored(t.ops, [source.load(s) for s in t.sources], t.torch_dtype)
+            files[rank][t.name] = torch.cat(parts).chunk(tp)[t.tp_rank]
+
+    _rewrite_ranks(checkpoint_dir, edit)
+
+
+def _rewrite_longrope(checkpoint_dir: Path, edit: Callable[[dict], dict]) -> None:
+    """Rewrite config.json's longrope factors (TensorRT-LLM's long_rope fields, or a longrope rotary_scaling)."""
+    path = checkpoint_dir / "config.json"
+    config = json.loads(path.read_text())
+    scaling = config.get("rotary_scaling") or {}
+    if config.get("position_embedding_type") == "long_rope":
+        config = edit(config)
+    elif scaling.get("rope_type", scaling.get("type")) in ("longrope", "su"):
+        short, long = scaling["short_factor"], scaling["long_factor"]
+        fields = edit({"longrope_scaling_short_factors": short, "longrope_scaling_long_factors": long})
+        if "longrope_scaling_short_factors" in fields:
+            config["rotary_scaling"] = {**scaling, "short_factor": fields["longrope_scaling_short_factors"],
+                                        "long_factor": fields["longrope_scaling_long_factors"]}
+        else:
+            config["rotary_scaling"] = None
+    else:
+        raise NotApplicable("needs a longrope model")
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def longrope_factors_swapped(checkpoint_dir: Path, source_dir: Path) -> None:
+    """config.json with the longrope short and long factors swapped."""
+    _rewrite_longrope(checkpoint_dir, lambda c: {**c, "longrope_scaling_short_factors": c["longrope_scaling_long_factors"],
+                                                 "longrope_scaling_long_factors": c["longrope_scaling_short_factors"]})
+
+
+LONGROPE_FIELDS = ("longrope_scaling_short_factors", "longrope_scaling_long_factors", "longrope_short_mscale",
+                   "longrope_long_mscale", "original_max_position_embeddings")
+
+
+def longrope_factors_dropped(checkpoint_dir: Path, source_dir: Path) -> None:
+    """config.json without the longrope factors: plain rope (as TensorRT-LLM 0.16's converter writes it below 128k positions)."""
+    _rewrite_longrope(checkpoint_dir, lambda c: {**{k: v for k, v in c.items() if k not in LONGROPE_FIELDS},
+                                                 "position_embedding_type": "rope_gpt_neox"})
+
+
 OUTLIER = 7.0e4  # above float16's largest finite value, 65504
 
 
@@ -329,6 +387,12 @@ CATALOG: tuple[Mutant, ...] = (
            FP32_TP4, lm_head_padded_in_front, "final norm + lm_head"),
     Mutant("norm-not-shifted", "an op that rounds (a norm stored as 1 + weight) left out",
            BF16_TP2, op_skipped, "layer 0"),
+    Mutant("fused-column-split-naively", "fused [up; gate] fc split on dim 0 as one tensor (rank 0: up rows only)",
+           BF16_TP2, fused_column_split_naively, "layer 0"),
+    Mutant("longrope-factors-swapped", "config.json longrope short and long factors swapped",
+           BF16_TP2, longrope_factors_swapped, "layer 0"),
+    Mutant("longrope-factors-dropped", "config.json longrope factors dropped (plain rope)",
+           BF16_TP2, longrope_factors_dropped, "layer 0"),
     Mutant("norm-shift-after-cast", "an op that rounds (1 + weight) computed in bfloat16 after the cast, not in float32",
            BF16_TP2, op_after_cast, "layer 0"),
 )

@@ -8,12 +8,13 @@ engine does, so a replica that differs between rank files shows up.
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import rotary
 
 if TYPE_CHECKING:
     from shardproof.converter.card import Shape
@@ -24,9 +25,16 @@ if TYPE_CHECKING:
 
 Rope = tuple[Tensor, Tensor]  # float32 cos, sin [T, head_size]
 
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+def swiglu(t: Tensor) -> Tensor:
+    """TensorRT-LLM's swiglu: the last dim is [x; gate], the result silu(gate) * x."""
+    x, gate = t.chunk(2, dim=-1)
+    return F.silu(gate) * x
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "swiglu": swiglu}
 POSITION_EMBEDDING = "rope_gpt_neox"
-ROTARY_SCALING_TYPES = ("default", "linear", "llama3")
+LONG_ROPE = "long_rope"  # TensorRT-LLM's rotary with longrope factors in their own config fields
+ROTARY_SCALING_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -36,24 +44,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def rotary_cos_sin(cfg: RuntimeConfig, seq_len: int, device: torch.device | str) -> Rope:
-    """float32 cos/sin tables [T, head_size] for rope_gpt_neox with the configured scaling."""
-    hd, s = cfg.head_size, cfg.rotary_scaling
-    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    pos = torch.arange(seq_len, dtype=torch.float32)
-    if s is not None and s["rope_type"] == "linear":
-        pos = pos / float(s["factor"])
-    elif s is not None and s["rope_type"] == "llama3":  # as transformers' ROPE_INIT_FUNCTIONS computes it
-        factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
-        old_ctx = float(s["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
-        smooth = (old_ctx / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old_ctx / hi) & ~(wavelen > old_ctx / lo)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    freqs = torch.outer(pos, inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1).to(device)
-    return emb.cos(), emb.sin()
+    """float32 cos/sin tables [T, head_size] for rotary attention with the configured scaling, times its
+    attention scaling, as transformers computes them (``rotary.inv_freq``)."""
+    inv_freq, scaling = rotary.inv_freq(cfg.rotary_scaling, cfg.rotary_base, cfg.head_size,
+                                        cfg.max_position_embeddings, seq_len)
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return (emb.cos() * scaling).to(device), (emb.sin() * scaling).to(device)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -108,29 +105,49 @@ def gated_mlp(h: Tensor, w: RankWeights, cfg: RuntimeConfig) -> Tensor:
     return F.linear(ACTIVATIONS[cfg.hidden_act](fc) * gate, w["mlp.proj.weight"])
 
 
+def fused_mlp_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
+    """One rank's fused gated MLP: column-parallel fc of both halves ``[x_r; gate_r]``, row-parallel proj."""
+    H, ffn = cfg.hidden_size, cfg.intermediate_size // cfg.tp_size
+    out = {"mlp.fc.weight": (2 * ffn, H), "mlp.proj.weight": (H, ffn)}
+    if cfg.mlp_bias:
+        out |= {"mlp.fc.bias": (2 * ffn,), "mlp.proj.bias": (H,)}
+    return out
+
+
+def fused_mlp(h: Tensor, w: RankWeights, cfg: RuntimeConfig) -> Tensor:
+    """One rank's proj(act(fc(h))) with a gated activation over the fused fc (swiglu): a partial sum."""
+    fc = F.linear(h, w["mlp.fc.weight"], w["mlp.fc.bias"] if cfg.mlp_bias else None)
+    return F.linear(ACTIVATIONS[cfg.hidden_act](fc), w["mlp.proj.weight"])
+
+
 def row_parallel(parts: list[Tensor], ws: list[RankWeights], comm: Collectives, bias: str | None) -> list[Tensor]:
     """All-reduce the per-rank partial sums, then add the replicated ``bias`` tensor once, if named."""
     out = comm.all_reduce(parts)
     return out if bias is None else [o + w[bias] for o, w in zip(out, ws)]
 
 
-def decoder_layer_tensors(cfg: RuntimeConfig, dense_bias: bool) -> dict[str, Shape]:
-    """One rank's tensors of a pre-norm decoder layer (names relative to the layer)."""
+def decoder_layer_tensors(cfg: RuntimeConfig, dense_bias: bool,
+                          mlp_tensors: Callable[[RuntimeConfig], dict[str, Shape]] | None = None) -> dict[str, Shape]:
+    """One rank's tensors of a pre-norm decoder layer (names relative to the layer); the MLP's are
+    ``mlp_tensors(cfg)`` (default: the gated MLP's)."""
     H = cfg.hidden_size
     return {"input_layernorm.weight": (H,), **attention_tensors(cfg, dense_bias),
-            "post_layernorm.weight": (H,), **gated_mlp_tensors(cfg)}
+            "post_layernorm.weight": (H,), **(mlp_tensors or gated_mlp_tensors)(cfg)}
 
 
 def decoder_layer(xs: list[Tensor], ws: list[RankWeights], cfg: RuntimeConfig, rope: Rope, comm: Collectives,
-                  dense_bias: bool) -> list[Tensor]:
-    """x + dense(attn(norm(x))), then x + proj(mlp(norm(x))); row-parallel biases added once."""
+                  dense_bias: bool, mlp: Callable[[Tensor, RankWeights, RuntimeConfig], Tensor] | None = None
+                  ) -> list[Tensor]:
+    """x + dense(attn(norm(x))), then x + proj(mlp(norm(x))) with ``mlp`` (default: the gated MLP);
+    row-parallel biases added once."""
+    mlp = mlp or gated_mlp
     eps = cfg.norm_epsilon
     attn = row_parallel([attention(rms_norm(x, w["input_layernorm.weight"], eps), w, cfg, rope)
                          for x, w in zip(xs, ws)], ws, comm, "attention.dense.bias" if dense_bias else None)
     xs = [x + a for x, a in zip(xs, attn)]
-    mlp = row_parallel([gated_mlp(rms_norm(x, w["post_layernorm.weight"], eps), w, cfg) for x, w in zip(xs, ws)],
+    out = row_parallel([mlp(rms_norm(x, w["post_layernorm.weight"], eps), w, cfg) for x, w in zip(xs, ws)],
                        ws, comm, "mlp.proj.bias" if cfg.mlp_bias else None)
-    return [x + m for x, m in zip(xs, mlp)]
+    return [x + m for x, m in zip(xs, out)]
 
 
 def embedding_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:

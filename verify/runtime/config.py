@@ -11,14 +11,14 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from shardproof.converter.card import get_card, supported_architectures
 from shardproof.converter.errors import CheckNotRun, ShardproofError
 
-from .blocks import ACTIVATIONS, POSITION_EMBEDDING, ROTARY_SCALING_TYPES
+from .blocks import ACTIVATIONS, LONG_ROPE, POSITION_EMBEDDING, ROTARY_SCALING_TYPES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -49,6 +49,7 @@ class RuntimeConfig:
     share_embedding_table: bool  # lm_head is the (vocab-parallel) embedding table; only with pp_size 1
     tp_size: int
     pp_size: int
+    max_position_embeddings: int = 0  # dynamic NTK and the default longrope mscale read it
 
     @property
     def world_size(self) -> int:
@@ -110,6 +111,9 @@ def load_config(path: Path) -> RuntimeConfig:
     if not isinstance(quant, dict):
         raise bad("'quantization' is not an object")
 
+    max_positions = int(raw.get("max_position_embeddings") or 0)
+    if raw.get("position_embedding_type") == LONG_ROPE:
+        scaling = longrope_scaling(raw, bad)
     kind = "default" if scaling is None else scaling.get("rope_type", scaling.get("type"))
     if kind is None:
         raise bad(f"rotary_scaling {scaling!r} names no rope_type")
@@ -138,6 +142,7 @@ def load_config(path: Path) -> RuntimeConfig:
         share_embedding_table=bool(raw.get("share_embedding_table", False)) and int(need("pp_size", mapping)) == 1,
         tp_size=int(need("tp_size", mapping)),
         pp_size=int(need("pp_size", mapping)),
+        max_position_embeddings=max_positions,
     )
     tp, pp = cfg.tp_size, cfg.pp_size
     checks = [
@@ -152,6 +157,9 @@ def load_config(path: Path) -> RuntimeConfig:
          f"num_attention_heads={cfg.num_heads} not a multiple of num_key_value_heads"),
         (cfg.intermediate_size % tp == 0, f"intermediate_size not divisible by tp={tp}"),
         (cfg.embedding_sharding_dim in (0, 1), "embedding_sharding_dim must be 0 or 1"),
+        (kind != "longrope" or all(len(cfg.rotary_scaling[f]) == cfg.head_size // 2
+                                   for f in ("short_factor", "long_factor")),
+         f"longrope factors must have head_size / 2 = {cfg.head_size // 2} entries"),
         (not cfg.share_embedding_table or tp == 1 or (cfg.use_parallel_embedding and cfg.embedding_sharding_dim == 0),
          "share_embedding_table at tp_size > 1 needs a vocab-parallel embedding (embedding_sharding_dim 0)"),
         (not (cfg.use_parallel_embedding and cfg.embedding_sharding_dim == 1)
@@ -164,8 +172,10 @@ def load_config(path: Path) -> RuntimeConfig:
     unsupported = [
         (cfg.hidden_act not in ACTIVATIONS,
          f"unsupported hidden_act {cfg.hidden_act!r} (supported: {sorted(ACTIVATIONS)})"),
-        (raw.get("position_embedding_type") != POSITION_EMBEDDING,
+        (raw.get("position_embedding_type") not in (POSITION_EMBEDDING, LONG_ROPE),
          f"unsupported position_embedding_type {raw.get('position_embedding_type')!r}"),
+        (int(raw.get("rotary_embedding_dim") or cfg.head_size) != cfg.head_size,
+         f"partial rotary (rotary_embedding_dim {raw.get('rotary_embedding_dim')} < head_size {cfg.head_size})"),
         (kind not in ROTARY_SCALING_TYPES,
          f"unsupported rotary_scaling {scaling!r} (types: {ROTARY_SCALING_TYPES})"),
         (bool(quant.get("quant_algo") or quant.get("kv_cache_quant_algo")),
@@ -177,3 +187,22 @@ def load_config(path: Path) -> RuntimeConfig:
         if hit:
             raise CheckNotRun(f"{path}: {feature}")
     return cfg
+
+
+def longrope_scaling(raw: dict, bad: Callable[[str], ValueError]) -> dict[str, Any]:
+    """TensorRT-LLM's ``long_rope`` fields as one rotary scaling of type longrope; an absent mscale takes
+    TensorRT-LLM's default (``rotary.inv_freq`` computes it)."""
+    fields = ("longrope_scaling_short_factors", "longrope_scaling_long_factors", "original_max_position_embeddings")
+    missing = [f for f in fields if raw.get(f) is None]
+    if missing:
+        raise bad(f"position_embedding_type long_rope without {', '.join(missing)}")
+    scaling = {
+        "rope_type": "longrope",
+        "short_factor": list(raw["longrope_scaling_short_factors"]),
+        "long_factor": list(raw["longrope_scaling_long_factors"]),
+        "original_max_position_embeddings": int(raw["original_max_position_embeddings"]),
+    }
+    for branch in ("short", "long"):
+        if raw.get(f"longrope_{branch}_mscale") is not None:
+            scaling[f"{branch}_mscale"] = float(raw[f"longrope_{branch}_mscale"])
+    return scaling
