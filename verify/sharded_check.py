@@ -19,11 +19,14 @@ docs/selftest.md says how the thresholds were calibrated against the mutation se
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from shardproof.converter.api import plan_conversion
@@ -153,21 +156,34 @@ class HFReference:
         key = (rounding, sequence)
         if key not in self._runs:
             ids = self.input_ids if sequence is None else self.input_ids[sequence : sequence + 1]
-            model = load_model(self.model_dir, torch.float32, self.device)
-            try:
-                if rounding is not None:
-                    self._round(model, rounding)
-                self._runs[key] = _forward(model, ids.to(self.device), capture=sequence is not None)
-            finally:
-                del model
-                release(self.device)
+            with tempfile.TemporaryDirectory(prefix="shardproof-rounded-") as scratch:
+                model = self._load(rounding, Path(scratch))
+                try:
+                    self._runs[key] = _forward(model, ids.to(self.device), capture=sequence is not None)
+                finally:
+                    del model
+                    release(self.device)
         return self._runs[key]
 
-    def _round(self, model: torch.nn.Module, dtype: str) -> None:
-        plan, _ = plan_conversion(self.model_dir, dtype=dtype)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(plan.reassembled_value(name, param.detach()).float())
+    def _load(self, rounding: str | None, scratch: Path) -> torch.nn.Module:
+        """The float32 model, its parameters rounded as `rounding` stores them. Parameters that transformers
+        loads under the saved names are rounded in place; when it renames or fuses saved tensors on load
+        (stacked experts), the saved tensors are rounded into a copy under `scratch`, which is loaded."""
+        model = load_model(self.model_dir, torch.float32, self.device)
+        if rounding is None:
+            return model
+        plan, source = plan_conversion(self.model_dir, dtype=rounding)
+        parameters = dict(model.named_parameters())
+        if parameters.keys() <= source.shapes.keys():
+            with torch.no_grad():
+                for name, param in parameters.items():
+                    param.copy_(plan.reassembled_value(name, param.detach()).float())
+            return model
+        del model, parameters
+        save_file({name: plan.reassembled_value(name, source.load(name)).contiguous() for name in source.shapes},
+                  scratch / "model.safetensors", metadata={"format": "pt"})
+        shutil.copy(self.model_dir / "config.json", scratch / "config.json")
+        return load_model(scratch, torch.float32, self.device)
 
 
 def _forward(model: torch.nn.Module, ids: Tensor, capture: bool) -> tuple[Tensor, list[Tensor]]:

@@ -121,5 +121,8 @@ MIXTRAL = register(Card(
         },
     ),
     tests=TestSupport(config_class="MixtralConfig", strategy=strategy,
-                      tiny=dict(num_local_experts=4, num_experts_per_tok=2)),
+                      tiny=dict(num_local_experts=4, num_experts_per_tok=2),
+                      # every expert on every token: a tiny random router has near-ties that float16/bfloat16
+                      # math flips, which the precision thresholds (set for dense models) count as a failure
+                      selftest=dict(num_experts_per_tok=4)),
 ))
