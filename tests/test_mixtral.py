@@ -162,7 +162,7 @@ def test_moe_for_a_family_without_experts_is_not_run(tiny: Path, tmp_path: Path)
     convert(tiny, tmp_path / "trt", dtype="float32")
     path = tmp_path / "trt" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "architecture": "LlamaForCausalLM"}))
-    with pytest.raises(CheckNotRun, match="MoE checkpoints of the 'llama' forward"):
+    with pytest.raises(CheckNotRun, match="MoE checkpoints are not supported by the 'llama' forward"):
         load_config(path)
 
 

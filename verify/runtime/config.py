@@ -186,6 +186,9 @@ def load_config(path: Path) -> RuntimeConfig:
             raise bad(problem)
 
     unsupported = [
+        (bool(num_experts) and not family_moe, f"MoE checkpoints are not supported by the {forward!r} forward"),
+        (bool(num_experts) and moe.get("normalization_mode", 1) != 1,
+         f"MoE normalization_mode {moe.get('normalization_mode')!r} (supported: 1, renormalize)"),
         (cfg.hidden_act not in (FUSED_ACTIVATIONS if num_experts else ACTIVATIONS),
          f"unsupported hidden_act {cfg.hidden_act!r} (supported: "
          f"{sorted(FUSED_ACTIVATIONS if num_experts else ACTIVATIONS)})"),
@@ -195,9 +198,6 @@ def load_config(path: Path) -> RuntimeConfig:
          f"unsupported rotary_scaling {scaling!r} (types: {ROTARY_SCALING_TYPES})"),
         (bool(quant.get("quant_algo") or quant.get("kv_cache_quant_algo")),
          f"quantized checkpoints are not supported ({quant})"),
-        (bool(num_experts) and not family_moe, f"MoE checkpoints of the {forward!r} forward are not supported"),
-        (bool(num_experts) and moe.get("normalization_mode", 1) != 1,
-         f"MoE normalization_mode {moe.get('normalization_mode')!r} (supported: 1, renormalize)"),
         (mapping.get("cp_size", 1) != 1, "context parallelism (mapping.cp_size > 1) is not supported"),
     ]
     for hit, feature in unsupported:
