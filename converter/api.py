@@ -23,8 +23,13 @@ def plan_conversion(
     pp_size: int = 1,
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
+    moe_tp_size: int | None = None,
+    moe_ep_size: int | None = None,
 ) -> tuple[Plan, HFCheckpoint]:
-    """Read config.json and the safetensors headers of `model_dir` (no tensor data) and plan the conversion."""
+    """Read config.json and the safetensors headers of `model_dir` (no tensor data) and plan the conversion.
+
+    `moe_tp_size` / `moe_ep_size` split the experts of a MoE model over the TP ranks (product tp_size; left
+    out: all tensor-parallel, as TensorRT-LLM defaults)."""
     source = HFCheckpoint(model_dir)
     card = get_card(source.architecture)
     config_path = source.model_dir / "config.json"
@@ -36,7 +41,7 @@ def plan_conversion(
     layout = card.layout(
         Layout(
             dtype=resolve_dtype(dtype, source.source_dtype),
-            mapping=Mapping(tp_size=tp_size, pp_size=pp_size),
+            mapping=Mapping(tp_size=tp_size, pp_size=pp_size, moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size),
             use_parallel_embedding=use_parallel_embedding,
             embedding_sharding_dim=embedding_sharding_dim,
         ),
@@ -56,9 +61,12 @@ def convert(
     embedding_sharding_dim: int = 0,
     overwrite: bool = False,
     progress: Progress | None = None,
+    moe_tp_size: int | None = None,
+    moe_ep_size: int | None = None,
 ) -> Plan:
     """Convert an HF checkpoint into a TensorRT-LLM checkpoint at `output_dir`, which appears only when complete."""
-    plan, source = plan_conversion(model_dir, dtype, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim)
+    plan, source = plan_conversion(model_dir, dtype, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim,
+                                   moe_tp_size, moe_ep_size)
     with atomic_directory(Path(output_dir), overwrite, inputs=[Path(model_dir)]) as staging:
         write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress)
     return plan

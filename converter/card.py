@@ -9,6 +9,7 @@ and the self-test iterate over the registry; shared code never names a family.
 
 from __future__ import annotations
 
+import itertools
 import re
 import string
 from dataclasses import dataclass, field, fields
@@ -53,8 +54,11 @@ def placeholders(pattern: str) -> set[str]:
 class Row:
     """One target tensor made from its source tensors: ops first (per source), then the shard.
 
-    `{i}` is the layer (local to the stage in the target, global in the sources). `dtype` pins the stored dtype
-    (e.g. "float32" for a router kept in float32); None stores the checkpoint's dtype.
+    `{i}` is the layer (local to the stage in the target, global in the sources). `gather` names indices that
+    only the sources hold, each with the dims field that counts it (`(("e", "num_experts"),)`): a source
+    pattern holding `{e}` stands for its instances e = 0 .. dims.num_experts - 1, in order, and the shard
+    receives all of them. `dtype` pins the stored dtype (e.g. "float32" for a router kept in float32); None
+    stores the checkpoint's dtype.
     """
 
     target: str
@@ -64,18 +68,37 @@ class Row:
     when: str | None = None
     ops: tuple[SourceOp, ...] = ()
     dtype: str | None = None
+    gather: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         target = placeholders(self.target)
-        if ("i" in target) != (self.stage == "layer") or any(placeholders(s) != target for s in self.sources):
+        gathered = {name for name, _ in self.gather}
+        if ("i" in target) != (self.stage == "layer") or any(placeholders(s) - gathered != target for s in self.sources):
             raise ValueError(f"row {self.target}: '{{i}}' must appear in the target and every source of a layer row only")
+        if gathered & target or any(all(name not in placeholders(s) for s in self.sources) for name in gathered):
+            raise ValueError(f"row {self.target}: a gathered index must appear in a source and not in the target")
 
-    def instances(self, layers: range) -> list[tuple[str, tuple[str, ...]]]:
-        """(target, sources) names on a stage holding `layers`; layer targets take the stage-local index."""
+    def _expanded(self, dims: Dims | None) -> list[tuple[str, dict[str, int]]]:
+        """Every source pattern with the values of the gathered indices it holds, in order."""
+        out = []
+        for pattern in self.sources:
+            held = [(name, count) for name, count in self.gather if name in placeholders(pattern)]
+            ranges = [range(getattr(dims, count)) for _, count in held]
+            out += [(pattern, dict(zip((name for name, _ in held), values))) for values in itertools.product(*ranges)]
+        return out
+
+    def patterns(self, dims: Dims | None = None) -> tuple[str, ...]:
+        """The source pattern of each source name `instances` gives, position by position."""
+        return tuple(pattern for pattern, _ in self._expanded(dims))
+
+    def instances(self, layers: range, dims: Dims | None = None) -> list[tuple[str, tuple[str, ...]]]:
+        """(target, sources) names on a stage holding `layers`; layer targets take the stage-local index.
+        `dims` gives the ranges of gathered indices (needed only when the row gathers)."""
+        expanded = self._expanded(dims)
         if self.stage != "layer":
-            return [(self.target, self.sources)]
+            return [(self.target, tuple(p.format(**values) for p, values in expanded))]
         return [
-            (self.target.format(i=local), tuple(s.format(i=layer) for s in self.sources))
+            (self.target.format(i=local), tuple(p.format(i=layer, **values) for p, values in expanded))
             for local, layer in enumerate(layers)
         ]
 

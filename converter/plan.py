@@ -143,10 +143,10 @@ def build_plan(card: Card, dims: Dims, layout: Layout, source_shapes: dict[str, 
                 continue
             shard = row.shard.resolve(dims, layout)
             ops = resolve_ops(row.ops, dims, layout)
-            for target, sources in row.instances(layers):
+            for target, sources in row.instances(layers, dims):
                 shapes = tuple(
                     _source_shape(name, pattern, row, expected, source_shapes, where)
-                    for pattern, name in zip(row.sources, sources)
+                    for pattern, name in zip(row.patterns(dims), sources)
                 )
                 why = shard.check(stored_shapes(ops, shapes), mapping.tp_size)
                 if why:
@@ -196,8 +196,8 @@ def expected_source_shapes(card: Card, dims: Dims, layout: Layout) -> dict[str, 
     for row in card.rows:
         if not holds(row.when, dims, layout):
             continue
-        for _, sources in row.instances(range(dims.num_layers)):
-            for pattern, name in zip(row.sources, sources):
+        for _, sources in row.instances(range(dims.num_layers), dims):
+            for pattern, name in zip(row.patterns(dims), sources):
                 names[name] = shapes[pattern]
     return names
 

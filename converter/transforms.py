@@ -447,3 +447,79 @@ class Embedding:
 
 QKV_SPEC = QKV()
 EMBEDDING = Embedding()
+
+
+@dataclass(frozen=True)
+class StackedExperts:
+    """Per-expert matrices -> per rank the stack over the rank's experts, each expert's matrix split on `dim`.
+
+    The sources are `groups` blocks of `num_experts` matrices each (`[a_0 .. a_{E-1}, b_0 .. b_{E-1}]`); per
+    expert the groups' `moe_tp` splits are concatenated on `dim` (`[a_e split; b_e split]`), and the experts
+    the rank holds are stacked on a new dim 0. TP rank r is expert rank r % moe_ep, holding experts
+    [ep_rank * E / moe_ep, (ep_rank + 1) * E / moe_ep), and expert-TP rank r // moe_ep (TensorRT-LLM's
+    `Mapping.moe_ep_rank`, `moe_tp_rank`, `ep_experts`). Every piece lives on exactly one rank (moe_tp * moe_ep
+    = tp), so there are no replicas for the inverse to compare.
+    """
+
+    num_experts: int
+    groups: int
+    dim: int
+    moe_tp: int
+    moe_ep: int
+    kind = "experts"
+
+    @property
+    def n_sources(self) -> int:
+        return self.groups * self.num_experts
+
+    def resolve(self, dims: Any, layout: Any) -> Shard:
+        return self
+
+    def check(self, shapes: Sequence[Shape], tp: int) -> str | None:
+        if self.num_experts % self.moe_ep:
+            return f"num_experts={self.num_experts} is not divisible by moe_ep_size={self.moe_ep}"
+        size = shapes[0][self.dim]
+        if size % self.moe_tp:
+            return f"intermediate_size={size} is not divisible by moe_tp_size={self.moe_tp}"
+        return None
+
+    def local_shape(self, shapes: Sequence[Shape], tp: int) -> Shape:
+        shape = list(shapes[0])
+        shape[self.dim] = shape[self.dim] // self.moe_tp * self.groups
+        return (self.num_experts // self.moe_ep, *shape)
+
+    def local_experts(self, tp_rank: int) -> range:
+        per_rank = self.num_experts // self.moe_ep
+        ep_rank = tp_rank % self.moe_ep
+        return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
+    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
+        moe_tp_rank, E = tp_rank // self.moe_ep, self.num_experts
+        return torch.stack([
+            torch.cat([torch.chunk(sources[g * E + e], self.moe_tp, dim=self.dim)[moe_tp_rank] for g in range(self.groups)],
+                      dim=self.dim)
+            for e in self.local_experts(tp_rank)
+        ])
+
+    def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
+        pieces: dict[tuple[int, int], list[torch.Tensor]] = {}  # (group, expert) -> its splits by moe_tp rank
+        for moe_tp_rank in range(self.moe_tp):
+            for ep_rank in range(self.moe_ep):
+                tp_rank = moe_tp_rank * self.moe_ep + ep_rank
+                for local, e in zip(locals_[tp_rank], self.local_experts(tp_rank)):
+                    for g, part in enumerate(torch.chunk(local, self.groups, dim=self.dim)):
+                        pieces.setdefault((g, e), []).append(part)
+        return [torch.cat(pieces[(g, e)], dim=self.dim) for g in range(self.groups) for e in range(self.num_experts)], []
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Spec: stacked experts over `dims.num_experts`, split as the layout's mapping says (moe_tp_size,
+    moe_ep_size); `groups` source blocks concatenated per expert on `dim` of each expert's matrix."""
+
+    groups: int
+    dim: int
+
+    def resolve(self, dims: Any, layout: Any) -> Shard:
+        mapping = layout.mapping
+        return StackedExperts(dims.num_experts, self.groups, self.dim, mapping.moe_tp_size, mapping.moe_ep_size)

@@ -31,7 +31,7 @@ def pad_rows(v: torch.Tensor, tp: int) -> torch.Tensor:
 
 # The families this oracle transcribes; Gemma's norms are stored as 1 + weight; Phi-3 fuses q/k/v and gate/up.
 ORACLE = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
-          "Phi3ForCausalLM"}
+          "Phi3ForCausalLM", "MixtralForCausalLM"}
 FORCED_EMBEDDING = {"GemmaForCausalLM"}  # its TensorRT-LLM config decides the embedding's sharding itself
 
 
@@ -43,26 +43,52 @@ def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype, architecture: str)
 
 
 def reassembled(name: str, tensor: torch.Tensor, dtype: torch.dtype, architecture: str) -> torch.Tensor:
-    """What reassembly gives back: the cast; for Gemma's norms, 1 + w rounds in dtype, so w comes back rounded."""
+    """What reassembly gives back: the cast (a router: float32); for Gemma's norms, 1 + w rounds in dtype, so w
+    comes back rounded."""
     if architecture == "GemmaForCausalLM" and "norm" in name:
         return (cast(name, tensor, dtype, architecture).float() - 1.0).to(dtype)
+    if name.endswith("block_sparse_moe.gate.weight"):  # the router is stored in float32
+        return tensor.to(torch.float32)
     return tensor.to(dtype)
+
+
+def moe_layer(hf: dict[str, torch.Tensor], p: str, cfg: dict, dtype: torch.dtype, tp: int, tp_rank: int,
+              moe_tp: int, moe_ep: int) -> dict[str, torch.Tensor]:
+    """The MoE branch of `convert_layer`: experts of `Mapping.ep_experts` stacked, w1/w3 split on dim 1 and w2
+    on dim 2 over moe_tp, fc = concat([w3, w1], dim=-2); the router `get_weight(..., torch.float32)`, unsplit."""
+    moe_tp_rank, moe_ep_rank = tp_rank // moe_ep, tp_rank % moe_ep  # Mapping.moe_tp_rank / moe_ep_rank
+    per_rank = cfg["num_local_experts"] // moe_ep
+    rank_experts = range(moe_ep_rank * per_rank, (moe_ep_rank + 1) * per_rank)
+    stacked = {s: torch.stack([hf[p + f"block_sparse_moe.experts.{e}.{s}.weight"] for e in rank_experts])
+               for s in ("w1", "w2", "w3")}
+    w1, w3 = split(stacked["w1"], moe_tp, moe_tp_rank, dim=1), split(stacked["w3"], moe_tp, moe_tp_rank, dim=1)
+    w2 = split(stacked["w2"], moe_tp, moe_tp_rank, dim=2)
+    return {"mlp.fc.weight": torch.concat([w3, w1], dim=-2).to(dtype), "mlp.proj.weight": w2.to(dtype),
+            "mlp.router.weight": hf[p + "block_sparse_moe.gate.weight"].to(torch.float32)}
 
 
 def expected_ranks(
     hf: dict[str, torch.Tensor], cfg: dict, dtype: torch.dtype, tp: int, pp: int,
-    parallel_embedding: bool = False, sharding_dim: int = 0,
+    parallel_embedding: bool = False, sharding_dim: int = 0, moe_tp: int | None = None, moe_ep: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Every rank's tensors as TensorRT-LLM's rules make them, from the HF tensors and HF config dict.
 
     Gemma (models/gemma/config.py): GemmaConfig forces use_parallel_embedding = tp > 1 whatever is asked, and
     shares the embedding table with lm_head, so no lm_head is stored (with pp > 1 the last stage has no
-    embedding, so it gets the padded, split embedding as lm_head).
+    embedding, so it gets the padded, split embedding as lm_head). Mixtral: `moe_layer` in place of the MLP,
+    with Mapping's defaults (moe_tp = tp, moe_ep = 1; one given, the other is tp divided by it).
     """
     architecture = cfg["architectures"][0]
     share = False
     if architecture in FORCED_EMBEDDING:
         parallel_embedding, sharding_dim, share = tp > 1, 0, pp == 1
+    if moe_tp is None and moe_ep is None:
+        moe_tp, moe_ep = tp, 1
+    elif moe_tp is None:
+        moe_tp = tp // moe_ep
+    elif moe_ep is None:
+        moe_ep = tp // moe_tp
+    raw = hf
     hf = {k: cast(k, v, dtype, architecture) for k, v in hf.items()}
     layers = cfg["num_hidden_layers"]
     num_kv = cfg["num_key_value_heads"]
@@ -97,13 +123,17 @@ def expected_ranks(
                 # each rank needs its own [up_r; gate_r] for that to hold per rank.
                 gate, up = hf[p + "mlp.gate_up_proj.weight"].chunk(2)
                 w[t + "mlp.fc.weight"] = torch.cat([split(up, tp, tp_rank), split(gate, tp, tp_rank)])
+            if architecture == "MixtralForCausalLM":
+                moe = moe_layer(raw, p, cfg, dtype, tp, tp_rank, moe_tp, moe_ep)
+                w.update({t + name: value for name, value in moe.items()})
             for hf_name, trt_name in (("gate_proj", "fc"), ("up_proj", "gate")):
                 if p + f"mlp.{hf_name}.weight" not in hf:
                     continue
                 w[t + f"mlp.{trt_name}.weight"] = split(hf[p + f"mlp.{hf_name}.weight"], tp, tp_rank)
                 if p + f"mlp.{hf_name}.bias" in hf:
                     w[t + f"mlp.{trt_name}.bias"] = split(hf[p + f"mlp.{hf_name}.bias"], tp, tp_rank)
-            w[t + "mlp.proj.weight"] = split(hf[p + "mlp.down_proj.weight"], tp, tp_rank, dim=1)
+            if p + "mlp.down_proj.weight" in hf:
+                w[t + "mlp.proj.weight"] = split(hf[p + "mlp.down_proj.weight"], tp, tp_rank, dim=1)
             if p + "mlp.down_proj.bias" in hf:
                 w[t + "mlp.proj.bias"] = hf[p + "mlp.down_proj.bias"]
             w[t + "input_layernorm.weight"] = hf[p + "input_layernorm.weight"]

@@ -45,12 +45,17 @@ def why_invalid(arch: str, config: dict, layout: dict) -> list[str]:
     Computed independently of converter/; when several numbers are wrong, the error may name any of them.
     """
     tp, kv = layout["tp_size"], config["num_key_value_heads"]
+    experts = config.get("num_local_experts")
+    moe_ep = layout.get("moe_ep_size") or 1
+    moe_tp = tp // moe_ep
     embedding_split = (arch not in FORCED_EMBEDDING and layout.get("use_parallel_embedding")
                        and layout.get("embedding_sharding_dim") == 1)
     reasons = {
         "num_attention_heads": config["num_attention_heads"] % tp != 0,
         "num_key_value_heads": kv % tp != 0 and tp % kv != 0,
-        "dimension 0": config["intermediate_size"] % tp != 0,
+        "dimension 0": not experts and config["intermediate_size"] % tp != 0,
+        "intermediate_size": bool(experts) and config["intermediate_size"] % moe_tp != 0,
+        "num_experts": bool(experts) and experts % moe_ep != 0,
         "pp_size": layout["pp_size"] > config["num_hidden_layers"],
         "dimension 1": embedding_split and config["hidden_size"] % tp != 0,
     }
@@ -63,12 +68,19 @@ def valid_layouts(draw, arch: str, config: dict):
     parallel, dim = draw(st.booleans()), draw(st.sampled_from([0, 1]))
     base = dict(use_parallel_embedding=parallel, embedding_sharding_dim=dim, pp_size=1)
     tps = [tp for tp in TP_SIZES if not why_invalid(arch, config, {**base, "tp_size": tp})]
+    tp = draw(st.sampled_from(tps))
+    moe = {}
+    if "num_local_experts" in config:  # experts split as ep x moe_tp over the TP group
+        eps = [ep for ep in TP_SIZES if tp % ep == 0
+               and not why_invalid(arch, config, {**base, "tp_size": tp, "moe_ep_size": ep})]
+        moe = dict(moe_ep_size=draw(st.sampled_from(eps)))
     return dict(
         dtype=draw(st.sampled_from(["auto", "float32", "float16", "bfloat16"])),
-        tp_size=draw(st.sampled_from(tps)),
+        tp_size=tp,
         pp_size=draw(st.integers(1, min(4, config["num_hidden_layers"]))),
         use_parallel_embedding=parallel,
         embedding_sharding_dim=dim,
+        **moe,
     )
 
 
@@ -94,13 +106,13 @@ def test_conversion_matches_trtllm_rules_and_reassembles_exactly(model, seed, sh
             hf_config = json.loads((src / "config.json").read_text())
             expected = expected_ranks(
                 source, hf_config, dtype, layout["tp_size"], layout["pp_size"],
-                layout["use_parallel_embedding"], layout["embedding_sharding_dim"],
+                layout["use_parallel_embedding"], layout["embedding_sharding_dim"], moe_ep=layout.get("moe_ep_size"),
             )
             for rank, want in enumerate(expected):
                 got = load_file(tmp / "trt" / f"rank{rank}.safetensors")
                 assert got.keys() == want.keys(), f"rank {rank}: {sorted(got.keys() ^ want.keys())}"
                 for name in want:
-                    assert got[name].dtype == dtype
+                    assert got[name].dtype == want[name].dtype
                     assert torch.equal(got[name], want[name]), f"rank {rank}: {name}"
 
         result = reassemble(tmp / "trt", tmp / "back")

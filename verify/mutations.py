@@ -114,7 +114,7 @@ def swap_gate_up(files: RankFiles, cfg: RuntimeConfig) -> None:
     """HF gate_proj written as `mlp.gate` and up_proj as `mlp.fc` (GatedMLP is act(fc(x)) * gate(x)); with a
     fused swiglu fc, each rank's halves swapped to [gate_r; up_r]."""
     for f in files:
-        for name in [n for n in f if ".mlp.fc." in n]:
+        for name in [n for n in f if ".mlp.fc." in n and n.replace(".mlp.fc.", ".mlp.gate.") in f]:
             other = name.replace(".mlp.fc.", ".mlp.gate.")
             if other in f:
                 f[name], f[other] = f[other], f[name]
@@ -177,6 +177,15 @@ def fc_split_on_dim1(files: RankFiles, cfg: RuntimeConfig) -> None:
             full = torch.cat([f[name] for f in stage])
             for r, f in enumerate(stage):
                 f[name] = full.chunk(cfg.tp_size, dim=1)[r]
+
+
+@rank_edit
+def experts_swapped(files: RankFiles, cfg: RuntimeConfig) -> None:
+    """Two experts swapped in every stacked expert tensor (the 3-D ones: [experts, out, in]): local experts 0
+    and 1 of each rank trade places in fc and proj alike, so the router's choice runs the other expert."""
+    for f in files:
+        for name in [n for n, t in f.items() if t.dim() == 3 and t.shape[0] >= 2]:
+            f[name] = f[name][[1, 0, *range(2, f[name].shape[0])]]
 
 
 @rank_edit
@@ -383,6 +392,8 @@ CATALOG: tuple[Mutant, ...] = (
            FP32_TP4, kv_from_next_head, "layer 0"),
     Mutant("fc-split-on-dim1", "column-parallel mlp.fc split along dim 1",
            FP32_TP4, fc_split_on_dim1, "structure"),
+    Mutant("experts-swapped", "two experts swapped in every stacked expert tensor",
+           BF16_TP2, experts_swapped, "layer 0"),
     Mutant("lm-head-front-padding", "lm_head zero padding placed before the real rows",
            FP32_TP4, lm_head_padded_in_front, "final norm + lm_head"),
     Mutant("norm-not-shifted", "an op that rounds (a norm stored as 1 + weight) left out",

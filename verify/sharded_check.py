@@ -19,11 +19,14 @@ docs/selftest.md says how the thresholds were calibrated against the mutation se
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from shardproof.converter.api import plan_conversion
@@ -153,22 +156,26 @@ class HFReference:
         key = (rounding, sequence)
         if key not in self._runs:
             ids = self.input_ids if sequence is None else self.input_ids[sequence : sequence + 1]
-            model = load_model(self.model_dir, torch.float32, self.device)
-            try:
-                if rounding is not None:
-                    self._round(model, rounding)
-                self._runs[key] = _forward(model, ids.to(self.device), capture=sequence is not None)
-            finally:
-                del model
-                release(self.device)
+            with tempfile.TemporaryDirectory(prefix="shardproof-rounded-") as scratch:
+                model = self._load(rounding, Path(scratch))
+                try:
+                    self._runs[key] = _forward(model, ids.to(self.device), capture=sequence is not None)
+                finally:
+                    del model
+                    release(self.device)
         return self._runs[key]
 
-    def _round(self, model: torch.nn.Module, dtype: str) -> None:
-        plan, source = plan_conversion(self.model_dir, dtype=dtype)
-        parameters = dict(model.named_parameters())
-        with torch.no_grad():
-            for name in plan.source_names():
-                parameters[plan.card.hf_name(name)].copy_(plan.reassembled_value(name, source.load(name)).float())
+    def _load(self, rounding: str | None, scratch: Path) -> torch.nn.Module:
+        """The float32 model; with `rounding`, every source tensor set to what a conversion to that dtype stores
+        for it, read back. The rounded tensors are written to a copy under `scratch` and loaded from there, so
+        transformers' own loading places them (renamed, fused or stacked as its modules hold them)."""
+        if rounding is None:
+            return load_model(self.model_dir, torch.float32, self.device)
+        plan, source = plan_conversion(self.model_dir, dtype=rounding)
+        save_file({name: plan.reassembled_value(name, source.load(name)).contiguous() for name in source.shapes},
+                  scratch / "model.safetensors", metadata={"format": "pt"})
+        shutil.copy(self.model_dir / "config.json", scratch / "config.json")
+        return load_model(scratch, torch.float32, self.device)
 
 
 def _forward(model: torch.nn.Module, ids: Tensor, capture: bool) -> tuple[Tensor, list[Tensor]]:

@@ -94,6 +94,10 @@ def plan_table(plan, title: str) -> Table:
     return table
 
 
+MOE_TP_HELP = "Experts: tensor-parallel size of each expert (moe_tp_size * moe_ep_size = tp_size; default tp_size)."
+MOE_EP_HELP = "Experts: expert-parallel size, each rank holding num_experts / moe_ep_size experts (default 1)."
+
+
 @app.command()
 @fails_cleanly
 def convert(
@@ -104,6 +108,8 @@ def convert(
     pp_size: int = typer.Option(1, "--pp_size", "--pp-size", help="Pipeline-parallel size."),
     use_parallel_embedding: bool = typer.Option(False, "--use_parallel_embedding", "--use-parallel-embedding", help="Shard the embedding over TP ranks."),
     embedding_sharding_dim: int = typer.Option(0, "--embedding_sharding_dim", "--embedding-sharding-dim", help="0: shard vocab rows (padded); 1: shard hidden columns."),
+    moe_tp_size: Optional[int] = typer.Option(None, "--moe_tp_size", "--moe-tp-size", help=MOE_TP_HELP),
+    moe_ep_size: Optional[int] = typer.Option(None, "--moe_ep_size", "--moe-ep-size", help=MOE_EP_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", "--dry_run", help="Print the plan from headers alone; read and write no tensor data."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output directory."),
 ) -> None:
@@ -112,7 +118,8 @@ def convert(
 
     if model_dir is None:
         raise ShardproofError("--model_dir is required")
-    args = dict(dtype=dtype, tp_size=tp_size, pp_size=pp_size, use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim)
+    args = dict(dtype=dtype, tp_size=tp_size, pp_size=pp_size, use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
+                moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size)
     plan, _ = plan_conversion(model_dir, **args)
     console.print(plan_table(plan, f"{plan.card.name} -> {plan.layout.dtype}, tp={tp_size} pp={pp_size}"))
     if plan.skipped:
@@ -270,6 +277,8 @@ def check(
     pp_size: Optional[int] = typer.Option(None, "--pp_size", "--pp-size", help="Pipeline-parallel size (default 1; 2 with --demo)."),
     use_parallel_embedding: bool = typer.Option(False, "--use_parallel_embedding", "--use-parallel-embedding", help="Shard the embedding over TP ranks."),
     embedding_sharding_dim: int = typer.Option(0, "--embedding_sharding_dim", "--embedding-sharding-dim", help="0: shard vocab rows (padded); 1: shard hidden columns."),
+    moe_tp_size: Optional[int] = typer.Option(None, "--moe_tp_size", "--moe-tp-size", help=MOE_TP_HELP),
+    moe_ep_size: Optional[int] = typer.Option(None, "--moe_ep_size", "--moe-ep-size", help=MOE_EP_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --output_dir."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     num_sequences: int = typer.Option(4, "--num_sequences", "--num-sequences", help=SEQUENCES_HELP),
@@ -303,6 +312,7 @@ def check(
         result = convert_and_check(
             model_dir, output_dir, mode, batch, overwrite, _log, **layout,
             use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
+            moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size,
         )
     _finish(result, report)
 

@@ -120,6 +120,40 @@ def fused_mlp(h: Tensor, w: RankWeights, cfg: RuntimeConfig) -> Tensor:
     return F.linear(ACTIVATIONS[cfg.hidden_act](fc), w["mlp.proj.weight"])
 
 
+def moe_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
+    """One rank's MoE tensors: the whole router (float32), its experts' stacked fc ``[w3; w1]`` and proj, each
+    expert split over the expert-TP ranks on the intermediate dim."""
+    H, experts = cfg.hidden_size, cfg.num_experts // cfg.moe_ep_size
+    ffn = cfg.intermediate_size // cfg.moe_tp_size
+    return {"mlp.router.weight": (cfg.num_experts, H), "mlp.fc.weight": (experts, 2 * ffn, H),
+            "mlp.proj.weight": (experts, H, ffn)}
+
+
+MOE_FLOAT32 = ("mlp.router.weight",)  # kept in float32 whatever the checkpoint dtype
+
+
+def moe(h: Tensor, w: RankWeights, cfg: RuntimeConfig) -> Tensor:
+    """One rank's share of a top-k mixture of experts on normed ``h``: a partial sum, before the all-reduce.
+
+    The router runs in float32 (input cast up, weight stored float32); softmax, top-k, and the top-k
+    probabilities divided by their sum (normalization_mode 1, renormalize). The rank runs its experts
+    ``[ep_rank * E_local, (ep_rank + 1) * E_local)`` on the tokens routed to them, each on its intermediate
+    slice: ``proj(swiglu(fc(x)))`` scaled by the routing weight in the compute dtype.
+    """
+    x = h.reshape(-1, h.shape[-1])
+    probs = F.softmax(F.linear(x.float(), w["mlp.router.weight"]), dim=-1)
+    top, chosen = torch.topk(probs, cfg.top_k, dim=-1)
+    top = top / top.sum(dim=-1, keepdim=True)
+    fc, proj = w["mlp.fc.weight"], w["mlp.proj.weight"]
+    first = (w.tp_rank % cfg.moe_ep_size) * fc.shape[0]
+    out = torch.zeros_like(x)
+    for j in range(fc.shape[0]):
+        token, slot = torch.where(chosen == first + j)
+        y = F.linear(swiglu(F.linear(x[token], fc[j])), proj[j])
+        out.index_add_(0, token, y * top[token, slot, None].to(x.dtype))
+    return out.reshape(h.shape)
+
+
 def row_parallel(parts: list[Tensor], ws: list[RankWeights], comm: Collectives, bias: str | None) -> list[Tensor]:
     """All-reduce the per-rank partial sums, then add the replicated ``bias`` tensor once, if named."""
     out = comm.all_reduce(parts)

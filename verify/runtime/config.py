@@ -1,8 +1,9 @@
 """``config.json`` of a TensorRT-LLM checkpoint as the runtime reads it: generic fields, checked.
 
 A fault of the file (bad JSON, a missing key, sizes the mapping cannot split) raises ``ValueError``; a valid
-file asking for a feature the runtime does not execute (quantization, MoE, context parallelism, another
-position embedding, activation or rotary scaling) raises ``CheckNotRun``.
+file asking for a feature the runtime does not execute (quantization, MoE for a family whose forward has no
+experts, another MoE normalization, context parallelism, another position embedding, activation or rotary
+scaling) raises ``CheckNotRun``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from shardproof.converter.card import get_card, supported_architectures
 from shardproof.converter.errors import CheckNotRun, ShardproofError
 
+from .family import get_family
 from .blocks import ACTIVATIONS, LONG_ROPE, POSITION_EMBEDDING, ROTARY_SCALING_TYPES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,6 +52,10 @@ class RuntimeConfig:
     tp_size: int
     pp_size: int
     max_position_embeddings: int = 0  # dynamic NTK and the default longrope mscale read it
+    num_experts: int = 0  # 0: a dense MLP; else the ``moe`` block's experts, top_k of them per token
+    top_k: int = 0
+    moe_tp_size: int = 1
+    moe_ep_size: int = 1
 
     @property
     def world_size(self) -> int:
@@ -118,6 +124,13 @@ def load_config(path: Path) -> RuntimeConfig:
     if kind is None:
         raise bad(f"rotary_scaling {scaling!r} names no rope_type")
 
+    moe = raw.get("moe") or {}
+    if not isinstance(moe, dict):
+        raise bad("'moe' is not an object")
+    num_experts = int(moe.get("num_experts", 0))
+    # a family declares that its forward executes experts (``Family.moe``)
+    family_moe = bool(num_experts) and getattr(get_family(forward), "moe", False)
+
     hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
     cfg = RuntimeConfig(
         architecture=arch,
@@ -143,6 +156,10 @@ def load_config(path: Path) -> RuntimeConfig:
         tp_size=int(need("tp_size", mapping)),
         pp_size=int(need("pp_size", mapping)),
         max_position_embeddings=max_positions,
+        num_experts=num_experts,
+        top_k=int(moe.get("top_k", 0)),
+        moe_tp_size=int(mapping.get("moe_tp_size", need("tp_size", mapping))),
+        moe_ep_size=int(mapping.get("moe_ep_size", 1)),
     )
     tp, pp = cfg.tp_size, cfg.pp_size
     checks = [
@@ -155,7 +172,14 @@ def load_config(path: Path) -> RuntimeConfig:
          f"num_key_value_heads={cfg.num_kv_heads} and tp={tp}: neither divides the other"),
         (cfg.num_heads % cfg.num_kv_heads == 0,
          f"num_attention_heads={cfg.num_heads} not a multiple of num_key_value_heads"),
-        (cfg.intermediate_size % tp == 0, f"intermediate_size not divisible by tp={tp}"),
+        (num_experts or cfg.intermediate_size % tp == 0, f"intermediate_size not divisible by tp={tp}"),
+        (not num_experts or cfg.moe_tp_size * cfg.moe_ep_size == tp,
+         f"moe_tp_size={cfg.moe_tp_size} * moe_ep_size={cfg.moe_ep_size} != tp_size={tp}"),
+        (not num_experts or cfg.intermediate_size % cfg.moe_tp_size == 0,
+         f"intermediate_size not divisible by moe_tp_size={cfg.moe_tp_size}"),
+        (not num_experts or num_experts % cfg.moe_ep_size == 0,
+         f"moe.num_experts={num_experts} not divisible by moe_ep_size={cfg.moe_ep_size}"),
+        (not num_experts or 1 <= cfg.top_k <= num_experts, f"moe.top_k={cfg.top_k} outside [1, {num_experts}]"),
         (cfg.embedding_sharding_dim in (0, 1), "embedding_sharding_dim must be 0 or 1"),
         (kind != "longrope" or all(len(cfg.rotary_scaling[f]) == cfg.head_size // 2
                                    for f in ("short_factor", "long_factor")),
@@ -170,6 +194,10 @@ def load_config(path: Path) -> RuntimeConfig:
             raise bad(problem)
 
     unsupported = [
+        (bool(num_experts) and not family_moe, f"MoE checkpoints are not supported by the {forward!r} forward"),
+        (bool(num_experts) and moe.get("normalization_mode", 1) != 1,
+         f"MoE normalization_mode {moe.get('normalization_mode')!r} (supported: 1, renormalize)"),
+        (bool(num_experts) and cfg.hidden_act != "swiglu", f"MoE with hidden_act {cfg.hidden_act!r} (supported: swiglu)"),
         (cfg.hidden_act not in ACTIVATIONS,
          f"unsupported hidden_act {cfg.hidden_act!r} (supported: {sorted(ACTIVATIONS)})"),
         (raw.get("position_embedding_type") not in (POSITION_EMBEDDING, LONG_ROPE),
@@ -180,7 +208,6 @@ def load_config(path: Path) -> RuntimeConfig:
          f"unsupported rotary_scaling {scaling!r} (types: {ROTARY_SCALING_TYPES})"),
         (bool(quant.get("quant_algo") or quant.get("kv_cache_quant_algo")),
          f"quantized checkpoints are not supported ({quant})"),
-        (bool((raw.get("moe") or {}).get("num_experts", 0)), "MoE checkpoints are not supported"),
         (mapping.get("cp_size", 1) != 1, "context parallelism (mapping.cp_size > 1) is not supported"),
     ]
     for hit, feature in unsupported:

@@ -22,7 +22,11 @@ if TYPE_CHECKING:
 
 
 class Family(Protocol):
-    """One family's forward, per TP rank, and the tensors its rank files hold."""
+    """One family's forward, per TP rank, and the tensors its rank files hold.
+
+    Optional: ``moe = True`` when the forward executes a config's ``moe`` experts; ``dtypes(cfg, rank)``, the
+    tensors kept in a dtype other than the checkpoint's (full name -> dtype).
+    """
 
     name: str
 

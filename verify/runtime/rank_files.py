@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -33,9 +33,17 @@ def rank_tensors(cfg: RuntimeConfig, rank: int, first: dict[str, Shape], layer: 
     return out
 
 
+def pinned_dtypes(family: Family, cfg: RuntimeConfig, rank: int) -> dict[str, torch.dtype]:
+    """The tensors of ``rank`` that its family keeps in a dtype of their own (``Family.dtypes``, optional;
+    e.g. a float32 router), by full name."""
+    dtypes = getattr(family, "dtypes", None)
+    return dtypes(cfg, rank) if dtypes else {}
+
+
 @dataclass(frozen=True, eq=False)
 class RankWeights:
-    """Read-only view of one rank file: ``w[name]`` checks name, shape and dtype, then casts."""
+    """Read-only view of one rank file: ``w[name]`` checks name, shape and dtype, then casts (a tensor in
+    ``pinned`` is checked against its own dtype and kept in it)."""
 
     path: Path
     tensors: dict[str, Tensor]
@@ -45,6 +53,7 @@ class RankWeights:
     device: torch.device | str
     dtype: torch.dtype
     prefix: str = ""
+    pinned: Mapping[str, torch.dtype] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Tensor:
         full = self.prefix + name
@@ -54,6 +63,10 @@ class RankWeights:
         if full in self.expected and tuple(t.shape) != self.expected[full]:
             raise ValueError(f"{self.path}: tensor '{full}' has shape {list(t.shape)}, "
                              f"expected {list(self.expected[full])}")
+        if full in self.pinned:
+            if t.dtype != self.pinned[full]:
+                raise ValueError(f"{self.path}: tensor '{full}' is {t.dtype}, expected {self.pinned[full]}")
+            return t.to(device=self.device)
         if t.dtype != self.stored_dtype:
             raise ValueError(f"{self.path}: tensor '{full}' is {t.dtype}, config says {self.stored_dtype}")
         return t.to(device=self.device, dtype=self.dtype)
@@ -98,7 +111,8 @@ class ShardedCheckpoint:
         """Checked view of one rank's tensors, cast to ``dtype`` (default: checkpoint dtype)."""
         cfg = self.config
         return RankWeights(self.rank_path(rank), self.tensors(rank), self.family.tensors(cfg, rank),
-                           cfg.dtype, rank % cfg.tp_size, device, dtype or cfg.dtype)
+                           cfg.dtype, rank % cfg.tp_size, device, dtype or cfg.dtype,
+                           pinned=pinned_dtypes(self.family, cfg, rank))
 
     def validate(self, ranks: Sequence[int] | None = None) -> None:
         """Fail on any missing, unexpected, misshapen or wrongly typed tensor in the rank files."""
@@ -109,10 +123,11 @@ class ShardedCheckpoint:
                 raise ValueError(f"{path}: missing tensor(s) {missing}")
             if extra := sorted(set(found) - set(expected)):
                 raise ValueError(f"{path}: unexpected tensor(s) {extra}")
+            pinned = pinned_dtypes(self.family, cfg, rank)
             for name, shape in expected.items():
                 if tuple(found[name].shape) != shape:
                     raise ValueError(f"{path}: tensor '{name}' has shape {list(found[name].shape)}, "
                                      f"expected {list(shape)}")
-                if found[name].dtype != cfg.dtype:
+                if found[name].dtype != pinned.get(name, cfg.dtype):
                     raise ValueError(f"{path}: tensor '{name}' is {found[name].dtype}, "
-                                     f"config says {cfg.dtype}")
+                                     f"expected {pinned.get(name, cfg.dtype)}")

@@ -1,0 +1,128 @@
+"""MixtralForCausalLM (TensorRT-LLM `models/llama/convert.py`, the MoE branch of `convert_layer`;
+`models/llama/config.py`; `layers/moe.py`): Llama attention, a sparse mixture of SwiGLU experts as the MLP.
+
+Per layer the experts are stacked: `mlp.fc` = `[w3_e; w1_e]` per expert (the plugin's fused SwiGLU takes the
+linear half first, the activated half second), `mlp.proj` = `w2_e`, each split over the expert-TP ranks on the
+intermediate dim, the experts spread over the expert-parallel ranks. The router (`block_sparse_moe.gate`)
+becomes `mlp.router`, kept in float32 and replicated. Rules and sources: docs/format.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..card import Card, ConfigMap, Shape, TestSupport, layer, register
+from ..errors import ShardproofError
+from ..transforms import REPLICATED, Experts
+from . import llama
+
+MOE = f"{llama.HF_LAYER}.block_sparse_moe"
+EXPERTS = (("e", "num_experts"),)
+RENORMALIZE = 1  # MoeConfig.ExpertScaleNormalizationMode.RENORMALIZE: softmax, top-k, divide by their sum
+
+
+@dataclass(frozen=True)
+class MixtralDims(llama.DecoderDims):
+    """A Llama decoder whose MLP is `num_experts` SwiGLU experts, `top_k` of them per token."""
+
+    num_experts: int = 1
+    top_k: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top_k > self.num_experts:
+            raise ShardproofError(f"num_experts_per_tok={self.top_k} exceeds num_local_experts={self.num_experts}")
+
+
+ROWS = tuple(row for row in llama.ROWS if ".mlp." not in row.target) + (
+    layer("mlp.router.weight", f"{MOE}.gate.weight", shard=REPLICATED, dtype="float32"),
+    layer("mlp.fc.weight", f"{MOE}.experts.{{e}}.w3.weight", f"{MOE}.experts.{{e}}.w1.weight",
+          shard=Experts(groups=2, dim=0), gather=EXPERTS),
+    layer("mlp.proj.weight", f"{MOE}.experts.{{e}}.w2.weight", shard=Experts(groups=1, dim=1), gather=EXPERTS),
+)
+
+
+def source_shapes(d: MixtralDims) -> dict[str, Shape]:
+    """The Llama shapes, and the router's and every expert's."""
+    h, i = d.hidden_size, d.intermediate_size
+    return {
+        **llama.source_shapes(d),
+        f"{MOE}.gate.weight": (d.num_experts, h),
+        f"{MOE}.experts.{{e}}.w1.weight": (i, h),
+        f"{MOE}.experts.{{e}}.w3.weight": (i, h),
+        f"{MOE}.experts.{{e}}.w2.weight": (h, i),
+    }
+
+
+def dims_from_hf(hf: Any) -> MixtralDims:
+    if hf.hidden_act != "silu":
+        # LLaMAConfig.from_hugging_face writes hidden_act "swiglu" for Mixtral whatever the HF act is
+        raise ShardproofError(f"hidden_act={hf.hidden_act!r}: TensorRT-LLM's Mixtral experts compute SwiGLU (silu) only")
+    dims = llama.dims_from_hf(hf, qkv_bias=False, dense_bias=False)
+    return MixtralDims(**dataclasses.asdict(dims), num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok)
+
+
+def trt_fields(hf: Any, d: MixtralDims) -> dict:
+    """LLaMAConfig's fields with the MoE block; `hidden_act` is "swiglu", as from_hugging_face sets it."""
+    return {
+        **llama.trt_fields(hf, d),
+        "hidden_act": "swiglu",
+        "moe": {"num_experts": d.num_experts, "top_k": d.top_k, "normalization_mode": RENORMALIZE},
+    }
+
+
+def dims_from_trt(cfg: dict) -> MixtralDims:
+    moe = cfg["moe"]
+    if moe.get("normalization_mode", RENORMALIZE) != RENORMALIZE:
+        raise ShardproofError(f"moe.normalization_mode={moe['normalization_mode']}: Mixtral renormalizes the top-k (1)")
+    dims = llama.dims_from_trt(cfg)
+    return MixtralDims(**dataclasses.asdict(dims), num_experts=moe["num_experts"], top_k=moe["top_k"])
+
+
+def hf_config(cfg: dict) -> dict:
+    return {
+        **llama.hf_config(cfg, "mixtral"),
+        "hidden_act": "silu",
+        "num_local_experts": cfg["moe"]["num_experts"],
+        "num_experts_per_tok": cfg["moe"]["top_k"],
+        "sliding_window": None,
+    }
+
+
+def strategy() -> Any:
+    """The Llama-family draws, with 2 to 8 experts and top-1 or top-2 routing."""
+    from hypothesis import strategies as st
+
+    return st.tuples(llama.model_strategy(), st.sampled_from([2, 4, 8]), st.integers(1, 2)).map(
+        lambda t: {**t[0], "num_local_experts": t[1], "num_experts_per_tok": t[2]}
+    )
+
+
+MIXTRAL = register(Card(
+    name="MixtralForCausalLM",
+    model_type="mixtral",
+    forward="mixtral",
+    rows=ROWS,
+    skips=llama.SKIPS,
+    source_shapes=source_shapes,
+    config=ConfigMap(
+        dims_from_hf=dims_from_hf,
+        trt_fields=trt_fields,
+        dims_from_trt=dims_from_trt,
+        hf_config=hf_config,
+        hf_read=llama.HF_READ | {"num_local_experts", "num_experts_per_tok"},
+        hf_ignored={
+            **llama.SLIDING_WINDOW_IGNORED,
+            "router_aux_loss_coef": "the load-balancing loss is training only",
+            "router_jitter_noise": "router jitter is applied in training only",
+            "output_router_logits": "what a forward returns, not what it computes",
+        },
+    ),
+    tests=TestSupport(config_class="MixtralConfig", strategy=strategy,
+                      tiny=dict(num_local_experts=4, num_experts_per_tok=2),
+                      # every expert on every token: a tiny random router has near-ties that float16/bfloat16
+                      # math flips, which the precision thresholds (set for dense models) count as a failure
+                      selftest=dict(num_experts_per_tok=4)),
+))
