@@ -19,7 +19,7 @@ from .card import Card, Dims, Row, Shape
 from .dtypes import TORCH_DTYPES
 from .errors import ShardproofError
 from .mapping import Mapping
-from .transforms import Shard, SourceOp, round_trip
+from .transforms import Shard, SourceOp, round_trip, stored_shapes
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,10 @@ class Layout:
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    """One tensor of one rank file: name, shape, dtype, the source tensors, their ops and the shard."""
+    """One tensor of one rank file: name, shape, dtype, the source tensors, their ops and the shard.
+
+    `source_shapes` are the source tensors' shapes; `stored_shapes` the shapes after the ops, which the shard splits.
+    """
 
     name: str
     shape: Shape
@@ -53,6 +56,7 @@ class PlannedTensor:
     tp_rank: int
     pp_rank: int
     ops: tuple[SourceOp, ...] = ()
+    stored_shapes: tuple[Shape, ...] = ()
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -142,14 +146,17 @@ def build_plan(card: Card, dims: Dims, layout: Layout, source_shapes: dict[str, 
                     _source_shape(name, pattern, row, expected, source_shapes, where)
                     for pattern, name in zip(row.sources, sources)
                 )
-                why = shard.check(shapes, mapping.tp_size)
+                stored = stored_shapes(row.ops, shapes)
+                why = shard.check(stored, mapping.tp_size)
                 if why:
                     raise ShardproofError(f"{where}: cannot shard {target} over tp_size={mapping.tp_size}: {why}")
                 if target in tensors:
                     raise ShardproofError(f"{card.name}: rank {rank} would get {target} twice")
-                local = shard.local_shape(shapes, mapping.tp_size)
+                local = shard.local_shape(stored, mapping.tp_size)
                 dtype = row.dtype or layout.dtype
-                tensors[target] = PlannedTensor(target, local, dtype, sources, shapes, shard, tp_rank, pp_rank, row.ops)
+                tensors[target] = PlannedTensor(
+                    target, local, dtype, sources, shapes, shard, tp_rank, pp_rank, row.ops, stored
+                )
                 consumed.update(sources)
         ranks.append(RankPlan(rank, tp_rank, pp_rank, layers, tuple(tensors.values())))
     skipped = {}

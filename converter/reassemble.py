@@ -59,7 +59,7 @@ def reassemble(
                 head = group[0]
                 pp_rank = head.pp_rank
                 locals_ = [ckpt.load(mapping.rank(t.tp_rank, pp_rank), t.name) for t in group]
-                sources, problems = head.shard.inverse(locals_, head.source_shapes)
+                sources, problems = head.shard.inverse(locals_, head.stored_shapes)
                 sources = to_source(head.ops, sources)
                 result.violations += [Violation(mapping.rank(r, pp_rank), head.name, p) for r, p in problems]
                 for name, tensor in zip(head.sources, sources):

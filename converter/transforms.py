@@ -2,9 +2,10 @@
 
 Two kinds, composed by a card's rows:
 - a *source op* (`SourceOp`) changes the source tensors before sharding: a value transform such as a norm stored as
-  `1 + weight`. `to_stored` is the one place that applies ops and the cast: ops that round run in float32 and
-  the result is cast once; exact ops commute with the cast. `to_source` inverts them, and `round_trip` is what
-  reassembly must give back, bit for bit.
+  `1 + weight`, a layout change such as a transpose, or a split of one fused tensor into parts. An op maps the
+  list of tensors (and their shapes) to a new list, one source at a time. `to_stored` is the one place that
+  applies ops and the cast: ops that round run in float32 and the result is cast once; exact ops commute with
+  the cast. `to_source` inverts them, and `round_trip` is what reassembly must give back, bit for bit.
 - a *shard* turns the (stored) source tensors into the tensor one TP rank keeps, and all ranks' tensors back,
   reporting every way the rank tensors disagree with what the forward direction must have made (replicas that
   differ, padding that is not zero). A row names a shard directly, or a *spec* (`resolve(dims, layout)`) when
@@ -43,14 +44,52 @@ class Shard(Protocol):
 
 
 class SourceOp(Protocol):
-    """A value transform of each source tensor before sharding; `exact` False means it rounds (run in float32)."""
+    """A transform of the source tensors before sharding; `exact` False means it rounds (run in float32).
+
+    `forward_all` / `inverse_all` map the whole list (an op may turn one tensor into several and back);
+    `shapes` maps their shapes the way `forward_all` maps the tensors. `PerTensor` derives all three from a
+    one-tensor `forward`, `inverse` and `shape`.
+    """
 
     name: str
     exact: bool
 
-    def forward(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def forward_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
-    def inverse(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def inverse_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
+
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]: ...
+
+
+class PerTensor:
+    """A source op applied to each tensor alone: subclasses define `forward`, `inverse` and, when it changes,
+    `shape`."""
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def inverse(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def shape(self, shape: Shape) -> Shape:
+        return shape
+
+    def forward_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.forward(t) for t in tensors]
+
+    def inverse_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.inverse(t) for t in tensors]
+
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+        return [self.shape(s) for s in shapes]
+
+
+def stored_shapes(ops: Sequence[SourceOp], shapes: Sequence[Shape]) -> tuple[Shape, ...]:
+    """The shapes of the source tensors after `ops`: what the shard splits."""
+    out = list(shapes)
+    for op in ops:
+        out = op.shapes(out)
+    return tuple(out)
 
 
 def to_stored(ops: Sequence[SourceOp], tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -59,11 +98,11 @@ def to_stored(ops: Sequence[SourceOp], tensors: Sequence[torch.Tensor], dtype: t
     if all(op.exact for op in ops):
         out = [t.to(dtype) for t in tensors]
         for op in ops:
-            out = [op.forward(t) for t in out]
+            out = op.forward_all(out)
         return out
     out = [t.float() for t in tensors]
     for op in ops:
-        out = [op.forward(t) for t in out]
+        out = op.forward_all(out)
     return [t.to(dtype) for t in out]
 
 
@@ -72,12 +111,13 @@ def to_source(ops: Sequence[SourceOp], tensors: Sequence[torch.Tensor]) -> list[
     if all(op.exact for op in ops):
         out = list(tensors)
         for op in reversed(ops):
-            out = [op.inverse(t) for t in out]
+            out = op.inverse_all(out)
         return out
+    dtype = tensors[0].dtype
     out = [t.float() for t in tensors]
     for op in reversed(ops):
-        out = [op.inverse(t) for t in out]
-    return [o.to(t.dtype) for o, t in zip(out, tensors)]
+        out = op.inverse_all(out)
+    return [o.to(dtype) for o in out]
 
 
 def round_trip(ops: Sequence[SourceOp], tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -86,7 +126,7 @@ def round_trip(ops: Sequence[SourceOp], tensor: torch.Tensor, dtype: torch.dtype
 
 
 @dataclass(frozen=True)
-class AddOne:
+class AddOne(PerTensor):
     """Stored = source + 1: for norms whose HF module multiplies by (1 + weight) and the runtime by the weight.
     It rounds: 1 + w is not exact in any floating dtype."""
 
@@ -101,6 +141,54 @@ class AddOne:
 
 
 ADD_ONE = AddOne()
+
+
+@dataclass(frozen=True)
+class Transpose(PerTensor):
+    """Stored = source.T: for weights stored `[in, out]` (a Conv1D) where the checkpoint needs `[out, in]`.
+    Exact; a 1-D tensor (a bias) has no transpose, so a row applies it to matrices only."""
+
+    name = "transpose"
+    exact = True
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.t().contiguous()
+
+    def inverse(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.t().contiguous()
+
+    def shape(self, shape: Shape) -> Shape:
+        rows, cols = shape
+        return (cols, rows)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Each source tensor split on dim 0 into `parts` equal parts (a fused [q; k; v] into q, k, v for a shard
+    that takes them separately). Exact; the inverse concatenates every `parts` consecutive tensors."""
+
+    parts: int
+    exact = True
+
+    @property
+    def name(self) -> str:
+        return f"chunk{self.parts}"
+
+    def forward_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [part for t in tensors for part in torch.chunk(t, self.parts)]
+
+    def inverse_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat(list(tensors[i : i + self.parts])) for i in range(0, len(tensors), self.parts)]
+
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+        for shape in shapes:
+            if shape[0] % self.parts:
+                raise ValueError(f"dimension 0 of shape {list(shape)} does not split into {self.parts} equal parts")
+        return [(shape[0] // self.parts, *shape[1:]) for shape in shapes for _ in range(self.parts)]
+
+
+TRANSPOSE = Transpose()
+
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
     diff = (a.float() - b.float()).abs()

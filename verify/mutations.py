@@ -237,7 +237,8 @@ def bfloat16_detour(files: RankFiles, cfg: RuntimeConfig) -> None:
             f[name] = tensor.to(torch.bfloat16).to(tensor.dtype)
 
 
-def _rewrite_op_tensors(checkpoint_dir: Path, source_dir: Path, value: Callable[[tuple[SourceOp, ...], Tensor], Tensor]) -> None:
+def _rewrite_op_tensors(checkpoint_dir: Path, source_dir: Path,
+                        value: Callable[[tuple[SourceOp, ...], list[Tensor]], list[Tensor]]) -> None:
     """Rewrite every tensor made through an op that rounds as `value(ops, source cast to its stored dtype)`."""
     ckpt, source = TRTCheckpoint(checkpoint_dir), HFCheckpoint(source_dir)
     tp = ckpt.mapping.tp_size
@@ -247,16 +248,16 @@ def _rewrite_op_tensors(checkpoint_dir: Path, source_dir: Path, value: Callable[
 
     def edit(files: RankFiles, cfg: RuntimeConfig) -> None:
         for rank, t in planned:
-            sources = [value(t.ops, source.load(s).to(t.torch_dtype)) for s in t.sources]
+            sources = value(t.ops, [source.load(s).to(t.torch_dtype) for s in t.sources])
             files[rank][t.name] = t.shard.forward(sources, tp, t.tp_rank)
 
     _rewrite_ranks(checkpoint_dir, edit)
 
 
-def _apply(ops: tuple[SourceOp, ...], tensor: Tensor) -> Tensor:
+def _apply(ops: tuple[SourceOp, ...], tensors: list[Tensor]) -> list[Tensor]:
     for op in ops:
-        tensor = op.forward(tensor)
-    return tensor
+        tensors = op.forward_all(tensors)
+    return tensors
 
 
 def op_skipped(checkpoint_dir: Path, source_dir: Path) -> None:
