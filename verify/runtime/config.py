@@ -1,8 +1,8 @@
 """``config.json`` of a TensorRT-LLM checkpoint as the runtime reads it: generic fields, checked.
 
 A fault of the file (bad JSON, a missing key, sizes the mapping cannot split) raises ``ValueError``; a valid
-file asking for a feature the runtime does not execute (quantization, MoE, context parallelism, another
-position embedding, activation or rotary scaling) raises ``CheckNotRun``.
+file asking for a feature the runtime does not execute (quantization, MoE, context parallelism, a position
+embedding its family forward does not declare, an activation or rotary scaling) raises ``CheckNotRun``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 from shardproof.converter.card import get_card, supported_architectures
 from shardproof.converter.errors import CheckNotRun, ShardproofError
 
-from .blocks import ACTIVATIONS, POSITION_EMBEDDING, ROTARY_SCALING_TYPES
+from .blocks import ACTIVATIONS, ROTARY_SCALING_TYPES
+from .family import get_family
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -38,6 +39,7 @@ class RuntimeConfig:
     num_kv_heads: int
     head_size: int
     intermediate_size: int
+    max_position_embeddings: int
     norm_epsilon: float
     rotary_base: float
     rotary_scaling: dict[str, Any] | None
@@ -127,11 +129,12 @@ def load_config(path: Path) -> RuntimeConfig:
         num_kv_heads=int(raw.get("num_key_value_heads") or heads),
         head_size=int(raw.get("head_size") or hidden // heads),
         intermediate_size=int(need("intermediate_size")),
+        max_position_embeddings=int(need("max_position_embeddings")),
         norm_epsilon=float(need("norm_epsilon")),
         rotary_base=float(raw.get("rotary_base", 10000.0)),
         rotary_scaling=None if kind == "default" else {**scaling, "rope_type": kind},
-        attn_bias=bool(raw.get("attn_bias", False)),
-        mlp_bias=bool(raw.get("mlp_bias", False)),
+        attn_bias=bool(raw.get("attn_bias", raw.get("bias", False))),  # GPTConfig: one `bias` for every linear
+        mlp_bias=bool(raw.get("mlp_bias", raw.get("bias", False))),
         qk_layernorm=bool(raw.get("qk_layernorm", False)),
         use_parallel_embedding=bool(raw.get("use_parallel_embedding", False)),
         embedding_sharding_dim=int(raw.get("embedding_sharding_dim", 0)),
@@ -161,11 +164,13 @@ def load_config(path: Path) -> RuntimeConfig:
         if not ok:
             raise bad(problem)
 
+    positions = get_family(forward).position_embedding_type
     unsupported = [
         (cfg.hidden_act not in ACTIVATIONS,
          f"unsupported hidden_act {cfg.hidden_act!r} (supported: {sorted(ACTIVATIONS)})"),
-        (raw.get("position_embedding_type") != POSITION_EMBEDDING,
-         f"unsupported position_embedding_type {raw.get('position_embedding_type')!r}"),
+        (raw.get("position_embedding_type") != positions,
+         f"unsupported position_embedding_type {raw.get('position_embedding_type')!r} "
+         f"(the {forward} forward executes {positions!r})"),
         (kind not in ROTARY_SCALING_TYPES,
          f"unsupported rotary_scaling {scaling!r} (types: {ROTARY_SCALING_TYPES})"),
         (bool(quant.get("quant_algo") or quant.get("kv_cache_quant_algo")),
