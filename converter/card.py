@@ -187,7 +187,9 @@ class TestSupport:
     overrides that switch on every optional feature (biases, ...) so every mutant has something to break;
     `strategy()`: a hypothesis strategy of config overrides for the property tests (hypothesis imported
     lazily: it is a test dependency); `norm_center`: the value norms are randomized around (1 when the model
-    multiplies by the weight, 0 when it multiplies by 1 + weight).
+    multiplies by the weight, 0 when it multiplies by 1 + weight); `norms`: a regular expression matching the
+    parameter names of those norm weights; `config_names`: how the config class spells the shared tiny sizes
+    (`hidden_size`, `num_key_value_heads`, ...) where it differs, None for a size it does not have.
     """
 
     config_class: str
@@ -195,6 +197,20 @@ class TestSupport:
     tiny: Mapping[str, Any] = field(default_factory=dict)
     selftest: Mapping[str, Any] = field(default_factory=dict)
     norm_center: float = 1.0
+    norms: str = "norm"
+    config_names: Mapping[str, str | None] = field(default_factory=dict)
+
+    def config_fields(self, sizes: Mapping[str, Any]) -> dict[str, Any]:
+        """`sizes` (shared names, as the strategies and tests write them) with the config class's names."""
+        out = {}
+        for name, value in sizes.items():
+            spelled = self.config_names.get(name, name)
+            if spelled is not None:
+                out[spelled] = value
+        return out
+
+    def is_norm(self, parameter: str) -> bool:
+        return re.search(self.norms, parameter) is not None
 
 
 def as_asked(layout: Any, dims: Dims) -> Any:

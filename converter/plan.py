@@ -42,7 +42,10 @@ class Layout:
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    """One tensor of one rank file: name, shape, dtype, the source tensors, their ops and the shard."""
+    """One tensor of one rank file: name, shape, dtype, the source tensors, their ops and the shard.
+
+    `source_shapes` are the source tensors' shapes; `stored_shapes` the shapes after the ops, which the shard splits.
+    """
 
     name: str
     shape: Shape
@@ -60,7 +63,7 @@ class PlannedTensor:
 
     @property
     def stored_shapes(self) -> tuple[Shape, ...]:
-        """The shapes the shard works on: the source shapes after the ops that chunk or reorder them."""
+        """The shapes the shard works on: the source shapes after the ops (chunked, reordered, transposed)."""
         return stored_shapes(self.ops, self.source_shapes)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -43,51 +43,57 @@ class Shard(Protocol):
 
 
 class SourceOp(Protocol):
-    """A value transform of each source tensor before sharding; `exact` False means it rounds (run in float32)."""
+    """A transform of a row's source tensors before sharding; `exact` False means it rounds (run in float32).
+
+    `forward_all` / `inverse_all` map the whole list (an op may turn one fused tensor into several and back);
+    `shapes` maps their shapes the way `forward_all` maps the tensors. `PerTensor` derives all three from a
+    one-tensor `forward`, `inverse` and `shape`.
+    """
 
     name: str
     exact: bool
 
-    def forward(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def forward_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
-    def inverse(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def inverse_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
-
-@runtime_checkable
-class PartsOp(Protocol):
-    """A source op over a row's whole list of source tensors that may change how many there are (one fused
-    tensor chunked into parts, parts reordered); `part_shapes` maps the shapes the same way. Exact."""
-
-    name: str
-    exact: bool
-
-    def forward_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
-
-    def inverse_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
-
-    def part_shapes(self, shapes: Sequence[Shape]) -> list[Shape]: ...
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]: ...
 
 
-def _forward(op: SourceOp | PartsOp, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return op.forward_parts(tensors) if isinstance(op, PartsOp) else [op.forward(t) for t in tensors]
+class PerTensor:
+    """A source op applied to each tensor alone: subclasses define `forward`, `inverse` and, when it changes,
+    `shape`."""
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def inverse(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def shape(self, shape: Shape) -> Shape:
+        return shape
+
+    def forward_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.forward(t) for t in tensors]
+
+    def inverse_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.inverse(t) for t in tensors]
+
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+        return [self.shape(s) for s in shapes]
 
 
-def _inverse(op: SourceOp | PartsOp, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return op.inverse_parts(tensors) if isinstance(op, PartsOp) else [op.inverse(t) for t in tensors]
-
-
-def resolve_ops(ops: Sequence[Any], dims: Any, layout: Any) -> tuple[SourceOp | PartsOp, ...]:
+def resolve_ops(ops: Sequence[Any], dims: Any, layout: Any) -> tuple[SourceOp, ...]:
     """A row's ops for this model: an op spec (one with `resolve`, e.g. a chunk sized by the heads) resolved
     against the dims and layout, a plain op as it is."""
     return tuple(op.resolve(dims, layout) if hasattr(op, "resolve") else op for op in ops)
 
 
-def stored_shapes(ops: Sequence[SourceOp | PartsOp], shapes: Sequence[Shape]) -> tuple[Shape, ...]:
+def stored_shapes(ops: Sequence[SourceOp], shapes: Sequence[Shape]) -> tuple[Shape, ...]:
     """The shapes the shard receives: the source shapes mapped through the ops that change them."""
     out = list(shapes)
     for op in ops:
-        if isinstance(op, PartsOp):
-            out = op.part_shapes(out)
+        out = op.shapes(out)
     return tuple(tuple(s) for s in out)
 
 
@@ -97,11 +103,11 @@ def to_stored(ops: Sequence[SourceOp], tensors: Sequence[torch.Tensor], dtype: t
     if all(op.exact for op in ops):
         out = [t.to(dtype) for t in tensors]
         for op in ops:
-            out = _forward(op, out)
+            out = op.forward_all(out)
         return out
     out = [t.float() for t in tensors]
     for op in ops:
-        out = _forward(op, out)
+        out = op.forward_all(out)
     return [t.to(dtype) for t in out]
 
 
@@ -110,11 +116,11 @@ def to_source(ops: Sequence[SourceOp], tensors: Sequence[torch.Tensor]) -> list[
     if all(op.exact for op in ops):
         out = list(tensors)
         for op in reversed(ops):
-            out = _inverse(op, out)
+            out = op.inverse_all(out)
         return out
     out = [t.float() for t in tensors]
     for op in reversed(ops):
-        out = _inverse(op, out)
+        out = op.inverse_all(out)
     dtype = tensors[0].dtype
     return [o.to(dtype) for o in out]
 
@@ -125,7 +131,7 @@ def round_trip(ops: Sequence[SourceOp], tensor: torch.Tensor, dtype: torch.dtype
 
 
 @dataclass(frozen=True)
-class AddOne:
+class AddOne(PerTensor):
     """Stored = source + 1: for norms whose HF module multiplies by (1 + weight) and the runtime by the weight.
     It rounds: 1 + w is not exact in any floating dtype."""
 
@@ -143,6 +149,28 @@ ADD_ONE = AddOne()
 
 
 @dataclass(frozen=True)
+class Transpose(PerTensor):
+    """Stored = source.T: for weights stored `[in, out]` (a Conv1D) where the checkpoint needs `[out, in]`.
+    Exact; a 1-D tensor (a bias) has no transpose, so a row applies it to matrices only."""
+
+    name = "transpose"
+    exact = True
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.t().contiguous()
+
+    def inverse(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.t().contiguous()
+
+    def shape(self, shape: Shape) -> Shape:
+        rows, cols = shape
+        return (cols, rows)
+
+
+TRANSPOSE = Transpose()
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One fused source split on dim 0 into parts of `sizes` rows (weights and biases alike); the inverse
     concatenates them. Exact: it only moves values."""
@@ -151,14 +179,14 @@ class Chunk:
     name = "chunk"
     exact = True
 
-    def forward_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         (fused,) = tensors
         return list(torch.split(fused, list(self.sizes)))
 
-    def inverse_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def inverse_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.cat(list(tensors))]
 
-    def part_shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
         (shape,) = shapes
         if shape[0] != sum(self.sizes):
             raise ValueError(f"cannot chunk {shape[0]} rows into parts of {list(self.sizes)}")
@@ -173,14 +201,14 @@ class EqualChunks:
     name = "equal-chunks"
     exact = True
 
-    def forward_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         (fused,) = tensors
         return list(torch.chunk(fused, self.parts))
 
-    def inverse_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def inverse_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.cat(list(tensors))]
 
-    def part_shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
         (shape,) = shapes
         if shape[0] % self.parts:
             raise ValueError(f"cannot chunk {shape[0]} rows into {self.parts} equal parts")
@@ -204,16 +232,16 @@ class Reorder:
     name = "reorder"
     exact = True
 
-    def forward_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [tensors[i] for i in self.order]
 
-    def inverse_parts(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def inverse_all(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = [tensors[0]] * len(self.order)
         for position, i in enumerate(self.order):
             out[i] = tensors[position]
         return out
 
-    def part_shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:
         return [shapes[i] for i in self.order]
 
 

@@ -35,12 +35,12 @@ def random_checkpoint(directory: Path, architecture: str, seed: int, dtype: str 
     (norms around the card's norm center, so a mis-mapped norm shows); `shards` > 1 writes a sharded checkpoint
     with model.safetensors.index.json."""
     config = tiny_config(architecture, **overrides)
-    center = get_card(architecture).tests.norm_center
+    tests = get_card(architecture).tests
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in saved_shapes(architecture, **overrides).items():
         value = torch.randn(shape, generator=generator) * 0.1
-        tensors[name] = (center + value if "norm" in name else value).to(getattr(torch, dtype))
+        tensors[name] = (tests.norm_center + value if tests.is_norm(name) else value).to(getattr(torch, dtype))
     directory.mkdir(parents=True, exist_ok=True)
     config.dtype = dtype
     config.save_pretrained(directory)

@@ -1,7 +1,9 @@
-"""An independent oracle: TensorRT-LLM's Llama-family conversion rules written out literally, for tests.
+"""An independent oracle: TensorRT-LLM's Llama-family and GPT-2 conversion rules written out literally, for tests.
 
-It follows tensorrt_llm/models/llama/convert.py (`load_weights_from_hf_model`; Phi-3: models/phi3/convert.py) and convert_utils.py
-(`dup_kv_weight`, `split`, `pad_vocab_size`) step by step on whole tensors, sharing no code with converter/,
+It follows tensorrt_llm/models/llama/convert.py (`load_weights_from_hf_model`; Phi-3: models/phi3/convert.py;
+Mixtral: the MoE branch of `convert_layer`) and convert_utils.py (`dup_kv_weight`, `split`, `pad_vocab_size`),
+and models/gpt/convert.py (`split_qkv`, `split_embedding`) for GPT-2, step by step on whole tensors, sharing no
+code with converter/,
 so a wrong primitive in converter/sharding.py cannot agree with it by construction.
 """
 
@@ -29,9 +31,10 @@ def pad_rows(v: torch.Tensor, tp: int) -> torch.Tensor:
     return torch.nn.functional.pad(v, (0, 0, 0, padded - v.shape[0]))
 
 
-# The families this oracle transcribes; Gemma's norms are stored as 1 + weight; Phi-3 fuses q/k/v and gate/up.
+# The families this oracle transcribes; Gemma's norms are stored as 1 + weight; Phi-3 fuses q/k/v and gate/up;
+# GPT-2 has its own rules below.
 ORACLE = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
-          "Phi3ForCausalLM", "MixtralForCausalLM"}
+          "Phi3ForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel"}
 FORCED_EMBEDDING = {"GemmaForCausalLM"}  # its TensorRT-LLM config decides the embedding's sharding itself
 
 
@@ -79,6 +82,8 @@ def expected_ranks(
     with Mapping's defaults (moe_tp = tp, moe_ep = 1; one given, the other is tp divided by it).
     """
     architecture = cfg["architectures"][0]
+    if architecture == "GPT2LMHeadModel":
+        return expected_gpt2_ranks(hf, cfg, dtype, tp, pp, parallel_embedding, sharding_dim)
     share = False
     if architecture in FORCED_EMBEDDING:
         parallel_embedding, sharding_dim, share = tp > 1, 0, pp == 1
@@ -148,5 +153,59 @@ def expected_ranks(
             if parallel_embedding:
                 embedding = split(pad_rows(embedding, tp) if sharding_dim == 0 else embedding, tp, tp_rank, dim=sharding_dim)
             w["transformer.vocab_embedding.weight"] = embedding
+        out.append(w)
+    return out
+
+
+def split_qkv(v: torch.Tensor, tp: int, rank: int, hidden: int) -> torch.Tensor:
+    """models/gpt/convert.py `split_qkv` for multi-head attention: q, k, v rows of `hidden` each, each split."""
+    q, k, w = torch.split(v, [hidden, hidden, hidden], dim=0)
+    return torch.cat([split(q, tp, rank), split(k, tp, rank), split(w, tp, rank)], dim=0)
+
+
+def split_embedding(v: torch.Tensor, tp: int, rank: int, parallel: bool, sharding_dim: int) -> torch.Tensor:
+    """models/gpt/convert.py `split_embedding`: whole, or rows padded to a multiple of tp then split, or columns."""
+    if not parallel:
+        return v
+    return split(pad_rows(v, tp) if sharding_dim == 0 else v, tp, rank, dim=sharding_dim)
+
+
+def expected_gpt2_ranks(
+    hf: dict[str, torch.Tensor], cfg: dict, dtype: torch.dtype, tp: int, pp: int,
+    parallel_embedding: bool, sharding_dim: int,
+) -> list[dict[str, torch.Tensor]]:
+    """models/gpt/convert.py `load_weights_from_hf_model`, gpt_variant "gpt2": Conv1D weights transposed
+    (`.t()`), c_attn through `split_qkv`, dense and proj split on dim 1 with whole biases, fc and its bias on
+    dim 0, ln weights and biases whole; wte and wpe through `split_embedding` on the first stage; lm_head the
+    padded, split wte on the last (HF's own lm_head.weight when the config unties it: see docs/format.md)."""
+    hf = {k: v.to(dtype) for k, v in hf.items()}
+    hidden, layers = cfg["n_embd"], cfg["n_layer"]
+    out = []
+    for rank in range(tp * pp):
+        tp_rank, pp_rank = rank % tp, rank // tp
+        stage = torch.tensor_split(torch.arange(layers), pp)[pp_rank].tolist()
+        w = {}
+        for local, layer in enumerate(stage):
+            p, t = f"transformer.h.{layer}.", f"transformer.layers.{local}."
+            w[t + "attention.qkv.weight"] = split_qkv(hf[p + "attn.c_attn.weight"].t(), tp, tp_rank, hidden)
+            w[t + "attention.qkv.bias"] = split_qkv(hf[p + "attn.c_attn.bias"], tp, tp_rank, hidden)
+            w[t + "attention.dense.weight"] = split(hf[p + "attn.c_proj.weight"].t(), tp, tp_rank, dim=1)
+            w[t + "attention.dense.bias"] = hf[p + "attn.c_proj.bias"]
+            w[t + "mlp.fc.weight"] = split(hf[p + "mlp.c_fc.weight"].t(), tp, tp_rank)
+            w[t + "mlp.fc.bias"] = split(hf[p + "mlp.c_fc.bias"], tp, tp_rank)
+            w[t + "mlp.proj.weight"] = split(hf[p + "mlp.c_proj.weight"].t(), tp, tp_rank, dim=1)
+            w[t + "mlp.proj.bias"] = hf[p + "mlp.c_proj.bias"]
+            for hf_norm, trt_norm in (("ln_1", "input_layernorm"), ("ln_2", "post_layernorm")):
+                w[t + f"{trt_norm}.weight"] = hf[p + f"{hf_norm}.weight"]
+                w[t + f"{trt_norm}.bias"] = hf[p + f"{hf_norm}.bias"]
+        if pp_rank == 0:
+            for hf_name, trt_name in (("wte", "vocab_embedding"), ("wpe", "position_embedding")):
+                w[f"transformer.{trt_name}.weight"] = split_embedding(
+                    hf[f"transformer.{hf_name}.weight"], tp, tp_rank, parallel_embedding, sharding_dim)
+        if pp_rank == pp - 1:
+            head = hf["transformer.wte.weight"] if cfg.get("tie_word_embeddings", True) else hf["lm_head.weight"]
+            w["lm_head.weight"] = split(pad_rows(head, tp), tp, tp_rank)
+            w["transformer.ln_f.weight"] = hf["transformer.ln_f.weight"]
+            w["transformer.ln_f.bias"] = hf["transformer.ln_f.bias"]
         out.append(w)
     return out

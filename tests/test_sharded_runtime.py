@@ -302,12 +302,12 @@ def _patched(ckpt_dir: Path, tmp_path: Path, patch: dict) -> Path:
 
 
 @pytest.mark.parametrize("patch, problem", [
-    ({"architecture": "GPT2LMHeadModel"}, "unsupported architecture"),
+    ({"architecture": "NoSuchForCausalLM"}, "unsupported architecture"),
     ({"num_attention_heads": 5}, "num_attention_heads=5 not divisible by tp=2"),
     ({"rotary_scaling": {"factor": 2.0}}, "rotary_scaling .* names no rope_type"),
     ({"rotary_scaling": "yarn"}, "rotary_scaling 'yarn' is not an object"),
     ({"mapping": {"world_size": 3}}, "mapping.world_size=3"),
-], ids=["gpt2", "heads", "untyped-rope", "rope-not-object", "world-size"])
+], ids=["unknown-architecture", "heads", "untyped-rope", "rope-not-object", "world-size"])
 def test_bad_config(llama_tp2, tmp_path: Path, patch: dict, problem: str) -> None:
     with pytest.raises(ValueError, match=rf"config\.json: {problem}"):
         ShardedCheckpoint(_patched(llama_tp2[1], tmp_path, patch))

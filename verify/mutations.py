@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -23,7 +24,8 @@ from torch import Tensor
 
 from shardproof.converter.checkpoint import TRTCheckpoint
 from shardproof.converter.source import HFCheckpoint
-from shardproof.converter.transforms import VOCAB, SourceOp, to_stored
+from shardproof.converter.card import get_card
+from shardproof.converter.transforms import VOCAB, SourceOp, Transpose, to_stored
 
 from .runtime.config import RuntimeConfig, load_config
 
@@ -112,15 +114,16 @@ def _qkv(files: RankFiles) -> list[tuple[dict[str, Tensor], str]]:
 @rank_edit
 def swap_gate_up(files: RankFiles, cfg: RuntimeConfig) -> None:
     """HF gate_proj written as `mlp.gate` and up_proj as `mlp.fc` (GatedMLP is act(fc(x)) * gate(x)); with a
-    fused swiglu fc, each rank's halves swapped to [gate_r; up_r]."""
+    fused swiglu fc (one expert's or each expert's), each rank's halves swapped to [gate_r; up_r]."""
     for f in files:
-        for name in [n for n in f if ".mlp.fc." in n and n.replace(".mlp.fc.", ".mlp.gate.") in f]:
+        for name in [n for n in f if ".mlp.fc." in n]:
             other = name.replace(".mlp.fc.", ".mlp.gate.")
             if other in f:
                 f[name], f[other] = f[other], f[name]
             elif cfg.hidden_act == "swiglu":
-                first, second = f[name].chunk(2)
-                f[name] = torch.cat([second, first])
+                dim = -2 if f[name].dim() > 1 else 0
+                first, second = f[name].chunk(2, dim=dim)
+                f[name] = torch.cat([second, first], dim=dim)
 
 
 @rank_edit
@@ -251,7 +254,8 @@ def bfloat16_detour(files: RankFiles, cfg: RuntimeConfig) -> None:
             f[name] = tensor.to(torch.bfloat16).to(tensor.dtype)
 
 
-def _rewrite_op_tensors(checkpoint_dir: Path, source_dir: Path, value: Callable[[tuple[SourceOp, ...], Tensor], Tensor]) -> None:
+def _rewrite_op_tensors(checkpoint_dir: Path, source_dir: Path,
+                        value: Callable[[tuple[SourceOp, ...], list[Tensor]], list[Tensor]]) -> None:
     """Rewrite every tensor made through an op that rounds as `value(ops, source cast to its stored dtype)`."""
     ckpt, source = TRTCheckpoint(checkpoint_dir), HFCheckpoint(source_dir)
     tp = ckpt.mapping.tp_size
@@ -261,16 +265,16 @@ def _rewrite_op_tensors(checkpoint_dir: Path, source_dir: Path, value: Callable[
 
     def edit(files: RankFiles, cfg: RuntimeConfig) -> None:
         for rank, t in planned:
-            sources = [value(t.ops, source.load(s).to(t.torch_dtype)) for s in t.sources]
+            sources = value(t.ops, [source.load(s).to(t.torch_dtype) for s in t.sources])
             files[rank][t.name] = t.shard.forward(sources, tp, t.tp_rank)
 
     _rewrite_ranks(checkpoint_dir, edit)
 
 
-def _apply(ops: tuple[SourceOp, ...], tensor: Tensor) -> Tensor:
+def _apply(ops: tuple[SourceOp, ...], tensors: list[Tensor]) -> list[Tensor]:
     for op in ops:
-        tensor = op.forward(tensor)
-    return tensor
+        tensors = op.forward_all(tensors)
+    return tensors
 
 
 def op_skipped(checkpoint_dir: Path, source_dir: Path) -> None:
@@ -281,6 +285,24 @@ def op_skipped(checkpoint_dir: Path, source_dir: Path) -> None:
 def op_after_cast(checkpoint_dir: Path, source_dir: Path) -> None:
     """An op that rounds applied after the cast, in the checkpoint dtype, instead of in float32 and then cast."""
     _rewrite_op_tensors(checkpoint_dir, source_dir, _apply)
+
+
+def transpose_skipped(checkpoint_dir: Path, source_dir: Path) -> None:
+    """A transpose op left out (a Conv1D weight, stored [in, out], written as if it were a Linear's [out, in]):
+    the square weights only, whose shape stays right, so only the values say it."""
+    ckpt, source = TRTCheckpoint(checkpoint_dir), HFCheckpoint(source_dir)
+    tp = ckpt.mapping.tp_size
+    planned = [(rank.rank, t) for rank in ckpt.plan.ranks for t in rank.tensors
+               if t.ops and all(isinstance(op, Transpose) for op in t.ops) and t.source_shapes == t.stored_shapes]
+    if not planned:
+        raise NotApplicable(f"{ckpt.card.name} has no square weight stored transposed")
+
+    def edit(files: RankFiles, cfg: RuntimeConfig) -> None:
+        for rank, t in planned:
+            sources = [source.load(s).to(t.torch_dtype) for s in t.sources]
+            files[rank][t.name] = t.shard.forward(sources, tp, t.tp_rank)
+
+    _rewrite_ranks(checkpoint_dir, edit)
 
 
 def rotary_base_default(checkpoint_dir: Path, source_dir: Path) -> None:
@@ -349,17 +371,23 @@ OUTLIER = 7.0e4  # above float16's largest finite value, 65504
 
 
 def source_outlier(model_dir: Path, source_dir: Path) -> None:
-    """One source weight of layer 1 (the first matrix of that layer, element [0, 0]) set to 7e4: casting it to
-    float16 gives inf."""
+    """One source weight of layer 1 (the matrix the card maps to `mlp.proj.weight`, element [0, 0]) set to 7e4:
+    casting it to float16 gives inf. (An inf in q instead can vanish in the runtime: torch's CPU float16
+    attention kernel returns finite values for it.)"""
+    card = get_card(HFCheckpoint(model_dir).architecture)
+    patterns = [re.escape(s.replace("{i}", "1")).replace(r"\{", "{").replace(r"\}", "}")
+                for row in card.rows if row.stage == "layer" and row.target.endswith(".mlp.proj.weight")
+                for s in row.sources]
+    proj = re.compile("|".join(re.sub(r"\{\w+\}", r"\\d+", p) for p in patterns))  # other indices (experts): any
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            names = [n for n in f.keys() if ".layers.1." in n and len(f.get_slice(n).get_shape()) == 2]
+            names = sorted(n for n in f.keys() if proj.fullmatch(n))
         if names:
             tensors = load_file(path)
             tensors[names[0]][0, 0] = OUTLIER
             save_file(tensors, path, metadata={"format": "pt"})
             return
-    raise NotApplicable(f"{model_dir}: no matrix in layer 1")
+    raise NotApplicable(f"{model_dir}: no mlp.proj matrix in layer 1")
 
 
 FP32_TP1_PP2 = Layout(pp_size=2)
@@ -374,6 +402,8 @@ CATALOG: tuple[Mutant, ...] = (
            FP32_TP1_PP2, dense_not_transposed, "layer 0"),
     Mutant("qkv-order-kqv", "fused qkv concatenated as [k; q; v] on every rank",
            BF16_TP2, qkv_as_kqv, "layer 0"),
+    Mutant("conv1d-not-transposed", "square [in, out] (Conv1D) weights stored without their transpose",
+           BF16_TP2, transpose_skipped, "layer 0"),
     Mutant("dense-bias-divided", "row-parallel attention.dense.bias stored as bias / tp on every rank",
            BF16_TP2, dense_bias_divided_by_tp, "layer 0"),
     Mutant("rotary-base-default", "config.json rotary_base reset to 10000 (the self-test models use 500000)",

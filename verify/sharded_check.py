@@ -178,16 +178,29 @@ class HFReference:
         return load_model(scratch, torch.float32, self.device)
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's list of layers, whatever the family calls it (`layers`, `h`): its module list with one
+    entry per hidden layer."""
+    count = model.config.num_hidden_layers
+    return next(m for m in model.get_decoder().children() if isinstance(m, torch.nn.ModuleList) and len(m) == count)
+
+
 def _forward(model: torch.nn.Module, ids: Tensor, capture: bool) -> tuple[Tensor, list[Tensor]]:
-    """Logits and, with `capture`, the embedding's and every decoder layer's outputs, float32 on the CPU."""
+    """Logits and, with `capture`, the embedding (what enters the first decoder layer: token embedding, scaled or
+    with positions added as the family does) and every decoder layer's outputs, float32 on the CPU."""
     outputs: list[Tensor] = []
 
     def keep(module: torch.nn.Module, inputs: object, output: object) -> None:
         tensor = output if isinstance(output, Tensor) else output[0]
         outputs.append(tensor.detach().float().cpu())
 
-    modules = [model.get_input_embeddings(), *model.get_decoder().layers] if capture else []
-    handles = [m.register_forward_hook(keep) for m in modules]
+    def keep_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        outputs.append((args[0] if args else kwargs["hidden_states"]).detach().float().cpu())
+
+    layers = decoder_layers(model) if capture else []
+    handles = [m.register_forward_hook(keep) for m in layers]
+    if capture:
+        handles.append(layers[0].register_forward_pre_hook(keep_input, with_kwargs=True))
     try:
         with torch.inference_mode():
             logits = model(input_ids=ids, use_cache=False).logits.float().cpu()

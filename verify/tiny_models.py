@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from shardproof.converter.card import get_card
+from shardproof.converter.card import TestSupport, get_card
 
 TINY = dict(
     vocab_size=97,
@@ -30,13 +30,14 @@ def tiny_config(architecture: str, **overrides: Any):
     card = get_card(architecture)
     fields = {**TINY, **card.tests.tiny, **overrides}
     fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
-    config = getattr(transformers, card.tests.config_class)(**fields)
+    config = getattr(transformers, card.tests.config_class)(**card.tests.config_fields(fields))
     config.architectures = [architecture]
     return config
 
 
-def randomize_(model: torch.nn.Module, seed: int, norm_center: float) -> None:
-    """Give every parameter random values: weights and biases N(0, 0.1), norm weights `norm_center` + N(0, 0.1).
+def randomize_(model: torch.nn.Module, seed: int, tests: TestSupport) -> None:
+    """Give every parameter random values: weights and biases N(0, 0.1), norm weights (`tests.is_norm`)
+    `tests.norm_center` + N(0, 0.1).
 
     HF initializes norms to ones and biases to zeros, which would hide a mis-mapped norm or bias.
     """
@@ -44,7 +45,7 @@ def randomize_(model: torch.nn.Module, seed: int, norm_center: float) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float32) * 0.1
-            value = norm_center + noise if "norm" in name else noise
+            value = tests.norm_center + noise if tests.is_norm(name) else noise
             param.copy_(value.to(param.dtype))
 
 
@@ -63,7 +64,7 @@ def build_tiny_model(
     config = tiny_config(architecture, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    randomize_(model, seed, card.tests.norm_center)
+    randomize_(model, seed, card.tests)
     model = model.to(getattr(torch, dtype))
     directory = Path(directory)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

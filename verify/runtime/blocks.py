@@ -8,6 +8,7 @@ engine does, so a replica that differs between rank files shows up.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -31,7 +32,9 @@ def swiglu(t: Tensor) -> Tensor:
     return F.silu(gate) * x
 
 
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "swiglu": swiglu}
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # both names of the tanh approximation
+               "swiglu": swiglu}
 POSITION_EMBEDDING = "rope_gpt_neox"
 LONG_ROPE = "long_rope"  # TensorRT-LLM's rotary with longrope factors in their own config fields
 ROTARY_SCALING_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -41,6 +44,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm with the statistics in float32, scaled by ``weight`` in the compute dtype."""
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def layer_norm(x: Tensor, w: RankWeights, name: str, eps: float) -> Tensor:
+    """LayerNorm ``name`` (its ``.weight`` and ``.bias``): statistics in float32, affine in the compute dtype."""
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    return normed * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+
+def layer_norm_tensors(name: str, cfg: RuntimeConfig) -> dict[str, Shape]:
+    return {f"{name}.weight": (cfg.hidden_size,), f"{name}.bias": (cfg.hidden_size,)}
 
 
 def rotary_cos_sin(cfg: RuntimeConfig, seq_len: int, device: torch.device | str) -> Rope:
@@ -73,8 +86,9 @@ def attention_tensors(cfg: RuntimeConfig, dense_bias: bool) -> dict[str, Shape]:
     return out
 
 
-def attention(h: Tensor, w: RankWeights, cfg: RuntimeConfig, rope: Rope) -> Tensor:
-    """One rank's causal GQA attention of normed ``h`` through dense: a partial sum, before the all-reduce."""
+def attention(h: Tensor, w: RankWeights, cfg: RuntimeConfig, rope: Rope | None) -> Tensor:
+    """One rank's causal GQA attention of normed ``h`` through dense: a partial sum, before the all-reduce.
+    ``rope`` None: no rotary embedding (positions were added to the embedding)."""
     B, T, _ = h.shape
     nq, nkv, hd = cfg.q_heads_per_rank, cfg.kv_heads_per_rank, cfg.head_size
     qkv = F.linear(h, w["attention.qkv.weight"], w["attention.qkv.bias"] if cfg.attn_bias else None)
@@ -83,7 +97,8 @@ def attention(h: Tensor, w: RankWeights, cfg: RuntimeConfig, rope: Rope) -> Tens
         q = rms_norm(q, w["attention.q_layernorm.weight"], cfg.norm_epsilon)
         k = rms_norm(k, w["attention.k_layernorm.weight"], cfg.norm_epsilon)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    if rope is not None:
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
     k, v = k.repeat_interleave(nq // nkv, dim=1), v.repeat_interleave(nq // nkv, dim=1)
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.linear(o.transpose(1, 2).reshape(B, T, nq * hd), w["attention.dense.weight"])
@@ -114,8 +129,18 @@ def fused_mlp_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
     return out
 
 
-def fused_mlp(h: Tensor, w: RankWeights, cfg: RuntimeConfig) -> Tensor:
-    """One rank's proj(act(fc(h))) with a gated activation over the fused fc (swiglu): a partial sum."""
+def mlp_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
+    """One rank's plain MLP tensors: column-parallel fc, row-parallel proj."""
+    H, ffn = cfg.hidden_size, cfg.intermediate_size // cfg.tp_size
+    out = {"mlp.fc.weight": (ffn, H), "mlp.proj.weight": (H, ffn)}
+    if cfg.mlp_bias:
+        out |= {"mlp.fc.bias": (ffn,), "mlp.proj.bias": (H,)}
+    return out
+
+
+def mlp(h: Tensor, w: RankWeights, cfg: RuntimeConfig) -> Tensor:
+    """One rank's proj(act(fc(h))) of normed ``h`` (a plain activation, or a gated one such as swiglu over a
+    fused fc): a partial sum, before the all-reduce."""
     fc = F.linear(h, w["mlp.fc.weight"], w["mlp.fc.bias"] if cfg.mlp_bias else None)
     return F.linear(ACTIVATIONS[cfg.hidden_act](fc), w["mlp.proj.weight"])
 
@@ -184,19 +209,24 @@ def decoder_layer(xs: list[Tensor], ws: list[RankWeights], cfg: RuntimeConfig, r
     return [x + m for x, m in zip(xs, out)]
 
 
-def embedding_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
-    """The first stage's embedding table: whole, vocab-parallel (dim 0, padded) or hidden-parallel (dim 1)."""
-    V, H, tp = cfg.vocab_size, cfg.hidden_size, cfg.tp_size
+VOCAB_EMBEDDING = "transformer.vocab_embedding.weight"
+POSITION_EMBEDDING_TABLE = "transformer.position_embedding.weight"
+
+
+def embedding_tensors(cfg: RuntimeConfig, name: str = VOCAB_EMBEDDING, rows: int | None = None) -> dict[str, Shape]:
+    """A first-stage embedding table of ``rows`` rows (default: the vocabulary): whole, row-parallel (dim 0,
+    padded to a multiple of tp) or hidden-parallel (dim 1), as the layout shards the embedding."""
+    V, H, tp = rows or cfg.vocab_size, cfg.hidden_size, cfg.tp_size
     shape = ((V, H) if not cfg.use_parallel_embedding
-             else (cfg.vocab_per_rank, H) if cfg.embedding_sharding_dim == 0 else (V, H // tp))
-    return {"transformer.vocab_embedding.weight": shape}
+             else (math.ceil(V / tp), H) if cfg.embedding_sharding_dim == 0 else (V, H // tp))
+    return {name: shape}
 
 
 def embedding(ids: Tensor, ws: list[RankWeights], cfg: RuntimeConfig, comm: Collectives,
-              scale: float | None = None) -> list[Tensor]:
-    """Token embedding: replicated, vocab-parallel (masked lookup + all-reduce) or hidden-parallel
-    (all-gather); then multiplied by ``scale`` in the compute dtype, if given."""
-    tables = [w["transformer.vocab_embedding.weight"] for w in ws]
+              scale: float | None = None, name: str = VOCAB_EMBEDDING) -> list[Tensor]:
+    """Lookup in embedding table ``name`` (default: the tokens'): replicated, vocab-parallel (masked lookup +
+    all-reduce) or hidden-parallel (all-gather); then multiplied by ``scale`` in the compute dtype, if given."""
+    tables = [w[name] for w in ws]
     if not cfg.use_parallel_embedding:
         xs = [F.embedding(ids, t) for t in tables]
     elif cfg.embedding_sharding_dim == 1:
@@ -212,6 +242,11 @@ def embedding(ids: Tensor, ws: list[RankWeights], cfg: RuntimeConfig, comm: Coll
     return xs if scale is None else [x * torch.tensor(scale, dtype=x.dtype) for x in xs]
 
 
+def positions(ids: Tensor) -> Tensor:
+    """Position ids 0 .. T-1 for every sequence of token ids [B, T] (no padding, no past)."""
+    return torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+
+
 def lm_head_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
     """The last stage's final norm and vocab-parallel lm_head (zero-padded to tp * ceil(V / tp) rows); no
     lm_head when the embedding table is shared with it."""
@@ -223,6 +258,12 @@ def lm_head_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
 def lm_logits(xs: list[Tensor], ws: list[RankWeights], cfg: RuntimeConfig, comm: Collectives) -> list[Tensor]:
     """ln_f then the vocab-parallel lm_head (or the shared embedding table), gathered over TP and cut to
     vocab_size, float32."""
-    head = "transformer.vocab_embedding.weight" if cfg.share_embedding_table else "lm_head.weight"
-    local = [F.linear(rms_norm(x, w["transformer.ln_f.weight"], cfg.norm_epsilon), w[head]) for x, w in zip(xs, ws)]
+    return lm_head([rms_norm(x, w["transformer.ln_f.weight"], cfg.norm_epsilon) for x, w in zip(xs, ws)], ws, cfg, comm)
+
+
+def lm_head(hs: list[Tensor], ws: list[RankWeights], cfg: RuntimeConfig, comm: Collectives) -> list[Tensor]:
+    """The vocab-parallel lm_head (or the shared embedding table) of final-normed ``hs``, gathered over TP and
+    cut to vocab_size, float32."""
+    head = VOCAB_EMBEDDING if cfg.share_embedding_table else "lm_head.weight"
+    local = [F.linear(h, w[head]) for h, w in zip(hs, ws)]
     return [full[..., : cfg.vocab_size].float() for full in comm.all_gather(local, dim=-1)]

@@ -2,8 +2,8 @@
 
 A fault of the file (bad JSON, a missing key, sizes the mapping cannot split) raises ``ValueError``; a valid
 file asking for a feature the runtime does not execute (quantization, MoE for a family whose forward has no
-experts, another MoE normalization, context parallelism, another position embedding, activation or rotary
-scaling) raises ``CheckNotRun``.
+experts, another MoE normalization, context parallelism, a position embedding its family forward does not
+declare, an activation or rotary scaling) raises ``CheckNotRun``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from shardproof.converter.card import get_card, supported_architectures
 from shardproof.converter.errors import CheckNotRun, ShardproofError
 
-from .family import get_family
 from .blocks import ACTIVATIONS, LONG_ROPE, POSITION_EMBEDDING, ROTARY_SCALING_TYPES
+from .family import get_family
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,6 +40,7 @@ class RuntimeConfig:
     num_kv_heads: int
     head_size: int
     intermediate_size: int
+    max_position_embeddings: int
     norm_epsilon: float
     rotary_base: float
     rotary_scaling: dict[str, Any] | None
@@ -51,7 +52,6 @@ class RuntimeConfig:
     share_embedding_table: bool  # lm_head is the (vocab-parallel) embedding table; only with pp_size 1
     tp_size: int
     pp_size: int
-    max_position_embeddings: int = 0  # dynamic NTK and the default longrope mscale read it
     num_experts: int = 0  # 0: a dense MLP; else the ``moe`` block's experts, top_k of them per token
     top_k: int = 0
     moe_tp_size: int = 1
@@ -117,7 +117,6 @@ def load_config(path: Path) -> RuntimeConfig:
     if not isinstance(quant, dict):
         raise bad("'quantization' is not an object")
 
-    max_positions = int(raw.get("max_position_embeddings") or 0)
     if raw.get("position_embedding_type") == LONG_ROPE:
         scaling = longrope_scaling(raw, bad)
     kind = "default" if scaling is None else scaling.get("rope_type", scaling.get("type"))
@@ -144,18 +143,18 @@ def load_config(path: Path) -> RuntimeConfig:
         num_kv_heads=int(raw.get("num_key_value_heads") or heads),
         head_size=int(raw.get("head_size") or hidden // heads),
         intermediate_size=int(need("intermediate_size")),
+        max_position_embeddings=int(need("max_position_embeddings")),
         norm_epsilon=float(need("norm_epsilon")),
         rotary_base=float(raw.get("rotary_base", 10000.0)),
         rotary_scaling=None if kind == "default" else {**scaling, "rope_type": kind},
-        attn_bias=bool(raw.get("attn_bias", False)),
-        mlp_bias=bool(raw.get("mlp_bias", False)),
+        attn_bias=bool(raw.get("attn_bias", raw.get("bias", False))),  # GPTConfig: one `bias` for every linear
+        mlp_bias=bool(raw.get("mlp_bias", raw.get("bias", False))),
         qk_layernorm=bool(raw.get("qk_layernorm", False)),
         use_parallel_embedding=bool(raw.get("use_parallel_embedding", False)),
         embedding_sharding_dim=int(raw.get("embedding_sharding_dim", 0)),
         share_embedding_table=bool(raw.get("share_embedding_table", False)) and int(need("pp_size", mapping)) == 1,
         tp_size=int(need("tp_size", mapping)),
         pp_size=int(need("pp_size", mapping)),
-        max_position_embeddings=max_positions,
         num_experts=num_experts,
         top_k=int(moe.get("top_k", 0)),
         moe_tp_size=int(mapping.get("moe_tp_size", need("tp_size", mapping))),
@@ -193,6 +192,7 @@ def load_config(path: Path) -> RuntimeConfig:
         if not ok:
             raise bad(problem)
 
+    positions = get_family(forward).position_embedding_type
     unsupported = [
         (bool(num_experts) and not family_moe, f"MoE checkpoints are not supported by the {forward!r} forward"),
         (bool(num_experts) and moe.get("normalization_mode", 1) != 1,
@@ -200,8 +200,9 @@ def load_config(path: Path) -> RuntimeConfig:
         (bool(num_experts) and cfg.hidden_act != "swiglu", f"MoE with hidden_act {cfg.hidden_act!r} (supported: swiglu)"),
         (cfg.hidden_act not in ACTIVATIONS,
          f"unsupported hidden_act {cfg.hidden_act!r} (supported: {sorted(ACTIVATIONS)})"),
-        (raw.get("position_embedding_type") not in (POSITION_EMBEDDING, LONG_ROPE),
-         f"unsupported position_embedding_type {raw.get('position_embedding_type')!r}"),
+        (raw.get("position_embedding_type") not in ({positions, LONG_ROPE} if positions == POSITION_EMBEDDING else {positions}),
+         f"unsupported position_embedding_type {raw.get('position_embedding_type')!r} "
+         f"(the {forward} forward executes {positions!r})"),
         (int(raw.get("rotary_embedding_dim") or cfg.head_size) != cfg.head_size,
          f"partial rotary (rotary_embedding_dim {raw.get('rotary_embedding_dim')} < head_size {cfg.head_size})"),
         (kind not in ROTARY_SCALING_TYPES,

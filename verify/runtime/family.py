@@ -22,13 +22,15 @@ if TYPE_CHECKING:
 
 
 class Family(Protocol):
-    """One family's forward, per TP rank, and the tensors its rank files hold.
+    """One family's forward, per TP rank, and the tensors its rank files hold; ``position_embedding_type`` is
+    the config value it executes (``rope_gpt_neox``, ``learned_absolute``).
 
     Optional: ``moe = True`` when the forward executes a config's ``moe`` experts; ``dtypes(cfg, rank)``, the
     tensors kept in a dtype other than the checkpoint's (full name -> dtype).
     """
 
     name: str
+    position_embedding_type: str
 
     def tensors(self, cfg: RuntimeConfig, rank: int) -> dict[str, Shape]:
         """Every tensor name of ``rank{rank}.safetensors`` with its shape, from the config alone."""

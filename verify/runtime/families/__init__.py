@@ -1,3 +1,3 @@
 """One module per family forward; importing this package registers them."""
 
-from . import gemma, llama, mixtral, phi3, qwen2  # noqa: F401
+from . import gemma, gpt2, llama, mixtral, phi3, qwen2  # noqa: F401

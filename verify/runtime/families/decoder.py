@@ -15,7 +15,7 @@ from torch import Tensor
 
 from shardproof.converter.card import Shape
 
-from ..blocks import (Rope, decoder_layer, decoder_layer_tensors, embedding, embedding_tensors, lm_head_tensors,
+from ..blocks import (POSITION_EMBEDDING, Rope, decoder_layer, decoder_layer_tensors, embedding, embedding_tensors, lm_head_tensors,
                       lm_logits)
 from ..collectives import Collectives
 from ..config import RuntimeConfig
@@ -30,6 +30,7 @@ class Decoder:
     name: str
     dense_bias: Callable[[RuntimeConfig], bool]
     embedding_scale: Callable[[RuntimeConfig], float] | None = None
+    position_embedding_type: str = POSITION_EMBEDDING
 
     def tensors(self, cfg: RuntimeConfig, rank: int) -> dict[str, Shape]:
         return rank_tensors(cfg, rank, first=embedding_tensors(cfg),

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from shardproof.converter.card import Shape
 
-from ..blocks import (MOE_FLOAT32, Rope, attention, attention_tensors, embedding, embedding_tensors, lm_head_tensors,
+from ..blocks import (MOE_FLOAT32, POSITION_EMBEDDING, Rope, attention, attention_tensors, embedding, embedding_tensors, lm_head_tensors,
                       lm_logits, moe, moe_tensors, rms_norm, row_parallel)
 from ..collectives import Collectives
 from ..config import RuntimeConfig
@@ -28,6 +28,7 @@ class Mixtral:
 
     name = "mixtral"
     moe = True
+    position_embedding_type = POSITION_EMBEDDING
 
     def layer_tensors(self, cfg: RuntimeConfig) -> dict[str, Shape]:
         H = cfg.hidden_size

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from shardproof.converter.card import Shape
 
-from ..blocks import (Rope, decoder_layer, decoder_layer_tensors, embedding_tensors, fused_mlp, fused_mlp_tensors,
+from ..blocks import (Rope, decoder_layer, decoder_layer_tensors, embedding_tensors, fused_mlp_tensors, mlp,
                       lm_head_tensors)
 from ..collectives import Collectives
 from ..config import RuntimeConfig
@@ -31,7 +31,7 @@ class FusedMLPDecoder(Decoder):
 
     def layer(self, xs: list[Tensor], ws: list[RankWeights], cfg: RuntimeConfig, rope: Rope,
               comm: Collectives) -> list[Tensor]:
-        return decoder_layer(xs, ws, cfg, rope, comm, self.dense_bias(cfg), mlp=fused_mlp)
+        return decoder_layer(xs, ws, cfg, rope, comm, self.dense_bias(cfg), mlp=mlp)
 
 
 PHI3 = register(FusedMLPDecoder("phi3", dense_bias=lambda cfg: False))
