@@ -20,6 +20,19 @@ def read_header(path: Path) -> dict[str, tuple[str, Shape]]:
     return {name: (e.dtype, e.shape) for name, e in read_safetensors_header(path).tensors.items()}
 
 
+def raw_tensors(path: Path) -> dict[str, tuple[str, Shape, bytes]]:
+    """{tensor name: (dtype code, shape, the tensor's bytes as stored)} of a safetensors file."""
+    header, start = _parse_header(path)
+    data = Path(path).read_bytes()
+    try:
+        return {
+            name: (entry["dtype"], tuple(entry["shape"]), data[start + entry["data_offsets"][0] : start + entry["data_offsets"][1]])
+            for name, entry in header.items()
+        }
+    except (TypeError, KeyError, IndexError):
+        raise ShardproofError(f"{path}: not a safetensors file (malformed header entry)") from None
+
+
 class TensorReader:
     """Reads single tensors of a safetensors file with plain reads (no mmap), so memory holds only what was asked."""
 
