@@ -337,3 +337,48 @@ def selftest(
     console.print(margins_line(result), highlight=False)
     _write_report(result.to_json(), report)
     raise typer.Exit(EXIT_OK if result.passed else EXIT_FAILED)
+
+
+golden_app = typer.Typer(no_args_is_help=True, help="The golden regression suite: every card's tiny models, converted, "
+                         "against the committed manifests (exit 1 on any difference).")
+app.add_typer(golden_app, name="golden")
+ARCHITECTURE_FILTER = "Only this registered architecture (repeatable; default: every one)."
+MANIFEST_DIR_HELP = "Manifest directory (default: the package's golden/manifests)."
+
+
+@golden_app.command("check")
+@fails_cleanly
+def golden_check(
+    architecture: Optional[list[str]] = typer.Option(None, "--architecture", help=ARCHITECTURE_FILTER),
+    manifest_dir: Optional[Path] = _option("--manifest_dir", help=MANIFEST_DIR_HELP),
+) -> None:
+    """Regenerate, convert and compare every case; exit 1 naming each changed, missing or extra tensor per rank."""
+    from shardproof.golden import suite, view
+
+    report = suite.check(architecture, manifest_dir or suite.MANIFESTS, log=_log)
+    view.render(report, console, "shardproof golden check")
+    if not report.passed:
+        console.print("[bold red]golden check failed[/]: review the change; if it is intended, run "
+                      "`shardproof golden update` and commit the manifests")
+    raise typer.Exit(EXIT_OK if report.passed else EXIT_FAILED)
+
+
+@golden_app.command("update")
+@fails_cleanly
+def golden_update(
+    architecture: Optional[list[str]] = typer.Option(None, "--architecture", help=ARCHITECTURE_FILTER),
+    manifest_dir: Optional[Path] = _option("--manifest_dir", help=MANIFEST_DIR_HELP),
+) -> None:
+    """Rewrite the manifests of the cases that changed (or have none) and print what changed; exit 1 if a case
+    no longer converts."""
+    from shardproof.golden import suite, view
+
+    directory = manifest_dir or suite.MANIFESTS
+    report = suite.update(architecture, directory, log=_log)
+    view.render(report, console, "shardproof golden update (status before the rewrite)")
+    written = [r.case.name for r in report.results if r.status in ("changed", "no manifest")]
+    console.print(f"rewrote {len(written)} manifest(s) in {directory}" + "".join(f"\n  {n}" for n in written), highlight=False)
+    if report.removed:
+        console.print("removed stale manifest(s): " + ", ".join(report.removed), highlight=False)
+    errors = [r for r in report.results if r.status == "error"]
+    raise typer.Exit(EXIT_FAILED if errors else EXIT_OK)
