@@ -26,7 +26,7 @@ def cases_table(report: GoldenReport, title: str) -> Table:
 def tensors_table(report: GoldenReport) -> Table:
     table = Table(title="tensors that differ from the manifest (shape dtype sha256)")
     for column in ("case", "rank", "tensor", "change", "manifest", "now"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", no_wrap=column == "tensor")  # names stay whole, for grep
     for r in report.results:
         for c in r.tensors:
             table.add_row(r.case.name, str(c.rank), c.name, c.kind, str(c.expected or "-"), str(c.actual or "-"))
