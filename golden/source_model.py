@@ -7,9 +7,11 @@ How determinism is achieved:
 - each raw word becomes a value with integer arithmetic and one exact scaling: the top 16 bits k give
   (k - 2**15) * 2**-18, a multiple of 2**-18 in [-0.125, 0.125) that float32 holds exactly (norms add the card's
   `norm_center`, still exact); no libm call, no rounding, so no platform or BLAS dependence;
-- tensors are drawn in sorted name order and written as float32 with safetensors directly (no torch in the
-  path); config.json is written by transformers' config class for the card (`card.tests.config_class`).
-The converter's casts to float16/bfloat16 are IEEE round-to-nearest-even, so converted bytes are fixed too.
+- tensors are drawn in sorted name order and written as float32 numpy arrays with safetensors directly (the
+  values never pass through torch); names and shapes are those transformers saves for the card's tiny config,
+  and config.json is written by transformers' config class for the card (`card.tests.config_class`).
+The converter's casts to float16/bfloat16 are IEEE round-to-nearest-even, so converted bytes are fixed too; the
+manifests hold only converted output, which carries no transformers version or other machine metadata.
 """
 
 from __future__ import annotations
