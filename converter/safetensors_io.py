@@ -21,16 +21,10 @@ def read_header(path: Path) -> dict[str, tuple[str, Shape]]:
 
 
 def raw_tensors(path: Path) -> dict[str, tuple[str, Shape, bytes]]:
-    """{tensor name: (dtype code, shape, the tensor's bytes as stored)} of a safetensors file."""
-    header, start = _parse_header(path)
-    data = Path(path).read_bytes()
-    try:
-        return {
-            name: (entry["dtype"], tuple(entry["shape"]), data[start + entry["data_offsets"][0] : start + entry["data_offsets"][1]])
-            for name, entry in header.items()
-        }
-    except (TypeError, KeyError, IndexError):
-        raise ShardproofError(f"{path}: not a safetensors file (malformed header entry)") from None
+    """{tensor name: (dtype code, shape, the tensor's bytes as stored)} of a safetensors file (header validated)."""
+    header = read_safetensors_header(path)
+    data = Path(path).read_bytes()[header.data_start :]
+    return {name: (e.dtype, e.shape, data[e.begin : e.end]) for name, e in header.tensors.items()}
 
 
 class TensorReader:
