@@ -4,9 +4,7 @@ and the Markdown summary and JUnit XML name every check."""
 from __future__ import annotations
 
 import dataclasses
-import re
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +20,6 @@ from shardproof.converter import card as registry
 from shardproof.converter.card import cards, get_card
 from shardproof.converter.transforms import Split
 from shardproof.verify.outcomes import Status
-from tests.test_runtime_families import FAMILY_NAMES
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str):
@@ -128,10 +123,3 @@ def test_not_run_is_distinguishable_and_not_a_pass() -> None:
     skipped = ET.fromstring(junit_xml(report)).find("./testsuite/testcase/skipped")
     assert skipped is not None and skipped.get("message") == "sharded: no runtime yet"
 
-
-def test_golden_and_ci_name_no_family() -> None:
-    """Both iterate over the registry; only the committed manifests (data) carry architecture names."""
-    paths = [p for folder in ("golden", "ci") for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".yml")]
-    assert len(paths) > 8
-    found = [f"{p.relative_to(ROOT)}: {m.group()}" for p in paths for m in FAMILY_NAMES.finditer(p.read_text())]
-    assert not found, found
