@@ -15,6 +15,7 @@ from shardproof.golden.cases import cases_for
 from shardproof.verify.tiny_models import TINY, saved_shapes, saved_tensor_shapes, tiny_config
 
 LAYER_INDEX = re.compile(r"\.\d+\.")
+PLACEHOLDER = re.compile(r"\\\{\w+\\\}")  # an escaped `{i}`, `{e}` index of a row's source pattern
 
 
 def coverage_failures(architecture: str) -> tuple[list[str], int]:
@@ -35,11 +36,11 @@ def coverage_failures(architecture: str) -> tuple[list[str], int]:
 
 
 def _card_patterns() -> list[re.Pattern]:
-    """Every registered card's row sources (layer index as digits) and skip rules."""
+    """Every registered card's row sources (each index as digits) and skip rules."""
     patterns = []
     for card in cards():
         for row in card.rows:
-            patterns += [re.compile(re.escape(s).replace(re.escape("{i}"), r"\d+") + "$") for s in row.sources]
+            patterns += [re.compile(PLACEHOLDER.sub(r"\\d+", re.escape(s)) + "$") for s in row.sources]
         patterns += [re.compile(skip.pattern) for skip in card.skips]
     return patterns
 
