@@ -20,6 +20,13 @@ def read_header(path: Path) -> dict[str, tuple[str, Shape]]:
     return {name: (e.dtype, e.shape) for name, e in read_safetensors_header(path).tensors.items()}
 
 
+def raw_tensors(path: Path) -> dict[str, tuple[str, Shape, bytes]]:
+    """{tensor name: (dtype code, shape, the tensor's bytes as stored)} of a safetensors file (header validated)."""
+    header = read_safetensors_header(path)
+    data = Path(path).read_bytes()[header.data_start :]
+    return {name: (e.dtype, e.shape, data[e.begin : e.end]) for name, e in header.tensors.items()}
+
+
 class TensorReader:
     """Reads single tensors of a safetensors file with plain reads (no mmap), so memory holds only what was asked."""
 

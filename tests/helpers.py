@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from shardproof.converter.card import get_card
-from shardproof.verify.tiny_models import tiny_config
-
-
-def saved_shapes(architecture: str, **overrides) -> dict[str, tuple[int, ...]]:
-    """Every tensor name and shape in the files transformers writes for this config (tied copies and
-    non-persistent buffers are left out exactly as transformers leaves them out)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides))
-    rename = get_card(architecture).checkpoint_name
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        shapes = {}
-        for path in sorted(Path(tmp).glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as f:
-                shapes.update({rename(name): tuple(f.get_slice(name).get_shape()) for name in f.keys()})
-    return shapes
+from shardproof.verify.tiny_models import saved_shapes, tiny_config
 
 
 def random_checkpoint(directory: Path, architecture: str, seed: int, dtype: str = "float32", shards: int = 1, **overrides) -> Path:

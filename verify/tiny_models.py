@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from shardproof.converter.card import TestSupport, get_card
@@ -87,3 +89,27 @@ def rename_saved(directory: Path, rename: Callable[[str], str]) -> None:
         content = json.loads(index.read_text())
         content["weight_map"] = {rename(name): file for name, file in content["weight_map"].items()}
         index.write_text(json.dumps(content, indent=2))
+
+
+def saved_tensor_shapes(model: torch.nn.Module, rename: Callable[[str], str] = str) -> dict[str, tuple[int, ...]]:
+    """Every tensor name (passed through `rename`) and shape in the files transformers writes for `model` (tied
+    copies and non-persistent buffers left out exactly as transformers leaves them out)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        shapes = {}
+        for path in sorted(Path(tmp).glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                shapes.update({rename(name): tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    return shapes
+
+
+def saved_shapes(architecture: str, **overrides: Any) -> dict[str, tuple[int, ...]]:
+    """`saved_tensor_shapes` of a causal LM of the tiny config of a registered `architecture`, under the card's
+    checkpoint names."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides))
+    return saved_tensor_shapes(model, get_card(architecture).checkpoint_name)

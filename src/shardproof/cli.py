@@ -193,14 +193,14 @@ def _log(message: str) -> None:
     err_console.print(Text(message, style="dim"), highlight=False)
 
 
-def _check_report_path(report: Optional[Path]) -> None:
-    """Check up front that --report can be written, so a long check does not end in a lost report."""
+def _check_report_path(report: Optional[Path], option: str = "--report") -> None:
+    """Check up front that an output file can be written, so a long check does not end in a lost report."""
     if report is None:
         return
     if report.is_dir():
-        raise ShardproofError(f"--report {report}: is a directory, not a file")
+        raise ShardproofError(f"{option} {report}: is a directory, not a file")
     if not report.parent.is_dir():
-        raise ShardproofError(f"--report {report}: directory {report.parent} does not exist")
+        raise ShardproofError(f"{option} {report}: directory {report.parent} does not exist")
 
 
 def _write_report(data: dict, report: Optional[Path]) -> None:
@@ -337,3 +337,85 @@ def selftest(
     console.print(margins_line(result), highlight=False)
     _write_report(result.to_json(), report)
     raise typer.Exit(EXIT_OK if result.passed else EXIT_FAILED)
+
+
+golden_app = typer.Typer(no_args_is_help=True, help="The golden regression suite: every card's tiny models, converted, "
+                         "against the committed manifests (exit 1 on any difference).")
+app.add_typer(golden_app, name="golden")
+ARCHITECTURE_FILTER = "Only this registered architecture (repeatable; default: every one)."
+MANIFEST_DIR_HELP = "Manifest directory (default: the package's golden/manifests)."
+
+
+@golden_app.command("check")
+@fails_cleanly
+def golden_check(
+    architecture: Optional[list[str]] = typer.Option(None, "--architecture", help=ARCHITECTURE_FILTER),
+    manifest_dir: Optional[Path] = _option("--manifest_dir", help=MANIFEST_DIR_HELP),
+) -> None:
+    """Regenerate, convert and compare every case; exit 1 naming each changed, missing or extra tensor per rank."""
+    from shardproof.golden import suite, view
+
+    report = suite.check(architecture, manifest_dir or suite.MANIFESTS, log=_log)
+    view.render(report, console, "shardproof golden check")
+    if not report.passed:
+        console.print("[bold red]golden check failed[/]: review the change; if it is intended, run "
+                      "`shardproof golden update` and commit the manifests")
+    raise typer.Exit(EXIT_OK if report.passed else EXIT_FAILED)
+
+
+@golden_app.command("update")
+@fails_cleanly
+def golden_update(
+    architecture: Optional[list[str]] = typer.Option(None, "--architecture", help=ARCHITECTURE_FILTER),
+    manifest_dir: Optional[Path] = _option("--manifest_dir", help=MANIFEST_DIR_HELP),
+) -> None:
+    """Rewrite the manifests of the cases that changed (or have none) and print what changed; exit 1 if a case
+    no longer converts."""
+    from shardproof.golden import suite, view
+
+    directory = manifest_dir or suite.MANIFESTS
+    report = suite.update(architecture, directory, log=_log)
+    view.render(report, console, "shardproof golden update (status before the rewrite)")
+    written = [r.case.name for r in report.results if r.status in ("changed", "no manifest")]
+    console.print(f"rewrote {len(written)} manifest(s) in {directory}" + "".join(f"\n  {n}" for n in written), highlight=False)
+    if report.removed:
+        console.print("removed stale manifest(s): " + ", ".join(report.removed), highlight=False)
+    errors = [r for r in report.results if r.status == "error"]
+    raise typer.Exit(EXIT_FAILED if errors else EXIT_OK)
+
+
+@app.command()
+@fails_cleanly
+def gate(
+    architectures: Optional[list[str]] = typer.Argument(None, help="HF architecture names (e.g. as in config.json's 'architectures')."),
+    all_: bool = typer.Option(False, "--all", help="Every registered architecture."),
+    check: Optional[list[str]] = typer.Option(None, "--check", help="Run only this check (repeatable): coverage, properties, golden, verify, selftest."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Also write the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)."),
+    junit_xml: Optional[Path] = _option("--junit_xml", help="Write JUnit XML (one testcase per architecture x check) to this file."),
+) -> None:
+    """The CI gate for an architecture: registry coverage, property checks, golden check, verify across layouts,
+    mutation self-test. Exit 0 only when every check passes; 1 a check failed; 2 bad input, or an architecture
+    no card maps (the unmapped parameters of its HF model listed); 3 nothing failed but a check did not run."""
+    from shardproof.ci import checks as gate_checks
+    from shardproof.ci.coverage import refuse_unregistered
+    from shardproof.ci.summary import junit_xml as to_junit, markdown
+    from shardproof.converter.card import supported_architectures
+
+    if all_ == bool(architectures):
+        raise ShardproofError("pass architecture names or --all (not both)")
+    unknown = [c for c in check or [] if c not in gate_checks.CHECKS]
+    if unknown:
+        raise ShardproofError(f"--check {unknown[0]!r} is not one of {', '.join(gate_checks.CHECKS)}")
+    _check_report_path(summary, "--summary")
+    _check_report_path(junit_xml, "--junit-xml")
+    names = supported_architectures() if all_ else list(dict.fromkeys(architectures))
+    refuse_unregistered(names)
+    report = gate_checks.run_gate(names, check or list(gate_checks.CHECKS), log=_log)
+    text = markdown(report)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    if summary is not None:
+        with summary.open("a") as f:  # CI job summaries are appended to
+            f.write(text)
+    if junit_xml is not None:
+        junit_xml.write_text(to_junit(report))
+    raise typer.Exit(report.exit_code)

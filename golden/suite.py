@@ -1,0 +1,115 @@
+"""`golden check` and `golden update`: regenerate every case's source model, convert it, compare with (or
+rewrite) its committed manifest."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from shardproof.converter.api import convert
+from shardproof.converter.card import get_card, supported_architectures
+from shardproof.converter.errors import ShardproofError
+
+from .cases import GoldenCase, cases_for
+from .manifest import ConfigChange, Manifest, TensorChange, compare
+from .source_model import write_source_model
+
+MANIFESTS = Path(__file__).parent / "manifests"
+Log = Callable[[str], None]
+
+
+@dataclass
+class CaseResult:
+    """One case against its manifest: `status` is "same", "changed", "no manifest" or "error" (conversion failed)."""
+
+    case: GoldenCase
+    status: str
+    tensors: list[TensorChange] = field(default_factory=list)
+    config: list[ConfigChange] = field(default_factory=list)
+    error: str | None = None
+    manifest: Manifest | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "same"
+
+
+@dataclass
+class GoldenReport:
+    results: list[CaseResult]
+    removed: list[str] = field(default_factory=list)  # stale manifests `update` deleted
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def failures(self) -> list[CaseResult]:
+        return [r for r in self.results if not r.passed]
+
+
+def manifest_path(case: GoldenCase, manifest_dir: Path) -> Path:
+    return manifest_dir / f"{case.name}.json"
+
+
+def selected(architectures: Sequence[str] | None) -> list[str]:
+    """The architectures asked for (each must be registered), default every registered one."""
+    names = list(architectures or supported_architectures())
+    for name in names:
+        get_card(name)
+    return names
+
+
+def run_cases(architectures: Sequence[str] | None, manifest_dir: Path, log: Log | None = None) -> list[CaseResult]:
+    """Regenerate and convert every case of `architectures`, and compare each with its manifest."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="shardproof-golden-") as tmp:
+        sources: dict[str, Path] = {}
+        for architecture in selected(architectures):
+            for case in cases_for(architecture):
+                if log:
+                    log(f"golden {case.name}")
+                key = json.dumps([architecture, case.seed, case.overrides], sort_keys=True)
+                if key not in sources:
+                    sources[key] = write_source_model(Path(tmp) / f"source{len(sources)}", architecture, case.seed, **case.overrides)
+                results.append(_compare_case(case, sources[key], Path(tmp) / case.name, manifest_dir))
+    return results
+
+
+def _compare_case(case: GoldenCase, source: Path, out: Path, manifest_dir: Path) -> CaseResult:
+    try:
+        convert(source, out, **case.layout)
+    except ShardproofError as e:
+        return CaseResult(case, "error", error=str(e).replace(str(source), "<source>"))
+    described = dict(architecture=case.architecture, seed=case.seed, overrides=case.overrides)
+    actual = Manifest.of_checkpoint(out, case.name, described, case.layout)
+    path = manifest_path(case, manifest_dir)
+    if not path.exists():
+        return CaseResult(case, "no manifest", manifest=actual)
+    tensors, config = compare(Manifest.load(path), actual)
+    return CaseResult(case, "changed" if tensors or config else "same", tensors, config, manifest=actual)
+
+
+def check(architectures: Sequence[str] | None = None, manifest_dir: Path = MANIFESTS, log: Log | None = None) -> GoldenReport:
+    """Compare every case with its committed manifest; a missing manifest is a failure."""
+    return GoldenReport(run_cases(architectures, manifest_dir, log))
+
+
+def update(architectures: Sequence[str] | None = None, manifest_dir: Path = MANIFESTS, log: Log | None = None) -> GoldenReport:
+    """Rewrite the manifest of every case that changed or has none; with every architecture, delete manifests no
+    registered card's case produces. The report holds what changed before the rewrite. A case whose conversion
+    fails keeps its manifest (and fails the report)."""
+    results = run_cases(architectures, manifest_dir, log)
+    manifest_dir.mkdir(parents=True, exist_ok=True)
+    for result in results:
+        if result.status in ("changed", "no manifest"):
+            manifest_path(result.case, manifest_dir).write_text(result.manifest.dumps())
+    removed = []
+    if not architectures:
+        current = {manifest_path(r.case, manifest_dir) for r in results}
+        for stale in sorted(set(manifest_dir.glob("*.json")) - current):
+            stale.unlink()
+            removed.append(stale.name)
+    return GoldenReport(results, removed)
