@@ -108,10 +108,6 @@ class Plan:
             return source.to(TORCH_DTYPES[self.layout.dtype])
         return round_trip(planned.ops, source, planned.torch_dtype)
 
-    def source_names(self) -> list[str]:
-        """Every source tensor a planned tensor is made from."""
-        return list(self._source_tensors)
-
     def rounded_sources(self) -> list[str]:
         """Source tensors whose ops round, so that reassembly gives back a rounded value, not the cast alone."""
         return [name for name, t in self._source_tensors.items() if not all(op.exact for op in t.ops)]
@@ -151,12 +147,16 @@ def build_plan(card: Card, dims: Dims, layout: Layout, source_shapes: dict[str, 
                     _source_shape(name, pattern, row, expected, source_shapes, where)
                     for pattern, name in zip(row.patterns(dims), sources)
                 )
-                why = shard.check(stored_shapes(ops, shapes), mapping.tp_size)
+                stored = stored_shapes(ops, shapes)
+                if len(stored) != shard.n_sources:
+                    raise ValueError(f"row {row.target}: its {shard.kind} shard takes {shard.n_sources} tensor(s), "
+                                     f"its sources and ops give {len(stored)}")
+                why = shard.check(stored, mapping.tp_size)
                 if why:
                     raise ShardproofError(f"{where}: cannot shard {target} over tp_size={mapping.tp_size}: {why}")
                 if target in tensors:
                     raise ShardproofError(f"{card.name}: rank {rank} would get {target} twice")
-                local = shard.local_shape(stored_shapes(ops, shapes), mapping.tp_size)
+                local = shard.local_shape(stored, mapping.tp_size)
                 dtype = row.dtype or layout.dtype
                 tensors[target] = PlannedTensor(target, local, dtype, sources, shapes, shard, tp_rank, pp_rank, ops)
                 consumed.update(sources)

@@ -124,6 +124,9 @@ def convert(
     console.print(plan_table(plan, f"{plan.card.name} -> {plan.layout.dtype}, tp={tp_size} pp={pp_size}"))
     if plan.skipped:
         console.print(f"skipped {len(plan.skipped)} source tensor(s): " + "; ".join(sorted(set(plan.skipped.values()))), markup=False)
+    if plan.ignored_fields:
+        console.print(f"ignored {len(plan.ignored_fields)} config.json field(s) that do not change the model: "
+                      + ", ".join(sorted(plan.ignored_fields)), markup=False)
     if dry_run:
         return
     if output_dir is None:
