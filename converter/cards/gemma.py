@@ -36,7 +36,7 @@ def layout(layout: Any, dims: Dims) -> Any:
 def dims_from_hf(hf: Any) -> llama.DecoderDims:
     if getattr(hf, "use_bidirectional_attention", False):
         raise ShardproofError("use_bidirectional_attention=true: TensorRT-LLM's Gemma attention is causal")
-    dims = llama.dims_from_hf(hf)
+    dims = llama.dims_from_hf(hf, mlp_bias=False)
     if not dims.tie_word_embeddings:
         raise ShardproofError("tie_word_embeddings=false: TensorRT-LLM's Gemma always uses the embedding as lm_head")
     return dims
@@ -48,7 +48,8 @@ GEMMA = register(llama.decoder_card(
     rows=ROWS,
     dims_from_hf=dims_from_hf,
     extra_trt={"inter_layernorms": False},
-    hf_read=llama.HF_READ | {"use_bidirectional_attention"},
+    hf_read=(llama.HF_READ - {"mlp_bias"}) | {"use_bidirectional_attention"},
+    hf_ignored={**llama.HF_IGNORED, "mlp_bias": "not a GemmaConfig field: Gemma's MLP hard-wires no bias"},
     strategy=llama.with_switches(lambda: llama.model_strategy().map(lambda c: {**c, "tie_word_embeddings": True}),
                                  attention_bias=True),
     norm_center=0.0,

@@ -106,7 +106,8 @@ def rope(hf: Any) -> tuple[float, dict | None]:
     return base, params
 
 
-def dims_from_hf(hf: Any, *, qkv_bias: bool | None = None, dense_bias: bool | None = None, qk_norm: bool = False) -> DecoderDims:
+def dims_from_hf(hf: Any, *, qkv_bias: bool | None = None, dense_bias: bool | None = None,
+                 mlp_bias: bool | None = None, qk_norm: bool = False) -> DecoderDims:
     """Model dimensions of a Llama-family HF config; a card pins the switches its family's code hard-wires."""
     heads = hf.num_attention_heads
     attention_bias = bool(getattr(hf, "attention_bias", False))
@@ -120,7 +121,7 @@ def dims_from_hf(hf: Any, *, qkv_bias: bool | None = None, dense_bias: bool | No
         intermediate_size=hf.intermediate_size,
         qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
         dense_bias=attention_bias if dense_bias is None else dense_bias,
-        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)) if mlp_bias is None else mlp_bias,
         qk_norm=qk_norm,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
     )

@@ -1,4 +1,4 @@
-"""MistralForCausalLM: TensorRT-LLM converts it with the Llama code path and tables; q/k/v/o carry no bias."""
+"""MistralForCausalLM: TensorRT-LLM converts it with the Llama code path and tables; no projection carries a bias."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from . import llama
 
 MISTRAL = register(llama.decoder_card(
     "MistralForCausalLM", "mistral", "MistralConfig",
-    dims_from_hf=lambda hf: llama.dims_from_hf(hf, qkv_bias=False, dense_bias=False),
+    dims_from_hf=lambda hf: llama.dims_from_hf(hf, qkv_bias=False, dense_bias=False, mlp_bias=False),
     extra_hf={"sliding_window": None},
-    hf_ignored={**llama.HF_IGNORED, **llama.SLIDING_WINDOW_IGNORED},
+    hf_read=llama.HF_READ - {"attention_bias", "mlp_bias"},
+    hf_ignored={**llama.HF_IGNORED, **llama.SLIDING_WINDOW_IGNORED,
+                "attention_bias": "not a MistralConfig field: Mistral's attention hard-wires no bias",
+                "mlp_bias": "not a MistralConfig field: Mistral's MLP hard-wires no bias"},
 ))

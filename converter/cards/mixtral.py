@@ -60,7 +60,7 @@ def dims_from_hf(hf: Any) -> MixtralDims:
     if hf.hidden_act != "silu":
         # LLaMAConfig.from_hugging_face writes hidden_act "swiglu" for Mixtral whatever the HF act is
         raise ShardproofError(f"hidden_act={hf.hidden_act!r}: TensorRT-LLM's Mixtral experts compute SwiGLU (silu) only")
-    dims = llama.dims_from_hf(hf, qkv_bias=False, dense_bias=False)
+    dims = llama.dims_from_hf(hf, qkv_bias=False, dense_bias=False, mlp_bias=False)
     return MixtralDims(**dataclasses.asdict(dims), num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok)
 
 
@@ -112,9 +112,11 @@ MIXTRAL = register(Card(
         trt_fields=trt_fields,
         dims_from_trt=dims_from_trt,
         hf_config=hf_config,
-        hf_read=llama.HF_READ | {"num_local_experts", "num_experts_per_tok"},
+        hf_read=(llama.HF_READ - {"attention_bias", "mlp_bias"}) | {"num_local_experts", "num_experts_per_tok"},
         hf_ignored={
             **llama.SLIDING_WINDOW_IGNORED,
+            "attention_bias": "not a MixtralConfig field: Mixtral's attention hard-wires no bias",
+            "mlp_bias": "not a MixtralConfig field: Mixtral's experts have no bias",
             "router_aux_loss_coef": "the load-balancing loss is training only",
             "router_jitter_noise": "router jitter is applied in training only",
             "output_router_logits": "what a forward returns, not what it computes",

@@ -153,11 +153,12 @@ PHI3 = register(Card(
         trt_fields=trt_fields,
         dims_from_trt=lambda cfg: llama.dims_from_trt(cfg, dense_bias=False),
         hf_config=hf_config,
-        hf_read=(llama.HF_READ - {"attention_bias", "mlp_bias"}) | {"original_max_position_embeddings"},
+        # partial_rotary_factor: a top-level spelling transformers folds into rope_parameters (refused unless 1.0)
+        hf_read=(llama.HF_READ - {"attention_bias", "mlp_bias"})
+        | {"original_max_position_embeddings", "partial_rotary_factor"},
         hf_ignored={**llama.SLIDING_WINDOW_IGNORED,
                     "resid_pdrop": "training only (dropout is off at inference)",
-                    "embd_pdrop": "training only (dropout is off at inference)",
-                    "partial_rotary_factor": "read through rope_parameters (refused unless 1.0)"},
+                    "embd_pdrop": "training only (dropout is off at inference)"},
     ),
     tests=TestSupport(config_class="Phi3Config", strategy=_model_strategy,
                       tiny=dict(pad_token_id=None, bos_token_id=None, eos_token_id=None),
