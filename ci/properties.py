@@ -19,7 +19,7 @@ from shardproof.converter.errors import ShardproofError
 from shardproof.converter.reassemble import reassemble
 from shardproof.converter.safetensors_io import read_header
 from shardproof.golden.source_model import write_source_model
-from shardproof.verify.tiny_models import tiny_config
+from shardproof.verify.tiny_models import tiny_sizes
 
 EXAMPLES = 25
 TP_SIZES = (1, 2, 4)
@@ -28,11 +28,11 @@ TP_SIZES = (1, 2, 4)
 def valid_tp_sizes(architecture: str, overrides: dict[str, Any]) -> list[int]:
     """The tp sizes TensorRT-LLM's rules can split this config over (heads, KV heads, MLP width), worked out from
     the config independently of the converter."""
-    config = tiny_config(architecture, **overrides)
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
+    sizes = tiny_sizes(architecture, **overrides)
+    heads = sizes["num_attention_heads"]
+    kv = sizes.get("num_key_value_heads") or heads
     return [tp for tp in TP_SIZES
-            if heads % tp == 0 and (kv % tp == 0 or tp % kv == 0) and config.intermediate_size % tp == 0]
+            if heads % tp == 0 and (kv % tp == 0 or tp % kv == 0) and sizes["intermediate_size"] % tp == 0]
 
 
 def _round_trip(architecture: str, overrides: dict[str, Any], seed: int, layout: dict[str, Any]) -> None:
@@ -64,7 +64,7 @@ def property_failures(architecture: str, examples: int = EXAMPLES) -> list[str]:
     @st.composite
     def cases(draw: Any) -> tuple[dict, int, dict]:
         overrides = draw(card.tests.strategy())
-        layers = tiny_config(architecture, **overrides).num_hidden_layers
+        layers = tiny_sizes(architecture, **overrides)["num_hidden_layers"]
         layout = dict(
             dtype=draw(st.sampled_from(["float32", "float16", "bfloat16"])),
             tp_size=draw(st.sampled_from(valid_tp_sizes(architecture, overrides))),

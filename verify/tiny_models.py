@@ -24,14 +24,20 @@ TINY = dict(
 )
 
 
+def tiny_sizes(architecture: str, **overrides: Any) -> dict[str, Any]:
+    """The tiny model's sizes under the shared names (`hidden_size`, `num_key_value_heads`, ...): the shared tiny
+    sizes, then the card's, then `overrides`."""
+    fields = {**TINY, **get_card(architecture).tests.tiny, **overrides}
+    fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+    return fields
+
+
 def tiny_config(architecture: str, **overrides: Any):
-    """A transformers config for a tiny model of `architecture`: the shared tiny sizes, then the card's, then
-    `overrides`."""
+    """A transformers config for a tiny model of `architecture` (`tiny_sizes`, spelled as its config class does)."""
     import transformers
 
     card = get_card(architecture)
-    fields = {**TINY, **card.tests.tiny, **overrides}
-    fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+    fields = tiny_sizes(architecture, **overrides)
     config = getattr(transformers, card.tests.config_class)(**card.tests.config_fields(fields))
     config.architectures = [architecture]
     return config
