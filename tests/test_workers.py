@@ -95,3 +95,11 @@ def test_the_first_failure_is_raised_after_the_running_tasks_end():
     with pytest.raises(ShardproofError, match="task failed"):
         run_bounded([1, 7] + [1] * 50, recorder.run, lambda c: c, workers=3, budget=100)
     assert recorder.tasks == 0 and len(recorder.started) < 52
+
+
+def test_progress_reports_every_tensor_and_byte_once(tmp_path):
+    model = random_checkpoint(tmp_path / "hf", "LlamaForCausalLM", seed=0, **SIZES)
+    seen: list[tuple[str, int]] = []
+    plan = convert(model, tmp_path / "out", tp_size=2, pp_size=2, workers=3, progress=lambda n, b: seen.append((n, b)))
+    assert len(seen) == sum(len(r.tensors) for r in plan.ranks)
+    assert sum(b for _, b in seen) == sum(r.nbytes for r in plan.ranks)
