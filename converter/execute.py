@@ -9,7 +9,9 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+import torch
 
 from .bounded_pool import run_bounded
 from .plan import Plan, PlannedTensor
@@ -77,4 +79,17 @@ def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: 
                 progress(tensor.name, math.prod(tensor.shape) * tensor.torch_dtype.itemsize)
 
         budget = max(MIN_BUDGET, 2 * max((i.cost for i in instances), default=0))
-        run_bounded(instances, make, lambda i: i.cost, workers, budget, report if progress else None)
+        with _one_torch_thread():
+            run_bounded(instances, make, lambda i: i.cost, workers, budget, report if progress else None)
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch ops on one thread each within the block: the workers are the parallelism (measured: torch's intra-op
+    pool under the workers made a 2-core conversion twice as slow, docs/performance.md)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
