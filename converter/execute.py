@@ -51,9 +51,9 @@ def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: 
     """Write config.json and every rank file of `plan` into `directory`, on `workers` threads.
 
     The TP ranks of a stage plan the same tensor names in the same order, so each source tensor is read once and
-    its shards go to the stage's rank files together. Instances run in plan order, as many at once as workers and
-    the byte budget (the larger of 1 GiB and twice the largest instance) allow; the files are the same bytes for
-    any number of workers.
+    its shards go to the stage's rank files together. Instances run largest first (so that no large one is left
+    to run alone at the end), as many at once as workers and the byte budget (the larger of 1 GiB and twice the
+    largest instance) allow; the files are the same bytes for any number of workers and any order.
     """
     tp = plan.layout.mapping.tp_size
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -67,6 +67,7 @@ def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: 
             for first in range(0, len(plan.ranks), tp)
             for tensors in zip(*(r.tensors for r in plan.ranks[first : first + tp]))
         ]
+        instances.sort(key=lambda i: i.cost, reverse=True)
 
         def make(instance: _Instance) -> None:
             head = instance.tensors[0]
