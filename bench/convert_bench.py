@@ -3,7 +3,7 @@ against an in-memory baseline, on a synthetic Llama-shaped checkpoint of a chose
 
     python bench/convert_bench.py --out /tmp/convert-bench [--hidden 2048 --intermediate 5632 --layers 16
         --vocab 32000 --heads 32 --kv-heads 4 --shards 4 --source-dtype bfloat16 --dtype float16
-        --layouts tp1,tp2,tp8,pp2 --workers 1,all --repeats 2]
+        --layouts tp1,tp2,tp8,pp2 --workers 1,all --repeats 3]
 
 The model (random values, several safetensors shards and an index) is written under --out, then every measured
 command runs in a fresh subprocess: its wall time is taken around the process (interpreter start-up included) and
@@ -201,22 +201,22 @@ def run(args: argparse.Namespace) -> None:
     for name in args.layouts.split(","):
         layout = layout_args(name)
         flags = [a for k, v in layout.items() for a in (f"--{k}", str(v))]
-        kept = None
-        for workers in worker_counts:
-            runs = []
-            for i in range(args.repeats):
+        kept, runs = None, {w: [] for w in worker_counts}
+        for i in range(args.repeats):  # worker counts interleaved, so that a burst of load hits them alike
+            for workers in worker_counts:
                 target = out / f"{name}-w{workers}-{i}"
-                runs.append(measure([sys.executable, "-m", "shardproof", "convert", "--model_dir", str(model),
-                                     "--output_dir", str(target), "--dtype", args.dtype, "--quiet", "--workers",
-                                     str(workers), *flags]))
+                runs[workers].append(measure([sys.executable, "-m", "shardproof", "convert", "--model_dir", str(model),
+                                              "--output_dir", str(target), "--dtype", args.dtype, "--quiet",
+                                              "--workers", str(workers), *flags]))
                 if kept is None:
                     kept, kept_digests = target, digests(target)
                 else:
                     identical &= digests(target) == kept_digests
                     _remove(target)
-            best = min(r["seconds"] for r in runs)
+        for workers in worker_counts:
             target_mib = (GIB + 2 * largest * workers) / 2**20
-            rows.append((f"convert {name}", str(workers), best, max(r["peak_rss_mib"] for r in runs), target_mib))
+            rows.append((f"convert {name}", str(workers), min(r["seconds"] for r in runs[workers]),
+                         max(r["peak_rss_mib"] for r in runs[workers]), target_mib))
         if args.baseline:
             runs = []
             for i in range(args.repeats):
@@ -281,7 +281,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", help="The converted checkpoint's dtype.")
     parser.add_argument("--layouts", default="tp1,tp2,tp8,pp2")
     parser.add_argument("--workers", default="1,all", help="Worker counts, comma-separated; all = usable cores.")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     run(parser.parse_args())
 
