@@ -20,7 +20,7 @@ from .source import HFCheckpoint
 from .transforms import to_stored
 
 Progress = Callable[[str, int], None]  # called with each rank file tensor's name and bytes once it is written
-MIN_BUDGET = 1 << 30  # bytes in flight allowed at least (the largest row instance's twice, when more)
+BUDGET_BASE = 1 << 30  # bytes in flight: this plus twice the costliest row instance's, whatever the worker count
 
 
 def rank_file(rank: int) -> str:
@@ -52,8 +52,8 @@ def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: 
 
     The TP ranks of a stage plan the same tensor names in the same order, so each source tensor is read once and
     its shards go to the stage's rank files together. Instances run largest first (so that no large one is left
-    to run alone at the end), as many at once as workers and the byte budget (the larger of 1 GiB and twice the
-    largest instance) allow; the files are the same bytes for any number of workers and any order.
+    to run alone at the end), as many at once as workers and the byte budget (1 GiB plus twice the costliest instance,
+    so that the two largest run together with others beside them) allow; the files are the same bytes for any number of workers and any order.
     """
     tp = plan.layout.mapping.tp_size
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -79,7 +79,7 @@ def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: 
             for tensor in instance.tensors:
                 progress(tensor.name, math.prod(tensor.shape) * tensor.torch_dtype.itemsize)
 
-        budget = max(MIN_BUDGET, 2 * max((i.cost for i in instances), default=0))
+        budget = BUDGET_BASE + 2 * max((i.cost for i in instances), default=0)
         with _one_torch_thread():
             run_bounded(instances, make, lambda i: i.cost, workers, budget, report if progress else None)
 
