@@ -162,3 +162,9 @@ def test_convert_progress_shows_bytes_and_rate_unless_quiet(model, tmp_path, mon
 def test_workers_must_be_positive(model, tmp_path):
     assert_clean_failure(run("convert", "--model_dir", model, "--output_dir", tmp_path / "o", "--workers", 0), "--workers 0")
     assert not (tmp_path / "o").exists()
+
+
+def test_check_passes_workers_to_the_conversion(model, tmp_path):
+    result = run("check", "--model_dir", model, "--output_dir", tmp_path / "o", "--workers", 0, "--device", "cpu")
+    assert result.exit_code == 2 and "--workers 0: must be at least 1" in result.stderr, result.output
+    assert not (tmp_path / "o").exists()
