@@ -103,3 +103,14 @@ def test_progress_reports_every_tensor_and_byte_once(tmp_path):
     plan = convert(model, tmp_path / "out", tp_size=2, pp_size=2, workers=3, progress=lambda n, b: seen.append((n, b)))
     assert len(seen) == sum(len(r.tensors) for r in plan.ranks)
     assert sum(b for _, b in seen) == sum(r.nbytes for r in plan.ranks)
+
+
+def test_an_interrupt_in_the_calling_thread_waits_for_the_running_tasks():
+    recorder = Recorder()
+
+    def interrupted(task: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_bounded([1] * 20, recorder.run, lambda c: c, workers=4, budget=100, done=interrupted)
+    assert recorder.tasks == 0 and len(recorder.started) < 20
