@@ -9,7 +9,7 @@ from .atomic import atomic_directory
 from .card import get_card
 from .dtypes import resolve_dtype
 from .errors import ShardproofError
-from .execute import Progress, write_checkpoint
+from .execute import Progress, default_workers, write_checkpoint
 from .mapping import Mapping
 from .plan import Layout, Plan, build_plan
 from .source import HFCheckpoint
@@ -63,10 +63,17 @@ def convert(
     progress: Progress | None = None,
     moe_tp_size: int | None = None,
     moe_ep_size: int | None = None,
+    workers: int | None = None,
 ) -> Plan:
-    """Convert an HF checkpoint into a TensorRT-LLM checkpoint at `output_dir`, which appears only when complete."""
+    """Convert an HF checkpoint into a TensorRT-LLM checkpoint at `output_dir`, which appears only when complete.
+
+    `workers` threads read, cast, shard and write at once (default: one per usable core); the output's bytes do
+    not depend on it."""
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ShardproofError(f"--workers {workers}: must be at least 1")
     plan, source = plan_conversion(model_dir, dtype, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim,
                                    moe_tp_size, moe_ep_size)
     with atomic_directory(Path(output_dir), overwrite, inputs=[Path(model_dir)]) as staging:
-        write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress)
+        write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress, workers)
     return plan

@@ -1,43 +1,96 @@
-"""Runs a plan: streams the rank files of each pipeline stage tensor by tensor from the source checkpoint."""
+"""Runs a plan: worker threads make the rank files' tensors, each source tensor read once per pipeline stage and
+each shard written at the offset its file's planned header gives it."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from .plan import Plan
-from .safetensors_io import StreamWriter
+import torch
+
+from .bounded_pool import run_bounded
+from .plan import Plan, PlannedTensor
+from .planned_file import PlannedFile
 from .source import HFCheckpoint
 from .transforms import to_stored
 
-Progress = Callable[[str], None]
+Progress = Callable[[str, int], None]  # called with each rank file tensor's name and bytes once it is written
+BUDGET_BASE = 1 << 30  # bytes in flight: this plus twice the costliest row instance's, whatever the worker count
 
 
 def rank_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
 
 
-def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: dict, progress: Progress | None = None) -> None:
-    """Write config.json and every rank file of `plan` into `directory`.
+def default_workers() -> int:
+    """The number of cores this process may run on."""
+    return len(os.sched_getaffinity(0))
 
-    The TP ranks of a stage plan the same tensor names in the same order, so each source tensor is read once
-    and its shards go to the stage's rank files together: memory holds one source tensor and its shards.
+
+@dataclass(frozen=True)
+class _Instance:
+    """One row instance of one pipeline stage: its tensors on the stage's TP ranks (same sources), and their files."""
+
+    tensors: tuple[PlannedTensor, ...]
+    files: tuple[PlannedFile, ...]
+    read_bytes: int
+
+    @property
+    def cost(self) -> int:
+        """Bytes it holds at most, roughly: the sources read, and what is stored from them."""
+        return self.read_bytes + sum(math.prod(t.shape) * t.torch_dtype.itemsize for t in self.tensors)
+
+
+def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: dict, progress: Progress | None = None,
+                     workers: int = 1) -> None:
+    """Write config.json and every rank file of `plan` into `directory`, on `workers` threads.
+
+    The TP ranks of a stage plan the same tensor names in the same order, so each source tensor is read once and
+    its shards go to the stage's rank files together. Instances run largest first (so that no large one is left
+    to run alone at the end), as many at once as workers and the byte budget (1 GiB plus twice the costliest instance,
+    so that the two largest run together with others beside them) allow; the files are the same bytes for any number of workers and any order.
     """
     tp = plan.layout.mapping.tp_size
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for first in range(0, len(plan.ranks), tp):
-        stage = plan.ranks[first : first + tp]
-        with contextlib.ExitStack() as stack:
-            writers = [
-                stack.enter_context(StreamWriter(directory / rank_file(r.rank), [(t.name, t.torch_dtype, t.shape) for t in r.tensors]))
-                for r in stage
-            ]
-            for tensors in zip(*(r.tensors for r in stage)):
-                head = tensors[0]
-                sources = to_stored(head.ops, [source.load(name) for name in head.sources], head.torch_dtype)
-                for writer, tensor in zip(writers, tensors):
-                    writer.write(tensor.name, tensor.shard.forward(sources, tp, tensor.tp_rank))
-                    if progress:
-                        progress(tensor.name)
+    with contextlib.ExitStack() as stack:
+        files = [
+            stack.enter_context(PlannedFile(directory / rank_file(r.rank), [(t.name, t.torch_dtype, t.shape) for t in r.tensors]))
+            for r in plan.ranks
+        ]
+        instances = [
+            _Instance(tensors, tuple(files[first : first + tp]), sum(source.nbytes(name) for name in tensors[0].sources))
+            for first in range(0, len(plan.ranks), tp)
+            for tensors in zip(*(r.tensors for r in plan.ranks[first : first + tp]))
+        ]
+        instances.sort(key=lambda i: i.cost, reverse=True)
+
+        def make(instance: _Instance) -> None:
+            head = instance.tensors[0]
+            stored = to_stored(head.ops, [source.load(name) for name in head.sources], head.torch_dtype)
+            for file, tensor in zip(instance.files, instance.tensors):
+                file.write(tensor.name, tensor.shard.forward(stored, tp, tensor.tp_rank))
+
+        def report(instance: _Instance) -> None:
+            for tensor in instance.tensors:
+                progress(tensor.name, math.prod(tensor.shape) * tensor.torch_dtype.itemsize)
+
+        budget = BUDGET_BASE + 2 * max((i.cost for i in instances), default=0)
+        with _one_torch_thread():
+            run_bounded(instances, make, lambda i: i.cost, workers, budget, report if progress else None)
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch ops on one thread each within the block: the workers are the parallelism (measured: torch's intra-op
+    pool under the workers made a 2-core conversion twice as slow, docs/performance.md)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

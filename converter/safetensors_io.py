@@ -55,21 +55,29 @@ class TensorReader:
         return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
 
 
+def planned_header(entries: Sequence[tuple[str, torch.dtype, Shape]]) -> tuple[bytes, list[int]]:
+    """The bytes before a safetensors file's data (length prefix and JSON header) for tensors stored in the order
+    of `entries`, and each tensor's offset in the file."""
+    header, offsets, offset = {}, [], 0
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": safetensors_code(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offsets.append(offset)
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    prefix = struct.pack("<Q", len(encoded)) + encoded
+    return prefix, [len(prefix) + o for o in offsets]
+
+
 class StreamWriter:
     """Writes a safetensors file whose header is known in advance, one tensor at a time, in the planned order."""
 
     def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, Shape]]):
         self._entries = list(entries)
         self._next = 0
-        header, offset = {}, 0
-        for name, dtype, shape in self._entries:
-            size = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": safetensors_code(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
         self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._file.write(planned_header(self._entries)[0])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected_name, dtype, shape = self._entries[self._next]

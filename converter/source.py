@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
-from .dtypes import FLOAT_CODES
+from .dtypes import FLOAT_CODES, from_safetensors_code
 from .errors import ShardproofError
 from .json_files import read_config
 from .safetensors_index import weight_files
@@ -52,6 +53,11 @@ class HFCheckpoint:
     @property
     def shapes(self) -> dict[str, Shape]:
         return {name: shape for name, (_, shape) in self.headers.items()}
+
+    def nbytes(self, name: str) -> int:
+        """The size of tensor `name`'s data, from its header."""
+        code, shape = self.headers[name]
+        return math.prod(shape) * from_safetensors_code(code).itemsize
 
     def load(self, name: str) -> torch.Tensor:
         """The tensor `name`, in its stored dtype."""

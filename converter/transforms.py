@@ -21,6 +21,8 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from .cast import cast
+
 Shape = tuple[int, ...]
 Problem = tuple[int, str]  # (tp_rank, what is wrong with that rank's tensor)
 
@@ -101,14 +103,14 @@ def to_stored(ops: Sequence[SourceOp], tensors: Sequence[torch.Tensor], dtype: t
     """Source tensors as the checkpoint stores them, before sharding: ops that round run in float32 (as
     TensorRT-LLM does: "upcasted to float32 in case of bfloat16") and the result is cast to `dtype` once."""
     if all(op.exact for op in ops):
-        out = [t.to(dtype) for t in tensors]
+        out = [cast(t, dtype) for t in tensors]
         for op in ops:
             out = op.forward_all(out)
         return out
     out = [t.float() for t in tensors]
     for op in ops:
         out = op.forward_all(out)
-    return [t.to(dtype) for t in out]
+    return [cast(t, dtype) for t in out]
 
 
 def to_source(ops: Sequence[SourceOp], tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

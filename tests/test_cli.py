@@ -140,3 +140,31 @@ def test_bad_checkpoint_config_is_bad_input(tmp_path):
     assert_clean_failure(run("inspect", tmp_path / "ckpt"), "config.json", "JSON")
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"architecture": "LlamaForCausalLM"}))
     assert_clean_failure(run("reassemble", tmp_path / "ckpt", tmp_path / "back"), "config.json", "missing field")
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_convert_progress_shows_bytes_and_rate_unless_quiet(model, tmp_path, monkeypatch, quiet):
+    import io
+
+    from rich.console import Console
+
+    from shardproof import cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "err_console", Console(file=screen, force_terminal=True, width=120))
+    result = run("convert", "--model_dir", model, "--output_dir", tmp_path / "trt", "--tp_size", 2, "--workers", 2,
+                 *(["--quiet"] if quiet else []))
+    assert result.exit_code == 0, result.output
+    shown = screen.getvalue()
+    assert ("converting" in shown and "/s" in shown and "KiB" in shown) != quiet, shown
+
+
+def test_workers_must_be_positive(model, tmp_path):
+    assert_clean_failure(run("convert", "--model_dir", model, "--output_dir", tmp_path / "o", "--workers", 0), "--workers 0")
+    assert not (tmp_path / "o").exists()
+
+
+def test_check_passes_workers_to_the_conversion(model, tmp_path):
+    result = run("check", "--model_dir", model, "--output_dir", tmp_path / "o", "--workers", 0, "--device", "cpu")
+    assert result.exit_code == 2 and "--workers 0: must be at least 1" in result.stderr, result.output
+    assert not (tmp_path / "o").exists()

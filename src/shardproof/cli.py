@@ -14,7 +14,8 @@ from typing import Callable, Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TransferSpeedColumn)
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -69,6 +70,18 @@ def progress_bar(description: str, total: int) -> Iterator[Callable[[str], None]
         yield lambda name: progress.update(task, advance=1)
 
 
+@contextlib.contextmanager
+def bytes_progress_bar(description: str, total: int, quiet: bool = False) -> Iterator[Callable[[str, int], None]]:
+    """A rich progress bar of bytes and bytes/s (on stderr, shown only on a terminal and not `quiet`), advanced by
+    each tensor's bytes."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+               TransferSpeedColumn(), TimeElapsedColumn())
+    shown = err_console.is_terminal and not quiet
+    with Progress(*columns, console=err_console, transient=True, disable=not shown) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda name, nbytes: progress.update(task, advance=nbytes)
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -96,6 +109,8 @@ def plan_table(plan, title: str) -> Table:
 
 MOE_TP_HELP = "Experts: tensor-parallel size of each expert (moe_tp_size * moe_ep_size = tp_size; default tp_size)."
 MOE_EP_HELP = "Experts: expert-parallel size, each rank holding num_experts / moe_ep_size experts (default 1)."
+WORKERS_HELP = ("Threads reading, casting, sharding and writing at once (default: the number of usable cores); "
+                "the output's bytes do not depend on it.")
 
 
 @app.command()
@@ -112,6 +127,8 @@ def convert(
     moe_ep_size: Optional[int] = typer.Option(None, "--moe_ep_size", "--moe-ep-size", help=MOE_EP_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", "--dry_run", help="Print the plan from headers alone; read and write no tensor data."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output directory."),
+    workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Convert an HF checkpoint into a TensorRT-LLM checkpoint."""
     from shardproof.converter.api import convert as run_convert, plan_conversion
@@ -131,9 +148,8 @@ def convert(
         return
     if output_dir is None:
         raise ShardproofError("--output_dir is required (or pass --dry-run)")
-    total = sum(len(r.tensors) for r in plan.ranks)
-    with progress_bar("converting", total) as advance:
-        run_convert(model_dir, output_dir, overwrite=overwrite, progress=advance, **args)
+    with bytes_progress_bar("converting", sum(r.nbytes for r in plan.ranks), quiet) as advance:
+        run_convert(model_dir, output_dir, overwrite=overwrite, progress=advance, workers=workers, **args)
     console.print(f"wrote {plan.layout.mapping.world_size} rank file(s) and config.json to {output_dir}", markup=False)
 
 
@@ -283,6 +299,7 @@ def check(
     moe_tp_size: Optional[int] = typer.Option(None, "--moe_tp_size", "--moe-tp-size", help=MOE_TP_HELP),
     moe_ep_size: Optional[int] = typer.Option(None, "--moe_ep_size", "--moe-ep-size", help=MOE_EP_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --output_dir."),
+    workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     num_sequences: int = typer.Option(4, "--num_sequences", "--num-sequences", help=SEQUENCES_HELP),
     seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
@@ -315,7 +332,7 @@ def check(
         result = convert_and_check(
             model_dir, output_dir, mode, batch, overwrite, _log, **layout,
             use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
-            moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size,
+            moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size, workers=workers,
         )
     _finish(result, report)
 

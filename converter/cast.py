@@ -1,0 +1,30 @@
+"""dtype casts as the converter stores them; bfloat16 -> float16 goes through float32 in cache-sized blocks.
+
+torch casts bfloat16 to float16 element by element through float, which on one thread runs at about 60 % of the
+speed of the two vectorized casts it is made of (measured: docs/performance.md). Both routes round once, from the
+exact float32 value, so the bits are the same (tests/test_cast.py checks every bit pattern). float16 -> bfloat16
+is left to torch: its direct cast makes every NaN canonical, the route through float32 keeps NaN payloads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# 128 KiB of float32 stays in cache between the two casts; at most torch's grain size (32768), so each copy runs on
+# the calling thread (larger blocks fan out to the intra-op pool, which costs more than it gains at this size)
+BLOCK_ELEMENTS = 1 << 15
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` with the same bits; bfloat16 -> float16 through float32 one block at a time."""
+    if (tensor.dtype, dtype) != (torch.bfloat16, torch.float16) or tensor.numel() <= BLOCK_ELEMENTS:
+        return tensor.to(dtype)
+    source = tensor.contiguous().view(-1)
+    out = torch.empty(source.numel(), dtype=dtype)
+    block = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
+    for start in range(0, source.numel(), BLOCK_ELEMENTS):
+        part = source[start : start + BLOCK_ELEMENTS]
+        staged = block[: part.numel()]
+        staged.copy_(part)
+        out[start : start + part.numel()].copy_(staged)
+    return out.view(tensor.shape)

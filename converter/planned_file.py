@@ -1,0 +1,57 @@
+"""A safetensors file written from its planned header: tensors go to their planned offsets, in any order, from
+any thread (positional writes), so the bytes are those of writing them in order."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .safetensors_header import Shape
+from .safetensors_io import planned_header
+
+
+class PlannedFile:
+    """Writes the header at once; `write` puts each planned tensor at its offset; `close` checks all were written."""
+
+    def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, Shape]]):
+        prefix, offsets = planned_header(entries)
+        self._slots = {name: (dtype, tuple(shape), offset) for (name, dtype, shape), offset in zip(entries, offsets)}
+        self._written: set[str] = set()
+        self._lock = threading.Lock()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._write_at(memoryview(prefix), 0)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        dtype, shape, offset = self._slots[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise AssertionError(f"planned {name} {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        with self._lock:
+            if name in self._written:
+                raise AssertionError(f"{name} was written twice")
+            self._written.add(name)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._write_at(memoryview(data.numpy()), offset)
+
+    def _write_at(self, data: memoryview, offset: int) -> None:
+        while data:  # one pwrite may write less (Linux: at most 2 GiB - 4 KiB per call)
+            written = os.pwrite(self._fd, data, offset)
+            data, offset = data[written:], offset + written
+
+    def close(self) -> None:
+        os.close(self._fd)
+        missing = len(self._slots) - len(self._written)
+        if missing:
+            raise AssertionError(f"{missing} planned tensors were never written")
+
+    def __enter__(self) -> "PlannedFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            os.close(self._fd)
