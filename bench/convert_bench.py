@@ -67,7 +67,8 @@ def build(model: Path, args: argparse.Namespace) -> None:
     for s in range(args.shards):
         part = names[len(names) * s // args.shards : len(names) * (s + 1) // args.shards]
         filename = f"model-{s + 1:05d}-of-{args.shards:05d}.safetensors"
-        tensors = {n: (torch.randn(shapes[n], generator=generator) * 0.02).to(getattr(torch, args.source_dtype)) for n in part}
+        dtype = getattr(torch, args.source_dtype)  # drawn in the source dtype: no float32 copy of an 8B model
+        tensors = {n: torch.empty(shapes[n], dtype=dtype).normal_(0.0, 0.02, generator=generator) for n in part}
         save_file(tensors, model / filename, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(part, filename)
     (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
