@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
+from typing import Callable
 
 from .atomic import atomic_directory
 from .card import get_card
@@ -14,6 +16,9 @@ from .mapping import Mapping
 from .plan import Layout, Plan, build_plan
 from .source import HFCheckpoint
 from .trt_config import trt_config
+from .value_range import ValueGuard
+
+log = logging.getLogger("shardproof")
 
 
 def plan_conversion(
@@ -63,10 +68,21 @@ def convert(
     progress: Progress | None = None,
     moe_tp_size: int | None = None,
     moe_ep_size: int | None = None,
+    allow_nonfinite: bool = False,
+    clamp: bool = False,
+    note: Callable[[str], None] | None = None,
 ) -> Plan:
-    """Convert an HF checkpoint into a TensorRT-LLM checkpoint at `output_dir`, which appears only when complete."""
+    """Convert an HF checkpoint into a TensorRT-LLM checkpoint at `output_dir`, which appears only when complete.
+
+    A NaN or Inf in a source tensor, or a value the cast to `dtype` overflows, is refused (ShardproofError, no
+    output) unless `allow_nonfinite` (converted as it is) or, for overflow, `clamp` (saturated to the dtype's
+    finite max); what either flag did is passed to `note`
+    (default: the `shardproof` logger's warning), one line each."""
     plan, source = plan_conversion(model_dir, dtype, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim,
                                    moe_tp_size, moe_ep_size)
+    guard = ValueGuard(str(source.model_dir), allow_nonfinite, clamp)
     with atomic_directory(Path(output_dir), overwrite, inputs=[Path(model_dir)]) as staging:
-        write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress)
+        write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress, guard)
+    for line in guard.notes():
+        (note or log.warning)(line)
     return plan

@@ -11,6 +11,7 @@ from .plan import Plan
 from .safetensors_io import StreamWriter
 from .source import HFCheckpoint
 from .transforms import to_stored
+from .value_range import ValueGuard
 
 Progress = Callable[[str], None]
 
@@ -19,13 +20,15 @@ def rank_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
 
 
-def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: dict, progress: Progress | None = None) -> None:
+def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: dict, progress: Progress | None = None,
+                     guard: ValueGuard | None = None) -> None:
     """Write config.json and every rank file of `plan` into `directory`.
 
     The TP ranks of a stage plan the same tensor names in the same order, so each source tensor is read once
     and its shards go to the stage's rank files together: memory holds one source tensor and its shards.
     """
     tp = plan.layout.mapping.tp_size
+    guard = guard or ValueGuard(str(source.model_dir))
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for first in range(0, len(plan.ranks), tp):
         stage = plan.ranks[first : first + tp]
@@ -36,7 +39,8 @@ def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: 
             ]
             for tensors in zip(*(r.tensors for r in stage)):
                 head = tensors[0]
-                sources = to_stored(head.ops, [source.load(name) for name in head.sources], head.torch_dtype)
+                loaded = [source.load(name) for name in head.sources]
+                sources = guard.stored(head, loaded, to_stored(head.ops, loaded, head.torch_dtype))
                 for writer, tensor in zip(writers, tensors):
                     writer.write(tensor.name, tensor.shard.forward(sources, tp, tensor.tp_rank))
                     if progress:

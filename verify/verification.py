@@ -114,7 +114,7 @@ def convert_and_check(
         if log:
             log(f"converting {model_dir} ({', '.join(f'{k}={v}' for k, v in layout.items())})")
         start = time.perf_counter()
-        convert(model_dir, out, overwrite=overwrite, **layout)
+        convert(model_dir, out, overwrite=overwrite, note=log, **layout)
         elapsed = time.perf_counter() - start
         result = verify_checkpoint(model_dir, out, mode, batch, log)
     result.timings = {"convert": elapsed, **result.timings}

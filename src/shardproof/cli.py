@@ -96,6 +96,8 @@ def plan_table(plan, title: str) -> Table:
 
 MOE_TP_HELP = "Experts: tensor-parallel size of each expert (moe_tp_size * moe_ep_size = tp_size; default tp_size)."
 MOE_EP_HELP = "Experts: expert-parallel size, each rank holding num_experts / moe_ep_size experts (default 1)."
+ALLOW_NONFINITE_HELP = "Convert NaN/Inf in the source, and values the dtype overflows (as inf), instead of refusing them."
+CLAMP_HELP = "Saturate values beyond the dtype's range (float16: ±65504) to its finite max instead of refusing them."
 
 
 @app.command()
@@ -112,6 +114,8 @@ def convert(
     moe_ep_size: Optional[int] = typer.Option(None, "--moe_ep_size", "--moe-ep-size", help=MOE_EP_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", "--dry_run", help="Print the plan from headers alone; read and write no tensor data."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output directory."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", "--allow_nonfinite", help=ALLOW_NONFINITE_HELP),
+    clamp: bool = typer.Option(False, "--clamp", help=CLAMP_HELP),
 ) -> None:
     """Convert an HF checkpoint into a TensorRT-LLM checkpoint."""
     from shardproof.converter.api import convert as run_convert, plan_conversion
@@ -130,7 +134,8 @@ def convert(
         raise ShardproofError("--output_dir is required (or pass --dry-run)")
     total = sum(len(r.tensors) for r in plan.ranks)
     with progress_bar("converting", total) as advance:
-        run_convert(model_dir, output_dir, overwrite=overwrite, progress=advance, **args)
+        run_convert(model_dir, output_dir, overwrite=overwrite, progress=advance, allow_nonfinite=allow_nonfinite,
+                    clamp=clamp, note=_note, **args)
     console.print(f"wrote {plan.layout.mapping.world_size} rank file(s) and config.json to {output_dir}", markup=False)
 
 
@@ -191,6 +196,10 @@ def inspect(checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkp
 
 def _log(message: str) -> None:
     err_console.print(Text(message, style="dim"), highlight=False)
+
+
+def _note(message: str) -> None:
+    err_console.print(Text.assemble(("note:", "yellow"), " ", message), highlight=False, soft_wrap=True)
 
 
 def _check_report_path(report: Optional[Path], option: str = "--report") -> None:
@@ -280,6 +289,8 @@ def check(
     moe_tp_size: Optional[int] = typer.Option(None, "--moe_tp_size", "--moe-tp-size", help=MOE_TP_HELP),
     moe_ep_size: Optional[int] = typer.Option(None, "--moe_ep_size", "--moe-ep-size", help=MOE_EP_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --output_dir."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", "--allow_nonfinite", help=ALLOW_NONFINITE_HELP),
+    clamp: bool = typer.Option(False, "--clamp", help=CLAMP_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     num_sequences: int = typer.Option(4, "--num_sequences", "--num-sequences", help=SEQUENCES_HELP),
     seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
@@ -312,7 +323,7 @@ def check(
         result = convert_and_check(
             model_dir, output_dir, mode, batch, overwrite, _log, **layout,
             use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
-            moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size,
+            moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size, allow_nonfinite=allow_nonfinite, clamp=clamp,
         )
     _finish(result, report)
 
