@@ -12,6 +12,7 @@ from .card import get_card
 from .dtypes import resolve_dtype
 from .errors import ShardproofError
 from .execute import Progress, write_checkpoint
+from .manifest import source_fingerprint, write_manifest
 from .mapping import Mapping
 from .plan import Layout, Plan, build_plan
 from .source import HFCheckpoint
@@ -72,7 +73,8 @@ def convert(
     clamp: bool = False,
     note: Callable[[str], None] | None = None,
 ) -> Plan:
-    """Convert an HF checkpoint into a TensorRT-LLM checkpoint at `output_dir`, which appears only when complete.
+    """Convert an HF checkpoint into a TensorRT-LLM checkpoint at `output_dir`, which appears only when complete,
+    with its integrity manifest (converter/manifest.py).
 
     A NaN or Inf in a source tensor, or a value the cast to `dtype` overflows, is refused (ShardproofError, no
     output) unless `allow_nonfinite` (converted as it is) or, for overflow, `clamp` (saturated to the dtype's
@@ -80,9 +82,10 @@ def convert(
     (default: the `shardproof` logger's warning), one line each."""
     plan, source = plan_conversion(model_dir, dtype, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim,
                                    moe_tp_size, moe_ep_size)
-    guard = ValueGuard(str(source.model_dir), allow_nonfinite, clamp)
+    guard, written = ValueGuard(str(source.model_dir), allow_nonfinite, clamp), {}
     with atomic_directory(Path(output_dir), overwrite, inputs=[Path(model_dir)]) as staging:
-        write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress, guard)
+        write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress, guard, written)
+        write_manifest(staging, source_fingerprint(source.model_dir), written)
     for line in guard.notes():
         (note or log.warning)(line)
     return plan

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from .manifest import FileDigest
 from .plan import Plan
 from .safetensors_io import StreamWriter
 from .source import HFCheckpoint
@@ -21,11 +22,13 @@ def rank_file(rank: int) -> str:
 
 
 def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: dict, progress: Progress | None = None,
-                     guard: ValueGuard | None = None) -> None:
+                     guard: ValueGuard | None = None, digests: dict[str, FileDigest] | None = None) -> None:
     """Write config.json and every rank file of `plan` into `directory`.
 
     The TP ranks of a stage plan the same tensor names in the same order, so each source tensor is read once
     and its shards go to the stage's rank files together: memory holds one source tensor and its shards.
+    `guard` judges every stored tensor's values (default: refuse non-finite ones); `digests` receives each rank
+    file's SHA-256 and size, computed as it is written.
     """
     tp = plan.layout.mapping.tp_size
     guard = guard or ValueGuard(str(source.model_dir))
@@ -34,7 +37,7 @@ def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: 
         stage = plan.ranks[first : first + tp]
         with contextlib.ExitStack() as stack:
             writers = [
-                stack.enter_context(StreamWriter(directory / rank_file(r.rank), [(t.name, t.torch_dtype, t.shape) for t in r.tensors]))
+                stack.enter_context(StreamWriter(directory / rank_file(r.rank), [(t.name, t.torch_dtype, t.shape) for t in r.tensors], digests))
                 for r in stage
             ]
             for tensors in zip(*(r.tensors for r in stage)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -12,6 +13,7 @@ import torch
 
 from .dtypes import from_safetensors_code, safetensors_code
 from .errors import ShardproofError
+from .manifest import FileDigest
 from .safetensors_header import Shape, read_safetensors_header
 
 
@@ -56,11 +58,16 @@ class TensorReader:
 
 
 class StreamWriter:
-    """Writes a safetensors file whose header is known in advance, one tensor at a time, in the planned order."""
+    """Writes a safetensors file whose header is known in advance, one tensor at a time, in the planned order.
 
-    def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, Shape]]):
+    With `digests`, the file's SHA-256 and size, computed from the bytes as they are written, are recorded
+    there under its name when it is complete."""
+
+    def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, Shape]], digests: dict[str, FileDigest] | None = None):
         self._entries = list(entries)
         self._next = 0
+        self._path, self._digests = Path(path), digests
+        self._sha256, self._size = hashlib.sha256(), 0
         header, offset = {}, 0
         for name, dtype, shape in self._entries:
             size = math.prod(shape) * dtype.itemsize
@@ -69,7 +76,12 @@ class StreamWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
         self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._emit(struct.pack("<Q", len(encoded)) + encoded)
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._file.write(data)
+        self._sha256.update(data)
+        self._size += len(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected_name, dtype, shape = self._entries[self._next]
@@ -78,13 +90,15 @@ class StreamWriter:
                 f"planned {expected_name} {dtype} {list(shape)}, got {name} {tensor.dtype} {list(tensor.shape)}"
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
+        self._emit(memoryview(data.numpy()))
         self._next += 1
 
     def close(self) -> None:
         self._file.close()
         if self._next != len(self._entries):
             raise AssertionError(f"{len(self._entries) - self._next} planned tensors were never written")
+        if self._digests is not None:
+            self._digests[self._path.name] = FileDigest(self._sha256.hexdigest(), self._size)
 
     def __enter__(self) -> "StreamWriter":
         return self

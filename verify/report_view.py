@@ -153,7 +153,9 @@ def sharded_table(report: ShardedReport) -> Table:
 
 
 def render(result: Verification, console: Console) -> None:
-    """Print every mode's report, the timings and the verdict."""
+    """Print the notes, every mode's report, the timings and the verdict."""
+    for note in result.notes:
+        console.print(Text.assemble(("note:", "yellow"), " ", note), highlight=False)
     report = result.reassembled
     if report is not None:
         console.print(summary_table(report))

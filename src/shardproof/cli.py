@@ -150,13 +150,28 @@ def reassemble(
     from shardproof.converter.checkpoint import TRTCheckpoint
     from shardproof.converter.reassemble import reassemble as run_reassemble
 
+    integrity = _check_manifest(checkpoint_dir)
     groups = len(TRTCheckpoint(checkpoint_dir).plan.groups())
     with progress_bar("reassembling", groups) as advance:
         result = run_reassemble(checkpoint_dir, output_dir, overwrite=overwrite, progress=advance)
     _print_violations(result.violations)
     if result.output_dir is not None:
         console.print(f"wrote the HF checkpoint to {result.output_dir}", markup=False)
+    console.print(integrity, markup=False)
     raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILED)
+
+
+def _check_manifest(checkpoint_dir: Path) -> str:
+    """Check the checkpoint's files against its integrity manifest before anything reads them: exit 1 naming
+    each file that differs; else the line saying what was checked (or that there is no manifest)."""
+    from shardproof.converter.checkpoint import Violation
+    from shardproof.converter.manifest import check_manifest
+
+    integrity = check_manifest(checkpoint_dir)
+    if not integrity.passed:
+        _print_violations([Violation(None, name, problem) for name, problem in integrity.problems.items()])
+        raise typer.Exit(EXIT_FAILED)
+    return integrity.summary()
 
 
 def _print_violations(violations: list) -> None:
@@ -173,6 +188,7 @@ def inspect(checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkp
     """Print ranks, stages, tensors and bytes of a checkpoint, from its headers."""
     from shardproof.converter.checkpoint import TRTCheckpoint
 
+    integrity = _check_manifest(checkpoint_dir)
     ckpt = TRTCheckpoint(checkpoint_dir)
     cfg, mapping = ckpt.config, ckpt.mapping
     table = Table(title=escape(f"{cfg['architecture']} {cfg['dtype']}, tp={mapping.tp_size} pp={mapping.pp_size}, vocab {cfg['vocab_size']}"))
@@ -189,6 +205,7 @@ def inspect(checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkp
             str(len(headers)), _human_bytes(size), ckpt.rank_path(rank.rank).name,
         )
     console.print(table)
+    console.print(integrity, markup=False)
     violations = ckpt.structural_violations()
     _print_violations(violations)
     raise typer.Exit(EXIT_OK if not violations else EXIT_FAILED)
