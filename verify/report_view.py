@@ -79,12 +79,14 @@ def summary_table(report: EquivalenceReport) -> Table:
 
 
 def violations_table(violations: list[Violation]) -> Table:
-    """Each violation: rank, tensor, problem."""
+    """Each violation (the first MAX_ROWS): rank, tensor, problem."""
     table = Table(title=f"{len(violations)} violation(s)", title_style="bold red")
     for column in ("rank", "tensor", "problem"):
         table.add_column(column)
-    for v in violations:
+    for v in violations[:MAX_ROWS]:
         table.add_row("-" if v.rank is None else str(v.rank), Text(v.tensor), Text(v.problem))
+    if len(violations) > MAX_ROWS:
+        table.caption = f"... and {len(violations) - MAX_ROWS} more"
     return table
 
 
