@@ -113,7 +113,9 @@ def main() -> None:
                                   and "Traceback" not in outcome.output) else "NO"
             first = outcome.first_line or next((line for line in outcome.output.splitlines()[::-1] if line.strip()), "")
             if case.exit_code == 1:  # the line that names what failed
-                first = next((line for line in outcome.output.splitlines() if "manifest" in line or "FAIL" in line), first)
+                lines = outcome.output.splitlines()
+                first = next((line for line in lines if line.startswith("FAIL")),
+                             next((line for line in lines if ".safetensors" in line and "│" in line), first))
             rows.append((case.item, case.name, outcome.exit_code, clean, first))
         rows += process_rows(base, model)
         lines = [f"| {item} | {_cell(name, tmp)} | {code} | {clean} | `{_cell(first.strip(), tmp)}` |" for item, name, code, clean, first in rows]
