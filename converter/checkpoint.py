@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .card import Card, get_card
+from .card import Card, Dims, get_card
 from .dtypes import safetensors_code
 from .errors import ShardproofError
 from .execute import rank_file
@@ -37,7 +37,9 @@ class Violation:
 MAX_EXPANSION = 2**15
 
 
-def _refuse_implausible_size(card: Card, dims, mapping: Mapping) -> None:
+def _refuse_implausible_size(card: Card, dims: Dims, mapping: Mapping) -> None:
+    """ShardproofError when num_layers times the world size, or times a count the card's rows gather over, exceeds
+    MAX_EXPANSION."""
     counts = {"world_size": mapping.world_size, **{f: getattr(dims, f) for row in card.rows for _, f in row.gather}}
     for name, count in counts.items():
         if dims.num_layers * count > MAX_EXPANSION:
@@ -57,15 +59,17 @@ class TRTCheckpoint:
             self.card: Card = get_card(self.config["architecture"])
             self.dims = self.card.config.dims_from_trt(self.config)
             self.card.config.hf_config(self.config)  # every field the reassembler writes back exists, before any work
-            switches = {key: self.config.get(key, False) for key in ("use_parallel_embedding", "share_embedding_table")}
-            for key, value in {**switches, "embedding_sharding_dim": self.config.get("embedding_sharding_dim", 0)}.items():
-                if type(value) is not (int if key == "embedding_sharding_dim" else bool):
-                    raise ShardproofError(f"{key}={value!r} must be {'an integer' if key == 'embedding_sharding_dim' else 'true or false'}")
+            for key in ("use_parallel_embedding", "share_embedding_table"):
+                if type(self.config.get(key, False)) is not bool:
+                    raise ShardproofError(f"{key}={self.config[key]!r} must be true or false")
+            if type(self.config.get("embedding_sharding_dim", 0)) is not int:
+                raise ShardproofError(f"embedding_sharding_dim={self.config['embedding_sharding_dim']!r} must be an integer")
             self.layout = Layout(
                 dtype=self.config["dtype"],
                 mapping=Mapping.from_config(self.config["mapping"]),
+                use_parallel_embedding=self.config.get("use_parallel_embedding", False),
                 embedding_sharding_dim=self.config.get("embedding_sharding_dim", 0),
-                **switches,
+                share_embedding_table=self.config.get("share_embedding_table", False),
             )
             _refuse_implausible_size(self.card, self.dims, self.layout.mapping)
         except KeyError as e:

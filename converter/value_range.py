@@ -16,9 +16,11 @@ from .errors import ShardproofError
 from .plan import PlannedTensor
 from .transforms import to_stored
 
+
 @dataclass
 class ValueGuard:
-    """What a conversion does with non-finite values, and what it did (source tensor -> count)."""
+    """What a conversion does with non-finite values (`where` names the model directory in errors), and what it
+    did: `nonfinite` (converted as they are) and `clamped` count values per source tensor."""
 
     where: str
     allow_nonfinite: bool = False
@@ -36,13 +38,12 @@ class ValueGuard:
         nonfinite = {name: int((~torch.isfinite(t)).sum()) for name, t in zip(target.sources, sources)}
         overflow = sum(int((~torch.isfinite(t)).sum()) for t in stored) - sum(nonfinite.values())
         peaks = {name: _peak(t) for name, t in zip(target.sources, sources)}
-        for name, count in nonfinite.items():
-            if count and not self.allow_nonfinite:
+        kept = {name: count for name, count in nonfinite.items() if count}
+        for name, count in kept.items():
+            if not self.allow_nonfinite:
                 raise ShardproofError(
                     f"{self.where}: source tensor {name!r} holds {count} non-finite value(s) (NaN/Inf), max |finite "
                     f"value| {peaks[name]:.6g}; pass --allow-nonfinite to convert them as they are")
-            if count:
-                self.nonfinite[name] = count
         if overflow:
             name = max(peaks, key=peaks.get)  # the cast overflows the largest values: the culprit among several sources
             if not (self.clamp or self.allow_nonfinite):
@@ -50,8 +51,11 @@ class ValueGuard:
                     f"{self.where}: source tensor {name!r} holds {overflow} value(s) beyond {target.dtype}'s finite "
                     f"range ±{torch.finfo(dtype).max:.6g}, max |value| {peaks[name]:.6g}; pass --clamp to saturate them "
                     f"or --allow-nonfinite to store them as inf")
-            counts = self.clamped if self.clamp else self.nonfinite
-            counts[name] = counts.get(name, 0) + overflow
+            if self.clamp:
+                self.clamped[name] = overflow
+            else:
+                kept[name] = kept.get(name, 0) + overflow
+        self.nonfinite.update(kept)  # assigned, not added: a tied source judged for two targets counts once
         if not (self.clamp and overflow):
             return stored
         limit = torch.finfo(dtype).max  # float64 holds every source value exactly, so in-range values cast as before
