@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
+from typing import Callable
 
 from .atomic import atomic_directory
 from .card import get_card
 from .dtypes import resolve_dtype
 from .errors import ShardproofError
 from .execute import Progress, default_workers, write_checkpoint
+from .manifest import rank_file_digests, source_fingerprint, write_manifest
 from .mapping import Mapping
 from .plan import Layout, Plan, build_plan
 from .source import HFCheckpoint
 from .trt_config import trt_config
+from .value_range import ValueGuard
+
+log = logging.getLogger("shardproof")
 
 
 def plan_conversion(
@@ -64,16 +70,27 @@ def convert(
     moe_tp_size: int | None = None,
     moe_ep_size: int | None = None,
     workers: int | None = None,
+    allow_nonfinite: bool = False,
+    clamp: bool = False,
+    note: Callable[[str], None] | None = None,
 ) -> Plan:
-    """Convert an HF checkpoint into a TensorRT-LLM checkpoint at `output_dir`, which appears only when complete.
+    """Convert an HF checkpoint into a TensorRT-LLM checkpoint at `output_dir`, which appears only when complete,
+    with its integrity manifest (converter/manifest.py).
 
     `workers` threads read, cast, shard and write at once (default: one per usable core); the output's bytes do
-    not depend on it."""
+    not depend on it. A NaN or Inf in a source tensor, or a value the cast to `dtype` overflows, is refused
+    (ShardproofError, no output) unless `allow_nonfinite` (converted as it is) or, for overflow, `clamp`
+    (saturated to the dtype's finite max); what either flag did is passed to `note` (default: the `shardproof`
+    logger's warning), one line each."""
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise ShardproofError(f"--workers {workers}: must be at least 1")
     plan, source = plan_conversion(model_dir, dtype, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim,
                                    moe_tp_size, moe_ep_size)
+    guard = ValueGuard(str(source.model_dir), allow_nonfinite, clamp)
     with atomic_directory(Path(output_dir), overwrite, inputs=[Path(model_dir)]) as staging:
-        write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress, workers)
+        write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress, workers, guard)
+        write_manifest(staging, source_fingerprint(source.model_dir), rank_file_digests(staging, workers))
+    for line in guard.notes():
+        (note or log.warning)(line)
     return plan

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .card import Card, get_card
+from .card import Card, Dims, get_card
 from .dtypes import safetensors_code
 from .errors import ShardproofError
 from .execute import rank_file
@@ -31,6 +31,22 @@ class Violation:
         return f"{where}: {self.tensor}: {self.problem}"
 
 
+# The plan expands num_layers over the ranks (and over gathered instances such as experts) before any rank file is
+# read: bound it, so that a config.json claiming 10**12 layers is refused instead of planned. Real checkpoints stay
+# far below (126 layers x 128 ranks; 61 layers x 256 experts).
+MAX_EXPANSION = 2**15
+
+
+def _refuse_implausible_size(card: Card, dims: Dims, mapping: Mapping) -> None:
+    """ShardproofError when num_layers times the world size, or times a count the card's rows gather over, exceeds
+    MAX_EXPANSION."""
+    counts = {"world_size": mapping.world_size, **{f: getattr(dims, f) for row in card.rows for _, f in row.gather}}
+    for name, count in counts.items():
+        if dims.num_layers * count > MAX_EXPANSION:
+            raise ShardproofError(f"num_layers={dims.num_layers} times {name}={count} is implausible "
+                                  f"(more than {MAX_EXPANSION} layer instances to plan)")
+
+
 class TRTCheckpoint:
     """config.json and rank files of a TensorRT-LLM checkpoint; the plan is rebuilt from config.json alone."""
 
@@ -43,13 +59,19 @@ class TRTCheckpoint:
             self.card: Card = get_card(self.config["architecture"])
             self.dims = self.card.config.dims_from_trt(self.config)
             self.card.config.hf_config(self.config)  # every field the reassembler writes back exists, before any work
+            for key in ("use_parallel_embedding", "share_embedding_table"):
+                if type(self.config.get(key, False)) is not bool:
+                    raise ShardproofError(f"{key}={self.config[key]!r} must be true or false")
+            if type(self.config.get("embedding_sharding_dim", 0)) is not int:
+                raise ShardproofError(f"embedding_sharding_dim={self.config['embedding_sharding_dim']!r} must be an integer")
             self.layout = Layout(
                 dtype=self.config["dtype"],
                 mapping=Mapping.from_config(self.config["mapping"]),
-                use_parallel_embedding=bool(self.config.get("use_parallel_embedding", False)),
-                embedding_sharding_dim=int(self.config.get("embedding_sharding_dim", 0)),
-                share_embedding_table=bool(self.config.get("share_embedding_table", False)),
+                use_parallel_embedding=self.config.get("use_parallel_embedding", False),
+                embedding_sharding_dim=self.config.get("embedding_sharding_dim", 0),
+                share_embedding_table=self.config.get("share_embedding_table", False),
             )
+            _refuse_implausible_size(self.card, self.dims, self.layout.mapping)
         except KeyError as e:
             raise ShardproofError(f"{config_path}: missing field {e.args[0]!r}") from None
         except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong type (null, a list, a string)

@@ -18,6 +18,7 @@ from .plan import Plan, PlannedTensor
 from .planned_file import PlannedFile
 from .source import HFCheckpoint
 from .transforms import to_stored
+from .value_range import ValueGuard
 
 Progress = Callable[[str, int], None]  # called with each rank file tensor's name and bytes once it is written
 BUDGET_BASE = 1 << 30  # bytes in flight: this plus twice the costliest row instance's, whatever the worker count
@@ -47,15 +48,17 @@ class _Instance:
 
 
 def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: dict, progress: Progress | None = None,
-                     workers: int = 1) -> None:
+                     workers: int = 1, guard: ValueGuard | None = None) -> None:
     """Write config.json and every rank file of `plan` into `directory`, on `workers` threads.
 
     The TP ranks of a stage plan the same tensor names in the same order, so each source tensor is read once and
     its shards go to the stage's rank files together. Instances run largest first (so that no large one is left
     to run alone at the end), as many at once as workers and the byte budget (1 GiB plus twice the costliest instance,
     so that the two largest run together with others beside them) allow; the files are the same bytes for any number of workers and any order.
+    `guard` judges every stored tensor's values (default: refuse non-finite ones).
     """
     tp = plan.layout.mapping.tp_size
+    guard = guard or ValueGuard(str(source.model_dir))
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     with contextlib.ExitStack() as stack:
         files = [
@@ -71,7 +74,8 @@ def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: 
 
         def make(instance: _Instance) -> None:
             head = instance.tensors[0]
-            stored = to_stored(head.ops, [source.load(name) for name in head.sources], head.torch_dtype)
+            loaded = [source.load(name) for name in head.sources]
+            stored = guard.stored(head, loaded, to_stored(head.ops, loaded, head.torch_dtype))
             for file, tensor in zip(instance.files, instance.tensors):
                 file.write(tensor.name, tensor.shard.forward(stored, tp, tensor.tp_rank))
 

@@ -84,8 +84,13 @@ class Mapping:
 
     @classmethod
     def from_config(cls, mapping: dict) -> "Mapping":
-        moe = {k: int(mapping[k]) for k in ("moe_tp_size", "moe_ep_size") if k in mapping}
-        mapping_ = cls(tp_size=int(mapping.get("tp_size", 1)), pp_size=int(mapping.get("pp_size", 1)), **moe)
+        """The mapping of a TensorRT-LLM config.json; every size must be an integer (not 2.5, "2" or true)."""
+        for key in ("tp_size", "pp_size", "moe_tp_size", "moe_ep_size", "world_size"):
+            value = mapping.get(key, 1)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ShardproofError(f"mapping.{key}={value!r} must be an integer")
+        moe = {k: mapping[k] for k in ("moe_tp_size", "moe_ep_size") if k in mapping}
+        mapping_ = cls(tp_size=mapping.get("tp_size", 1), pp_size=mapping.get("pp_size", 1), **moe)
         world = mapping.get("world_size", mapping_.world_size)
         if world != mapping_.world_size:
             raise ShardproofError(f"mapping.world_size={world} is not tp_size*pp_size={mapping_.world_size}")

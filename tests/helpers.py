@@ -46,3 +46,13 @@ def load_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
     for path in sorted(directory.glob("*.safetensors")):
         tensors.update(load_file(path))
     return tensors
+
+
+def restamp_manifest(checkpoint_dir: Path) -> None:
+    """Rewrite the checkpoint's integrity manifest over its files as they are now: what a converter that wrote
+    these (faulty) files would have written, so the checks behind the manifest see the fault."""
+    from shardproof.converter.manifest import MANIFEST, Manifest, file_digest
+
+    manifest = Manifest.read(checkpoint_dir / MANIFEST)
+    files = {name: file_digest(checkpoint_dir / name) for name in manifest.files}
+    Manifest(manifest.tool_version, manifest.source, files).write(checkpoint_dir)

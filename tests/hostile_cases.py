@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from shardproof.converter.manifest import MANIFEST
 from shardproof.converter.staging import staging_prefix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,7 +268,7 @@ def directory_instead_of(file: str, verb: str) -> Callable[[Path, Path, Path], R
 
     if verb == "convert":
         return damaged_model(replace)
-    return damaged_checkpoint(replace, verb)
+    return damaged_checkpoint(replace if file == "config.json" else without_manifest(replace), verb)
 
 
 def config_from(source: str) -> Callable[[Path, Path, Path], Run]:
@@ -283,7 +284,7 @@ def config_from(source: str) -> Callable[[Path, Path, Path], Run]:
 
 
 def trt_config(**fields) -> Callable[[Path, Path, Path], Run]:
-    return damaged_checkpoint(lambda c: edit_config(c, **fields), "inspect")
+    return damaged_checkpoint(without_manifest(lambda c: edit_config(c, **fields)), "inspect")
 
 
 def trt_config_without(key: str) -> Callable[[Path, Path, Path], Run]:
@@ -292,7 +293,7 @@ def trt_config_without(key: str) -> Callable[[Path, Path, Path], Run]:
         cfg.pop(key, None)
         (c / "config.json").write_text(json.dumps(cfg))
 
-    return damaged_checkpoint(edit, "inspect")
+    return damaged_checkpoint(without_manifest(edit), "inspect")
 
 
 def set_offsets(begin: object, end: object = None) -> Callable[[dict], None]:
@@ -336,8 +337,63 @@ def source_for_sharded_verify(edit: Callable[[Path], None]) -> Callable[[Path, P
     return build
 
 
+def without_manifest(edit: Callable[[Path], None]) -> Callable[[Path], None]:
+    """`edit` on a checkpoint written by another tool (no manifest), so the reader behind the manifest judges it."""
+
+    def edit_copy(c: Path) -> None:
+        (c / MANIFEST).unlink()
+        edit(c)
+
+    return edit_copy
+
+
 def rank_trailing_bytes(verb: str) -> Callable[[Path, Path, Path], Run]:
-    return damaged_checkpoint(lambda c: c.joinpath("rank1.safetensors").open("ab").write(b"\0" * 64), verb)
+    return damaged_checkpoint(without_manifest(lambda c: c.joinpath("rank1.safetensors").open("ab").write(b"\0" * 64)), verb)
+
+
+def rank_bytes(verb: str, damage: str) -> Callable[[Path, Path, Path], Run]:
+    """rank1.safetensors with its last byte flipped ("corrupt") or its last 64 bytes cut ("truncate"), manifest kept."""
+
+    def edit(c: Path) -> None:
+        raw = bytearray((c / "rank1.safetensors").read_bytes())
+        if damage == "corrupt":
+            raw[-1] ^= 0x40
+        else:
+            del raw[-64:]
+        (c / "rank1.safetensors").write_bytes(bytes(raw))
+
+    return damaged_checkpoint(edit, verb)
+
+
+def source_values(*values: float) -> Callable[[Path], None]:
+    """The model's first tensor (by name) starting with `values`."""
+
+    def edit(m: Path) -> None:
+        from safetensors.torch import load_file, save_file
+        import torch
+
+        tensors = load_file(m / "model.safetensors")
+        first = tensors[sorted(tensors)[0]]
+        first.view(-1)[: len(values)] = torch.tensor(values)
+        save_file(tensors, m / "model.safetensors", metadata={"format": "pt"})
+
+    return edit
+
+
+def converted_with(edit: Callable[[Path], None], *flags: str) -> Callable[[Path, Path, Path], Run]:
+    def build(tmp: Path, model: Path, ckpt: Path) -> Run:
+        m = copy_model(tmp, model)
+        edit(m)
+        return convert(m, tmp / "out", *flags)
+
+    return build
+
+
+def verify_other_source(tmp: Path, model: Path, ckpt: Path) -> Run:
+    m = copy_model(tmp, model)
+    (m / "config.json").write_text(json.dumps(json.loads((m / "config.json").read_text()), indent=4))  # re-saved
+    return Run(["verify", "--model_dir", str(m), "--checkpoint_dir", str(ckpt), "--device", "cpu", "--num_sequences", "1",
+                "--seq_len", "8"], [m, ckpt])
 
 
 CASES: list[Case] = [
@@ -413,6 +469,32 @@ CASES: list[Case] = [
     Case("7 TRT config", "rotary_base missing", trt_config_without("rotary_base")),
     Case("7 TRT config", "rotary_base is null", trt_config(rotary_base=None)),
     Case("7 TRT config", "num_attention_heads is a string", trt_config(num_attention_heads="4")),
+    # issue 13 item 11: what the config fuzzer (tests/test_fuzz_trt_config.py) found
+    Case("11 TRT config", "num_hidden_layers is 10**12", trt_config(num_hidden_layers=10**12), fragments=("implausible",)),
+    Case("11 TRT config", "num_hidden_layers is 10**6", trt_config(num_hidden_layers=10**6), fragments=("implausible",)),
+    Case("11 TRT config", "mapping.pp_size is 2.5", trt_config(mapping={"world_size": 2, "tp_size": 2, "pp_size": 2.5}),
+         fragments=("mapping.pp_size=2.5",)),
+    Case("11 TRT config", "mapping.tp_size is true", trt_config(mapping={"world_size": 1, "tp_size": True, "pp_size": 1}),
+         fragments=("mapping.tp_size=True",)),
+    Case("11 TRT config", "use_parallel_embedding is a string", trt_config(use_parallel_embedding="yes"),
+         fragments=("use_parallel_embedding",)),
+    # issue 13 item 3: values the dtype cannot hold
+    Case("3 values", "source value 7e4 converted to float16", converted_with(source_values(7.0e4), "--dtype", "float16"),
+         fragments=("beyond float16's finite range", "max |value| 70000")),
+    Case("3 values", "NaN and Inf in a source tensor", converted_with(source_values(float("nan"), float("inf"))),
+         fragments=("2 non-finite value(s)",)),
+    Case("3 values", "source value 7e4 to float16 with --clamp",
+         converted_with(source_values(7.0e4), "--dtype", "float16", "--clamp"), exit_code=0),
+    Case("3 values", "NaN in a source tensor with --allow-nonfinite",
+         converted_with(source_values(float("nan")), "--allow-nonfinite"), exit_code=0),
+    # issue 13 item 10: the integrity manifest
+    Case("10 manifest", "rank file corrupted (inspect)", rank_bytes("inspect", "corrupt"), exit_code=1),
+    Case("10 manifest", "rank file corrupted (verify)", rank_bytes("verify", "corrupt"), exit_code=1),
+    Case("10 manifest", "rank file truncated (reassemble)", rank_bytes("reassemble", "truncate"), exit_code=1),
+    Case("10 manifest", "rank file truncated (verify --mode sharded)", rank_bytes("verify:sharded", "truncate"), exit_code=1),
+    Case("10 manifest", "manifest is not JSON (inspect)",
+         damaged_checkpoint(lambda c: (c / MANIFEST).write_text("{"), "inspect"), fragments=(MANIFEST,)),
+    Case("10 manifest", "verify against a re-saved copy of the source", verify_other_source, exit_code=1),
 ]
 
 

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from tests.helpers import random_checkpoint
+from tests.helpers import random_checkpoint, restamp_manifest
 from shardproof.cli import app
 
 SMALL = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=4, hidden_size=16, intermediate_size=16,
@@ -43,7 +43,7 @@ def test_convert_accepts_trtllm_spellings_then_reassembles_and_inspects(model, t
     result = run("convert", flag("--model_dir"), model, flag("--output_dir"), out, "--dtype", "float16",
                  flag("--tp_size"), 2, flag("--pp_size"), 2)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"] + [f"rank{r}.safetensors" for r in range(4)]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"] + [f"rank{r}.safetensors" for r in range(4)] + ["shardproof-manifest.json"]
     inspected = run("inspect", out)
     assert inspected.exit_code == 0 and "rank3.safetensors" in inspected.output
     back = run("reassemble", out, tmp_path / "back")
@@ -128,6 +128,9 @@ def test_broken_checkpoint_exits_1_naming_rank_and_tensor(model, tmp_path):
     tensors = load_file(rank1)
     del tensors["transformer.layers.1.mlp.gate.weight"]
     save_file(tensors, rank1)
+    for result in (run("inspect", out), run("reassemble", out, tmp_path / "back")):  # the manifest names the file first
+        assert result.exit_code == 1 and "rank1.safetensors" in result.output and "the manifest says" in result.output, result.output
+    restamp_manifest(out)  # as a converter that wrote the faulty file would have
     for result in (run("inspect", out), run("reassemble", out, tmp_path / "back")):
         assert result.exit_code == 1, result.output
         assert "transformer.layers.1.mlp.gate.weight" in result.output and "missing" in result.output

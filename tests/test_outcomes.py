@@ -15,8 +15,10 @@ import shardproof.verify.verification as verification
 from shardproof.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NOT_RUN, EXIT_OK, app
 from shardproof.converter.api import convert
 from shardproof.converter.errors import CheckNotRun
+from shardproof.converter.manifest import MANIFEST
 from shardproof.verify.forward import MAX_SEQ_LEN
 from shardproof.verify.tiny_models import build_tiny_model
+from tests.helpers import restamp_manifest
 
 FAST_ARGS = ["--device", "cpu", "--num-sequences", "1", "--seq-len", "16"]
 REASSEMBLED = ["reassembly", "config", "weights", "forward", "precision"]
@@ -62,10 +64,10 @@ def verify(model: Path, ckpt: Path, report: Path, *args) -> tuple[int, dict]:
 def test_every_check_passed_exits_0_and_is_listed(model, ckpt, tmp_path):
     code, report = verify(model, ckpt, tmp_path / "r.json")
     assert code == EXIT_OK and report["status"] == "passed" and report["passed"]
-    expected = [("reassembled", c, "passed") for c in REASSEMBLED]
+    expected = [("manifest", "files", "passed"), ("manifest", "source", "passed")] + [("reassembled", c, "passed") for c in REASSEMBLED]
     assert statuses(report) == expected + [("sharded", "conversion", "passed"), ("sharded", "precision", "passed")]
     assert all(c["reason"] is None for c in report["checks"])
-    assert report["reassembled"]["checks"] == report["checks"][:5]
+    assert report["reassembled"]["checks"] == report["checks"][2:7]
 
 
 def test_a_tampered_checkpoint_exits_1_naming_the_failed_check(model, ckpt, tmp_path):
@@ -76,6 +78,7 @@ def test_a_tampered_checkpoint_exits_1_naming_the_failed_check(model, ckpt, tmp_
     tensors = load_file(tampered / "rank1.safetensors")
     tensors["transformer.layers.1.mlp.fc.weight"] *= 2
     save_file(tensors, tampered / "rank1.safetensors")
+    restamp_manifest(tampered)  # as the faulty converter would have: the checks behind the manifest must see it
     code, report = verify(model, tampered, tmp_path / "r.json")
     assert code == EXIT_FAILED and report["status"] == "failed"
     failed = {(mode, check) for mode, check, status in statuses(report) if status == "failed"}
@@ -93,7 +96,8 @@ def test_a_check_that_cannot_run_exits_3_and_the_other_mode_still_runs(model, ck
     monkeypatch.setattr(sharded_check, "run_simulated", cannot_run)
     code, report = verify(model, ckpt, tmp_path / "r.json", "--mode", mode)
     assert code == EXIT_NOT_RUN and report["status"] == "not run" and not report["passed"] and not report["failures"]
-    ran = [("reassembled", c, "passed") for c in REASSEMBLED] if mode == "both" else []
+    ran = [("manifest", "files", "passed"), ("manifest", "source", "passed")]
+    ran += [("reassembled", c, "passed") for c in REASSEMBLED] if mode == "both" else []
     assert statuses(report) == ran + [("sharded", "conversion", "not run"), ("sharded", "precision", "not run")]
     assert all("yarn" in c["reason"] for c in report["checks"] if c["mode"] == "sharded")
     assert report["sharded"] is None and list(report["not_run"]) == ["sharded"]
@@ -134,7 +138,8 @@ def test_unreadable_config_json_is_bad_input(model, ckpt, tmp_path, mode):
     for src, dst in ((ckpt, broken_ckpt), (model, broken_model)):
         dst.mkdir()
         for f in src.iterdir():
-            (dst / f.name).write_bytes(f.read_bytes())
+            if f.name != MANIFEST:  # with its manifest, a changed config.json is a failed check (test_manifest.py)
+                (dst / f.name).write_bytes(f.read_bytes())
         (dst / "config.json").write_text("{not json")
     assert_bad_input(run("verify", "--mode", mode, "--model_dir", model, "--checkpoint_dir", broken_ckpt, *FAST_ARGS),
                      str(broken_ckpt / "config.json"), "JSON")

@@ -23,6 +23,7 @@ from shardproof.verify.forward import BatchOptions
 from shardproof.verify.metrics import bit_identical, first_difference, logit_metrics
 from shardproof.verify.serialize import to_json
 from shardproof.verify.tiny_models import build_tiny_model
+from tests.helpers import restamp_manifest
 
 FAST = BatchOptions(device="cpu", num_sequences=2, seq_len=32)
 FAST_ARGS = ["--device", "cpu", "--num-sequences", "2", "--seq-len", "32"]
@@ -36,11 +37,13 @@ def invoke(*args: str):
 
 
 def rewrite_rank(checkpoint: Path, rank: int, edit) -> None:
-    """Load rank{rank}.safetensors, let `edit(tensors)` change the dict in place, save it back."""
+    """Load rank{rank}.safetensors, let `edit(tensors)` change the dict in place, save it back, and restamp the
+    manifest as the faulty converter would have (the manifest's own check is tests/test_manifest.py's)."""
     path = checkpoint / f"rank{rank}.safetensors"
     tensors = load_file(path)
     edit(tensors)
     save_file(tensors, path)
+    restamp_manifest(checkpoint)
 
 
 def rewrite_source(model: Path, edit) -> None:
@@ -155,7 +158,7 @@ def test_check_command_converts_and_verifies(tmp_path, llama):
     assert report["passed"] and report["mode"] == "both" and report["sharded"]["passed"]
     reassembled = report["reassembled"]
     assert reassembled["tp_size"] == 2 and reassembled["pp_size"] == 2 and reassembled["dtype"] == "bfloat16"
-    assert list(report["timings_s"]) == ["convert", "reassemble", "weights", "forward", "precision", "sharded"]
+    assert list(report["timings_s"]) == ["convert", "manifest", "reassemble", "weights", "forward", "precision", "sharded"]
     assert "PASS" in result.stdout
 
 
@@ -331,6 +334,7 @@ def test_wrong_rotary_base_in_config_is_localized(tmp_path, llama):
     config = json.loads((ckpt / "config.json").read_text())
     config["rotary_base"] = 500000.0
     (ckpt / "config.json").write_text(json.dumps(config))
+    restamp_manifest(ckpt)
     code, report, _ = verify_both(llama, ckpt, tmp_path)
     assert code == EXIT_FAILED and report.weights.ok
     assert report.config_differences and report.config_differences[0].startswith("rope_parameters")

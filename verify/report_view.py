@@ -79,12 +79,14 @@ def summary_table(report: EquivalenceReport) -> Table:
 
 
 def violations_table(violations: list[Violation]) -> Table:
-    """Each violation: rank, tensor, problem."""
+    """Each violation (the first MAX_ROWS): rank, tensor, problem."""
     table = Table(title=f"{len(violations)} violation(s)", title_style="bold red")
     for column in ("rank", "tensor", "problem"):
         table.add_column(column)
-    for v in violations:
+    for v in violations[:MAX_ROWS]:
         table.add_row("-" if v.rank is None else str(v.rank), Text(v.tensor), Text(v.problem))
+    if len(violations) > MAX_ROWS:
+        table.caption = f"... and {len(violations) - MAX_ROWS} more"
     return table
 
 
@@ -153,7 +155,9 @@ def sharded_table(report: ShardedReport) -> Table:
 
 
 def render(result: Verification, console: Console) -> None:
-    """Print every mode's report, the timings and the verdict."""
+    """Print the notes, every mode's report, the timings and the verdict."""
+    for note in result.notes:
+        console.print(Text.assemble(("note:", "yellow"), " ", note), highlight=False)
     report = result.reassembled
     if report is not None:
         console.print(summary_table(report))

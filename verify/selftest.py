@@ -165,9 +165,9 @@ class _Workspace:
             self.references[model_dir] = HFReference(model_dir, self.batch)
         return self.references[model_dir]
 
-    def convert(self, model_dir: Path, setup: Setup, name: str) -> Path:
+    def convert(self, model_dir: Path, setup: Setup, name: str, allow_nonfinite: bool = False) -> Path:
         out = self.root / "checkpoints" / name
-        convert(model_dir, out, dtype=setup.dtype, tp_size=setup.tp_size, pp_size=setup.pp_size)
+        convert(model_dir, out, dtype=setup.dtype, tp_size=setup.tp_size, pp_size=setup.pp_size, allow_nonfinite=allow_nonfinite)
         return out
 
     def check(self, setup: Setup, model_dir: Path, checkpoint_dir: Path, mutant: Mutant | None) -> Outcome:
@@ -225,7 +225,9 @@ def _inject(ws: _Workspace, report: SelftestReport, mutant: Mutant, setup: Setup
         if mutant.target == "source":
             source_copy = Path(shutil.copytree(model_dir, tmp / "models" / slug))
             mutant.edit(source_copy, model_dir)
-            model_dir, mutated = source_copy, ws.convert(source_copy, setup, slug)
+            # A source mutant (fp16-overflow) models a converter without the range check, which would refuse it:
+            # allow_nonfinite converts it as such a converter does, so the verify modes must catch the inf.
+            model_dir, mutated = source_copy, ws.convert(source_copy, setup, slug, allow_nonfinite=True)
         else:
             mutated = Path(shutil.copytree(ws.checkpoints[setup], tmp / "checkpoints" / slug))
             mutant.edit(mutated, model_dir)

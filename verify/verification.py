@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 from shardproof.converter.errors import CheckNotRun, ShardproofError
+from shardproof.converter.json_files import read_config
+from shardproof.converter.manifest import MANIFEST, check_manifest, source_differences
 
 from .equivalence import CHECKS as REASSEMBLED_CHECKS, EquivalenceReport, verify_equivalence
 from .forward import BatchOptions
-from .inputs import check_inputs, check_model
-from .outcomes import CheckOutcome, Status, not_run, overall
+from .inputs import check_model
+from .outcomes import CheckOutcome, Status, judged, not_run, overall
 from .sharded_check import CHECKS as SHARDED_CHECKS, ShardedReport, sharded_check
 
 MODES = ("both", "reassembled", "sharded")
@@ -41,11 +43,13 @@ class Verification:
     sharded: ShardedReport | None = None
     not_run: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict, metadata={"json": "timings_s"})
+    manifest: list[CheckOutcome] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def checks(self) -> list[CheckOutcome]:
-        """Every requested check, mode by mode: passed, failed or not run."""
-        outcomes = []
+        """Every requested check: the manifest's (when there is one), then mode by mode: passed, failed or not run."""
+        outcomes = list(self.manifest)
         for name, report, checks in (("reassembled", self.reassembled, REASSEMBLED_CHECKS),
                                      ("sharded", self.sharded, SHARDED_CHECKS)):
             if name in self.not_run:
@@ -75,10 +79,19 @@ def verify_checkpoint(
     batch: BatchOptions = BatchOptions(),
     log: Log | None = None,
 ) -> Verification:
-    """Run the chosen mode(s) on the same random token batches; bad input raises ShardproofError before any work."""
+    """Run the chosen mode(s) on the same random token batches; bad input raises ShardproofError before any work.
+
+    The checkpoint's integrity manifest is checked before anything else reads it: a file that differs from it
+    fails the verification with no mode run. A model directory that is not the checkpoint's source fails the
+    `manifest source` check, but both modes still run, so the report also says whether the weights match.
+    A checkpoint without a manifest (written by another tool) is verified all the same, with a note.
+    """
     check_mode(mode)
-    check_inputs(model_dir, checkpoint_dir, batch)
+    check_model(model_dir, batch)
     result = Verification(mode)
+    if not _check_manifest(result, model_dir, checkpoint_dir, log):
+        return result
+    read_config(Path(checkpoint_dir), "checkpoint")
     if mode in ("both", "reassembled"):
         with _unless_not_run(result, "reassembled"):
             result.reassembled = verify_equivalence(model_dir, checkpoint_dir, batch, log)
@@ -114,11 +127,33 @@ def convert_and_check(
         if log:
             log(f"converting {model_dir} ({', '.join(f'{k}={v}' for k, v in layout.items())})")
         start = time.perf_counter()
-        convert(model_dir, out, overwrite=overwrite, **layout)
+        convert(model_dir, out, overwrite=overwrite, note=log, **layout)
         elapsed = time.perf_counter() - start
         result = verify_checkpoint(model_dir, out, mode, batch, log)
     result.timings = {"convert": elapsed, **result.timings}
     return result
+
+
+def _check_manifest(result: Verification, model_dir: Path | str, checkpoint_dir: Path | str, log: Log | None) -> bool:
+    """Record the manifest's checks in `result`; False (the requested modes not run) when a file differs from it."""
+    if log:
+        log(f"checking the checkpoint's files against {MANIFEST}")
+    start = time.perf_counter()
+    files = check_manifest(Path(checkpoint_dir))
+    result.notes.append(files.summary())
+    if files.manifest is not None:
+        result.manifest.append(judged("manifest", "files", [files.summary()] if not files.passed else []))
+        if files.passed:
+            differences = source_differences(files.manifest, Path(model_dir))
+            reason = [f"{model_dir} is not the model the checkpoint was converted from ({'; '.join(differences)})"]
+            result.manifest.append(judged("manifest", "source", reason if differences else []))
+    result.timings["manifest"] = time.perf_counter() - start
+    if files.passed:
+        return True
+    for mode in ("reassembled", "sharded"):
+        if result.mode in ("both", mode):
+            result.not_run[mode] = f"the checkpoint's files differ from {MANIFEST}"
+    return False
 
 
 def check_mode(mode: str) -> None:

@@ -111,6 +111,8 @@ MOE_TP_HELP = "Experts: tensor-parallel size of each expert (moe_tp_size * moe_e
 MOE_EP_HELP = "Experts: expert-parallel size, each rank holding num_experts / moe_ep_size experts (default 1)."
 WORKERS_HELP = ("Threads reading, casting, sharding and writing at once (default: the number of usable cores); "
                 "the output's bytes do not depend on it.")
+ALLOW_NONFINITE_HELP = "Convert NaN/Inf in the source, and values the dtype overflows (as inf), instead of refusing them."
+CLAMP_HELP = "Saturate values beyond the dtype's range (float16: ±65504) to its finite max instead of refusing them."
 
 
 @app.command()
@@ -129,6 +131,8 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output directory."),
     workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", "--allow_nonfinite", help=ALLOW_NONFINITE_HELP),
+    clamp: bool = typer.Option(False, "--clamp", help=CLAMP_HELP),
 ) -> None:
     """Convert an HF checkpoint into a TensorRT-LLM checkpoint."""
     from shardproof.converter.api import convert as run_convert, plan_conversion
@@ -149,7 +153,8 @@ def convert(
     if output_dir is None:
         raise ShardproofError("--output_dir is required (or pass --dry-run)")
     with bytes_progress_bar("converting", sum(r.nbytes for r in plan.ranks), quiet) as advance:
-        run_convert(model_dir, output_dir, overwrite=overwrite, progress=advance, workers=workers, **args)
+        run_convert(model_dir, output_dir, overwrite=overwrite, progress=advance, workers=workers,
+                    allow_nonfinite=allow_nonfinite, clamp=clamp, note=_note, **args)
     console.print(f"wrote {plan.layout.mapping.world_size} rank file(s) and config.json to {output_dir}", markup=False)
 
 
@@ -164,13 +169,28 @@ def reassemble(
     from shardproof.converter.checkpoint import TRTCheckpoint
     from shardproof.converter.reassemble import reassemble as run_reassemble
 
+    integrity = _check_manifest(checkpoint_dir)
     groups = len(TRTCheckpoint(checkpoint_dir).plan.groups())
     with progress_bar("reassembling", groups) as advance:
         result = run_reassemble(checkpoint_dir, output_dir, overwrite=overwrite, progress=advance)
     _print_violations(result.violations)
     if result.output_dir is not None:
         console.print(f"wrote the HF checkpoint to {result.output_dir}", markup=False)
+    console.print(integrity, markup=False)
     raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILED)
+
+
+def _check_manifest(checkpoint_dir: Path) -> str:
+    """Check the checkpoint's files against its integrity manifest before anything reads them: exit 1 naming
+    each file that differs; else the line saying what was checked (or that there is no manifest)."""
+    from shardproof.converter.checkpoint import Violation
+    from shardproof.converter.manifest import check_manifest
+
+    integrity = check_manifest(checkpoint_dir)
+    if not integrity.passed:
+        _print_violations([Violation(None, name, problem) for name, problem in integrity.problems.items()])
+        raise typer.Exit(EXIT_FAILED)
+    return integrity.summary()
 
 
 def _print_violations(violations: list) -> None:
@@ -187,6 +207,7 @@ def inspect(checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkp
     """Print ranks, stages, tensors and bytes of a checkpoint, from its headers."""
     from shardproof.converter.checkpoint import TRTCheckpoint
 
+    integrity = _check_manifest(checkpoint_dir)
     ckpt = TRTCheckpoint(checkpoint_dir)
     cfg, mapping = ckpt.config, ckpt.mapping
     table = Table(title=escape(f"{cfg['architecture']} {cfg['dtype']}, tp={mapping.tp_size} pp={mapping.pp_size}, vocab {cfg['vocab_size']}"))
@@ -203,6 +224,7 @@ def inspect(checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkp
             str(len(headers)), _human_bytes(size), ckpt.rank_path(rank.rank).name,
         )
     console.print(table)
+    console.print(integrity, markup=False)
     violations = ckpt.structural_violations()
     _print_violations(violations)
     raise typer.Exit(EXIT_OK if not violations else EXIT_FAILED)
@@ -210,6 +232,10 @@ def inspect(checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkp
 
 def _log(message: str) -> None:
     err_console.print(Text(message, style="dim"), highlight=False)
+
+
+def _note(message: str) -> None:
+    err_console.print(Text.assemble(("note:", "yellow"), " ", message), highlight=False, soft_wrap=True)
 
 
 def _check_report_path(report: Optional[Path], option: str = "--report") -> None:
@@ -300,6 +326,8 @@ def check(
     moe_ep_size: Optional[int] = typer.Option(None, "--moe_ep_size", "--moe-ep-size", help=MOE_EP_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --output_dir."),
     workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", "--allow_nonfinite", help=ALLOW_NONFINITE_HELP),
+    clamp: bool = typer.Option(False, "--clamp", help=CLAMP_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     num_sequences: int = typer.Option(4, "--num_sequences", "--num-sequences", help=SEQUENCES_HELP),
     seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
@@ -332,7 +360,7 @@ def check(
         result = convert_and_check(
             model_dir, output_dir, mode, batch, overwrite, _log, **layout,
             use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
-            moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size, workers=workers,
+            moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size, workers=workers, allow_nonfinite=allow_nonfinite, clamp=clamp,
         )
     _finish(result, report)
 

@@ -1,0 +1,131 @@
+"""Issue 13 item 10: the integrity manifest beside the rank files, written with the checkpoint and checked first by
+inspect, reassemble and verify; a checkpoint without one is accepted and noted."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from shardproof.cli import app
+from shardproof.converter.api import convert
+from shardproof.converter.manifest import MANIFEST, Manifest, file_digest, source_fingerprint
+from tests.helpers import random_checkpoint
+from tests.hostile_cases import SMALL
+
+FAST = ["--device", "cpu", "--num_sequences", "1", "--seq_len", "8"]
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return random_checkpoint(tmp_path_factory.mktemp("hf") / "m", "LlamaForCausalLM", seed=0, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, model) -> Path:
+    out = tmp_path_factory.mktemp("trt") / "ckpt"
+    convert(model, out, dtype="float16", tp_size=2)
+    return out
+
+
+@pytest.fixture()
+def ckpt(clean, tmp_path) -> Path:
+    return Path(shutil.copytree(clean, tmp_path / "ckpt"))
+
+
+def test_manifest_holds_every_written_file_and_the_source(clean, model):
+    manifest = Manifest.read(clean / MANIFEST)
+    assert sorted(manifest.files) == ["config.json", "rank0.safetensors", "rank1.safetensors"]
+    assert all(file_digest(clean / name) == digest for name, digest in manifest.files.items())  # streamed = re-read
+    assert manifest.source == source_fingerprint(model) and set(manifest.source) == {"config.json", "model.safetensors"}
+    assert manifest.tool_version == importlib.metadata.version("shardproof")
+
+
+def flip_last_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-64])
+
+
+@pytest.mark.parametrize("damage, problem", [(flip_last_byte, "corrupted"), (truncate, "truncated")])
+@pytest.mark.parametrize("verb", ["inspect", "reassemble", "verify:both", "verify:reassembled", "verify:sharded"])
+def test_a_damaged_rank_file_is_named_first_and_exits_1(ckpt, model, tmp_path, damage, problem, verb):
+    damage(ckpt / "rank1.safetensors")
+    if verb == "inspect":
+        result = cli("inspect", ckpt)
+    elif verb == "reassemble":
+        result = cli("reassemble", ckpt, tmp_path / "back")
+        assert not (tmp_path / "back").exists()
+    else:
+        report = tmp_path / "r.json"
+        result = cli("verify", "--model_dir", model, "--checkpoint_dir", ckpt, "--mode", verb.split(":")[1], *FAST, "--report", report)
+        checks = json.loads(report.read_text())["checks"]
+        assert checks[0]["check"] == "files" and checks[0]["status"] == "failed" and "rank1.safetensors" in checks[0]["reason"]
+        assert {c["status"] for c in checks[1:]} == {"not run"}  # nothing read the damaged file
+    assert result.exit_code == 1, result.output
+    assert "rank1.safetensors" in result.output and problem in result.output and "Traceback" not in result.output
+
+
+def test_a_changed_config_json_is_named(ckpt):
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "rotary_base": 10000.0}))
+    result = cli("inspect", ckpt)
+    assert result.exit_code == 1 and "config.json" in result.output and "the manifest says" in result.output
+
+
+def test_without_a_manifest_every_command_still_works_and_says_so(ckpt, model, tmp_path):
+    (ckpt / MANIFEST).unlink()
+    for result in (cli("inspect", ckpt), cli("reassemble", ckpt, tmp_path / "back"),
+                   cli("verify", "--model_dir", model, "--checkpoint_dir", ckpt, *FAST)):
+        assert result.exit_code == 0, result.output
+        assert f"no {MANIFEST}" in result.output
+
+
+def test_a_manifest_is_ignored_by_readers_of_config_and_rank_files(clean, tmp_path):
+    result = cli("inspect", clean)
+    assert result.exit_code == 0 and "3 file(s) match" in result.output
+    assert cli("reassemble", clean, tmp_path / "back").exit_code == 0
+
+
+def test_verify_against_another_source_fails_the_source_check_and_still_compares_weights(clean, model, tmp_path):
+    same_weights = Path(shutil.copytree(model, tmp_path / "resaved"))
+    config = json.loads((same_weights / "config.json").read_text())
+    (same_weights / "config.json").write_text(json.dumps(config, indent=4))  # the same model, saved again
+    report = tmp_path / "r.json"
+    result = cli("verify", "--model_dir", same_weights, "--checkpoint_dir", clean, *FAST, "--report", report)
+    assert result.exit_code == 1, result.output
+    checks = {(c["mode"], c["check"]): c for c in json.loads(report.read_text())["checks"]}
+    assert checks["manifest", "source"]["status"] == "failed" and "config.json" in checks["manifest", "source"]["reason"]
+    assert checks["reassembled", "weights"]["status"] == "passed"  # weights are compared anyway
+    other = random_checkpoint(tmp_path / "other", "LlamaForCausalLM", seed=1, **SMALL)
+    result = cli("verify", "--model_dir", other, "--checkpoint_dir", clean, *FAST, "--report", report)
+    checks = {(c["mode"], c["check"]): c for c in json.loads(report.read_text())["checks"]}
+    assert result.exit_code == 1 and checks["manifest", "source"]["status"] == "failed"
+    assert checks["reassembled", "weights"]["status"] == "failed"
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"{not json", "not valid JSON"),
+    (json.dumps({"format": 1, "tool_version": "x", "source": {}, "files": {"../rank0.safetensors": {"sha256": "0" * 64, "size": 1}}}).encode(),
+     "not a file of the checkpoint directory"),
+    (json.dumps({"format": 1, "tool_version": "x", "source": {}, "files": {"rank0.safetensors": {"sha256": "zz", "size": -1}}}).encode(),
+     "not a SHA-256 and a size"),
+    (json.dumps({"format": 2}).encode(), "format 2"),
+])
+def test_a_malformed_manifest_is_one_line(ckpt, content, fragment):
+    (ckpt / MANIFEST).write_bytes(content)
+    result = cli("inspect", ckpt)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and MANIFEST in lines[0] and fragment in lines[0], result.output
