@@ -2,7 +2,7 @@
 SHA-256 and size of every file the conversion wrote.
 
 `shardproof-manifest.json` is written into the staging directory with the checkpoint, so both appear together;
-rank files are hashed as they stream out (`StreamWriter`), only config.json is read back. Readers that load
+rank files are hashed once complete (`rank_file_digests`, in parallel). Readers that load
 `config.json` and `rank{N}.safetensors` by name (TensorRT-LLM's loader, its runtime) ignore it. `inspect`,
 `reassemble` and `verify` check it first and name a corrupted, truncated or missing file; a checkpoint without
 one (written by another tool) is accepted and noted.

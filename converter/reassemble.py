@@ -13,7 +13,7 @@ import torch
 
 from .atomic import atomic_directory
 from .checkpoint import TRTCheckpoint, Violation
-from .safetensors_io import StreamWriter
+from .planned_file import PlannedFile
 from .transforms import to_source
 
 HF_WEIGHTS = "model.safetensors"
@@ -54,7 +54,7 @@ def reassemble(
     dtypes = {name: group[0].torch_dtype for group in groups for name in group[0].sources}
     kept: dict[str, tuple[str, torch.Tensor]] = {}
     with atomic_directory(Path(output_dir), overwrite, inputs=[Path(checkpoint_dir)]) as staging:
-        with StreamWriter(staging / HF_WEIGHTS, [(n, d, ckpt.source_shapes[n]) for n, d in dtypes.items()]) as writer:
+        with PlannedFile(staging / HF_WEIGHTS, [(n, d, ckpt.source_shapes[n]) for n, d in dtypes.items()]) as writer:
             for group in groups:
                 head = group[0]
                 pp_rank = head.pp_rank

@@ -69,37 +69,3 @@ def planned_header(entries: Sequence[tuple[str, torch.dtype, Shape]]) -> tuple[b
     prefix = struct.pack("<Q", len(encoded)) + encoded
     return prefix, [len(prefix) + o for o in offsets]
 
-
-class StreamWriter:
-    """Writes a safetensors file whose header is known in advance, one tensor at a time, in the planned order."""
-
-    def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, Shape]]):
-        self._entries = list(entries)
-        self._next = 0
-        self._file = open(path, "wb")
-        self._file.write(planned_header(self._entries)[0])
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected_name, dtype, shape = self._entries[self._next]
-        if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise AssertionError(
-                f"planned {expected_name} {dtype} {list(shape)}, got {name} {tensor.dtype} {list(tensor.shape)}"
-            )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
-        self._next += 1
-
-    def close(self) -> None:
-        self._file.close()
-        if self._next != len(self._entries):
-            raise AssertionError(f"{len(self._entries) - self._next} planned tensors were never written")
-
-    def __enter__(self) -> "StreamWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if exc[0] is None:
-            self.close()
-        else:
-            self._file.close()
-
