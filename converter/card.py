@@ -26,8 +26,7 @@ Stage = Literal["first", "layer", "last"]
 class Dims:
     """The numbers and switches that decide every tensor's name and shape; a card subclasses it with its own.
 
-    Integer fields must be positive. `holds(condition)` evaluates a row's condition: a boolean field's name,
-    optionally negated with "!".
+    Integer fields must be positive. A row's condition names boolean fields (`converter.plan.holds`).
     """
 
     num_layers: int
@@ -37,12 +36,6 @@ class Dims:
             value = getattr(self, f.name)
             if f.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ShardproofError(f"model dimension {f.name}={value!r} must be a positive integer")
-
-    def holds(self, condition: str | None) -> bool:
-        if condition is None:
-            return True
-        negate = condition.startswith("!")
-        return bool(getattr(self, condition.lstrip("!"))) != negate
 
 
 def placeholders(pattern: str) -> set[str]:
@@ -125,6 +118,10 @@ class Skip:
 
     def matches(self, name: str) -> bool:
         return re.search(self.pattern, name) is not None
+
+
+# A tied model may still store its lm_head copy; the embedding row makes the lm_head, so the copy is skipped.
+TIED_LM_HEAD = Skip(r"^lm_head\.weight$", "a tied model's lm_head is the embedding", when="tie_word_embeddings")
 
 
 # Fields of every HF config.json that never change a model's weights or math, with the reason.

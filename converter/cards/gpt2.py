@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..card import Card, ConfigMap, Dims, Shape, Skip, TestSupport, first, last, layer, register
+from ..card import Card, ConfigMap, Dims, Shape, Skip, TIED_LM_HEAD, TestSupport, first, last, layer, register
 from ..errors import ShardproofError
 from ..transforms import COLUMN, EMBEDDING, QKV_PARTS, QKV_SPEC, REPLICATED, ROW, TRANSPOSE, VOCAB
 
@@ -76,7 +76,7 @@ ROWS = (
 
 SKIPS = (
     Skip(r"\.attn\.(masked_)?bias$", "the causal-mask buffers older transformers saved; the runtime masks itself"),
-    Skip(r"^lm_head\.weight$", "a tied model's lm_head is the embedding", when="tie_word_embeddings"),
+    TIED_LM_HEAD,
 )
 
 

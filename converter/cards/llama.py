@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..errors import ShardproofError
-from ..card import Card, ConfigMap, Dims, Row, Shape, Skip, TestSupport, first, last, layer, register
+from ..card import Card, ConfigMap, Dims, Row, Shape, Skip, TIED_LM_HEAD, TestSupport, first, last, layer, register
 from ..transforms import COLUMN, EMBEDDING, QKV_SPEC, REPLICATED, ROW, VOCAB
 
 HF_LAYER = "model.layers.{i}"
@@ -64,7 +64,7 @@ ROWS = (
 
 SKIPS = (
     Skip(r"\.rotary_emb\.inv_freq$", "rotary frequencies are recomputed by the runtime from rotary_base"),
-    Skip(r"^lm_head\.weight$", "a tied model's lm_head is the embedding", when="tie_word_embeddings"),
+    TIED_LM_HEAD,
 )
 
 
