@@ -167,11 +167,24 @@ class HFReference:
 
     def _load(self, rounding: str | None, scratch: Path) -> torch.nn.Module:
         """The float32 model; with `rounding`, every source tensor set to what a conversion to that dtype stores
-        for it, read back. The rounded tensors are written to a copy under `scratch` and loaded from there, so
-        transformers' own loading places them (renamed, fused or stacked as its modules hold them)."""
+        for it, read back. When transformers holds each source tensor as one parameter (under the card's names),
+        the parameters are rounded in place, one tensor at a time; when it fuses or stacks them on load (experts),
+        the rounded tensors are written to a copy under `scratch` and loaded from there, so transformers' own
+        loading places them."""
+        model = load_model(self.model_dir, torch.float32, self.device)
         if rounding is None:
-            return load_model(self.model_dir, torch.float32, self.device)
+            return model
         plan, source = plan_conversion(self.model_dir, dtype=rounding)
+        parameters = dict(model.named_parameters())
+        sources = {plan.card.hf_name(name): name for name in source.shapes}
+        if parameters.keys() <= sources.keys():
+            with torch.no_grad():
+                for hf_name, parameter in parameters.items():
+                    name = sources[hf_name]
+                    parameter.copy_(plan.reassembled_value(name, source.load(name)).float())
+            return model
+        del model, parameters
+        release(self.device)
         save_file({name: plan.reassembled_value(name, source.load(name)).contiguous() for name in source.shapes},
                   scratch / "model.safetensors", metadata={"format": "pt"})
         shutil.copy(self.model_dir / "config.json", scratch / "config.json")
