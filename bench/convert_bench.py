@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,15 +63,20 @@ def build(model: Path, args: argparse.Namespace) -> None:
                    p + "mlp.down_proj.weight": (args.hidden, args.intermediate)}
     shapes |= {"model.norm.weight": (args.hidden,), "lm_head.weight": (args.vocab, args.hidden)}
     names = list(shapes)
-    generator = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, args.source_dtype)  # drawn in the source dtype: no float32 copy of an 8B model
+
+    def draw(index: int) -> torch.Tensor:  # a generator per tensor: the same values on any number of threads
+        generator = torch.Generator().manual_seed(index)
+        return torch.empty(shapes[names[index]], dtype=dtype).normal_(0.0, 0.02, generator=generator)
+
     weight_map = {}
-    for s in range(args.shards):
-        part = names[len(names) * s // args.shards : len(names) * (s + 1) // args.shards]
-        filename = f"model-{s + 1:05d}-of-{args.shards:05d}.safetensors"
-        dtype = getattr(torch, args.source_dtype)  # drawn in the source dtype: no float32 copy of an 8B model
-        tensors = {n: torch.empty(shapes[n], dtype=dtype).normal_(0.0, 0.02, generator=generator) for n in part}
-        save_file(tensors, model / filename, metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(part, filename)
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # normal_ releases the GIL
+        for s in range(args.shards):
+            part = range(len(names) * s // args.shards, len(names) * (s + 1) // args.shards)
+            filename = f"model-{s + 1:05d}-of-{args.shards:05d}.safetensors"
+            tensors = dict(zip((names[i] for i in part), pool.map(draw, part)))
+            save_file(tensors, model / filename, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(tensors, filename)
     (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 

@@ -11,8 +11,9 @@ from .atomic import atomic_directory
 from .card import get_card
 from .dtypes import resolve_dtype
 from .errors import ShardproofError
-from .execute import Progress, default_workers, write_checkpoint
-from .manifest import rank_file_digests, source_fingerprint, write_manifest
+from .bounded_pool import default_workers
+from .execute import Progress, write_checkpoint
+from .manifest import source_fingerprint, write_manifest
 from .mapping import Mapping
 from .plan import Layout, Plan, build_plan
 from .source import HFCheckpoint
@@ -89,8 +90,8 @@ def convert(
                                    moe_tp_size, moe_ep_size)
     guard = ValueGuard(str(source.model_dir), allow_nonfinite, clamp)
     with atomic_directory(Path(output_dir), overwrite, inputs=[Path(model_dir)]) as staging:
-        write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress, workers, guard)
-        write_manifest(staging, source_fingerprint(source.model_dir), rank_file_digests(staging, workers))
+        written = write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress, workers, guard)
+        write_manifest(staging, source_fingerprint(source.model_dir, source.read_digests(), workers), written)
     for line in guard.notes():
         (note or log.warning)(line)
     return plan

@@ -3,10 +3,16 @@ calling thread."""
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Callable, Sequence, TypeVar
 
 Task = TypeVar("Task")
+
+
+def default_workers() -> int:
+    """The number of cores this process may run on."""
+    return len(os.sched_getaffinity(0))
 
 
 def run_bounded(

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import torch
 
-# 128 KiB of float32 stays in cache between the two casts; at most torch's grain size (32768), so each copy runs on
-# the calling thread (larger blocks fan out to the intra-op pool, which costs more than it gains at this size)
-BLOCK_ELEMENTS = 1 << 15
+# 1 MiB of float32 stays in a core's L2 cache between the two casts. Each block costs four torch calls under the
+# GIL; with 16 workers, blocks of 32768 elements made the casts wait on the GIL (thread-seconds in the cast 17 x its
+# work, bench/convert_phases.py, docs/performance.md), blocks 8 x larger make those calls negligible.
+BLOCK_ELEMENTS = 1 << 18
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor.to(dtype)` with the same bits; bfloat16 -> float16 through float32 one block at a time."""
-    if (tensor.dtype, dtype) != (torch.bfloat16, torch.float16) or tensor.numel() <= BLOCK_ELEMENTS:
+    """`tensor.to(dtype)` with the same bits; bfloat16 -> float16 through float32 one block at a time when torch
+    runs on one thread (the converter's workers), torch's own cast otherwise (it fans blocks out to its intra-op
+    pool, which for blocks of this size costs far more than it gains)."""
+    blocked = (tensor.dtype, dtype) == (torch.bfloat16, torch.float16) and torch.get_num_threads() == 1
+    if not blocked or tensor.numel() <= BLOCK_ELEMENTS:
         return tensor.to(dtype)
     source = tensor.contiguous().view(-1)
     out = torch.empty(source.numel(), dtype=dtype)

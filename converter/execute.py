@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -14,6 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from .bounded_pool import run_bounded
+from .digests import FileDigest
 from .plan import Plan, PlannedTensor
 from .planned_file import PlannedFile
 from .source import HFCheckpoint
@@ -26,11 +26,6 @@ BUDGET_BASE = 1 << 30  # bytes in flight: this plus twice the costliest row inst
 
 def rank_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
-
-
-def default_workers() -> int:
-    """The number of cores this process may run on."""
-    return len(os.sched_getaffinity(0))
 
 
 @dataclass(frozen=True)
@@ -48,8 +43,9 @@ class _Instance:
 
 
 def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: dict, progress: Progress | None = None,
-                     workers: int = 1, guard: ValueGuard | None = None) -> None:
-    """Write config.json and every rank file of `plan` into `directory`, on `workers` threads.
+                     workers: int = 1, guard: ValueGuard | None = None) -> dict[str, FileDigest]:
+    """Write config.json and every rank file of `plan` into `directory`, on `workers` threads; return the rank
+    files' digests (by file name), taken from the bytes as they were written.
 
     The TP ranks of a stage plan the same tensor names in the same order, so each source tensor is read once and
     its shards go to the stage's rank files together. Instances run largest first (so that no large one is left
@@ -86,6 +82,7 @@ def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: 
         budget = BUDGET_BASE + 2 * max((i.cost for i in instances), default=0)
         with _one_torch_thread():
             run_bounded(instances, make, lambda i: i.cost, workers, budget, report if progress else None)
+    return {file.path.name: file.digest for file in files}
 
 
 @contextlib.contextmanager

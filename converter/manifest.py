@@ -1,8 +1,9 @@
 """The integrity manifest written beside the rank files: the tool version, the source's fingerprint and the
-SHA-256 and size of every file the conversion wrote.
+digest and size of every file the conversion wrote (converter/digests.py says how files are hashed).
 
 `shardproof-manifest.json` is written into the staging directory with the checkpoint, so both appear together;
-rank files are hashed once complete (`rank_file_digests`, in parallel). Readers that load
+the rank files' digests come from the bytes as they were written, the source's from the bytes as they were read
+(tensors the conversion skipped are read for it). Readers that load
 `config.json` and `rank{N}.safetensors` by name (TensorRT-LLM's loader, its runtime) ignore it. `inspect`,
 `reassemble` and `verify` check it first and name a corrupted, truncated or missing file; a checkpoint without
 one (written by another tool) is accepted and noted.
@@ -10,8 +11,6 @@ one (written by another tool) is accepted and noted.
 
 from __future__ import annotations
 
-import concurrent.futures
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -19,23 +18,18 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from typing import Mapping
+
+from .bounded_pool import default_workers
 from .bounded_read import regular_file_size
+from .digests import SCHEMES, WHOLE, FileDigest, file_digest
 from .errors import ShardproofError
 from .json_files import read_json
 from .safetensors_index import INDEX, weight_files
 
 MANIFEST = "shardproof-manifest.json"
-FORMAT = 1
-_CHUNK = 8 * 1024 * 1024
+FORMAT = 2  # 1: every file hashed whole (still read and checked); 2: each digest names its scheme
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass(frozen=True)
-class FileDigest:
-    """A file's SHA-256 (hex) and size in bytes."""
-
-    sha256: str
-    size: int
 
 
 @dataclass(frozen=True)
@@ -59,8 +53,8 @@ class Manifest:
         def bad(problem: str) -> ShardproofError:
             return ShardproofError(f"{path}: not a valid shardproof manifest ({problem})")
 
-        if data.get("format") != FORMAT:
-            raise bad(f"format {data.get('format')!r}, expected {FORMAT}")
+        if data.get("format") not in (1, FORMAT):
+            raise bad(f"format {data.get('format')!r}, expected 1 or {FORMAT}")
         if not isinstance(data.get("tool_version"), str):
             raise bad("tool_version is not a string")
         sections = {}
@@ -72,7 +66,7 @@ class Manifest:
         for name in sections["files"]:
             if name in ("", ".", "..") or "/" in name or "\0" in name:
                 raise bad(f"files names {name!r}, not a file of the checkpoint directory")
-        return cls(data["tool_version"], sections["source"], sections["files"])
+        return cls(data["tool_version"], sections["source"], sections["files"], data["format"])
 
 
 @dataclass
@@ -96,39 +90,18 @@ class ManifestCheck:
         return f"{len(self.manifest.files)} file(s) match {MANIFEST} (written by shardproof {self.manifest.tool_version})"
 
 
-def file_digest(path: Path) -> FileDigest:
-    """SHA-256 and size of the regular file `path`, read in chunks."""
-    regular_file_size(path)
-    h, size = hashlib.sha256(), 0
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-    except OSError as e:
-        raise ShardproofError(f"{path}: cannot read ({e.strerror})") from None
-    return FileDigest(h.hexdigest(), size)
-
-
-def rank_file_digests(directory: Path, workers: int = 1) -> dict[str, FileDigest]:
-    """Each rank file's digest, read back once the conversion wrote it (its tensors are written out of order, in
-    parallel, so the file is hashed whole afterwards; hashing releases the GIL, so `workers` files at a time)."""
-    paths = sorted(Path(directory).glob("rank*.safetensors"))
-    with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
-        return dict(zip((p.name for p in paths), pool.map(file_digest, paths)))
-
-
-def source_fingerprint(model_dir: Path) -> dict[str, FileDigest]:
-    """Digests of the files a conversion reads from `model_dir`: config.json, the index if any, the weight files."""
-    model_dir = Path(model_dir)
-    paths = [model_dir / "config.json"] + ([model_dir / INDEX] if os.path.exists(model_dir / INDEX) else [])
-    paths += weight_files(model_dir)
-    return {str(p.relative_to(model_dir)): file_digest(p) for p in paths}
+def source_fingerprint(model_dir: Path, known: Mapping[Path, Mapping[str, bytes]] | None = None,
+                       workers: int = 1) -> dict[str, FileDigest]:
+    """Digests of the files a conversion reads from `model_dir`: config.json, the index if any, the weight files.
+    `known` holds the tensor digests taken as the conversion read them (file -> tensor name -> digest)."""
+    model_dir, known = Path(model_dir), known or {}
+    return {name: file_digest(model_dir / name, known=known.get(model_dir / name), workers=workers)
+            for name in source_fingerprint_names(model_dir)}
 
 
 def write_manifest(directory: Path, source: dict[str, FileDigest], written: dict[str, FileDigest]) -> None:
-    """Write the manifest of the checkpoint in `directory`: `written` (the rank files' digests) and config.json,
-    hashed here."""
+    """Write the manifest of the checkpoint in `directory`: `written` (the rank files' digests, taken as they were
+    written) and config.json, hashed here."""
     files = {**written, "config.json": file_digest(directory / "config.json")}
     Manifest(importlib.metadata.version("shardproof"), source, dict(sorted(files.items()))).write(directory)
 
@@ -149,8 +122,8 @@ def check_manifest(checkpoint_dir: Path) -> ManifestCheck:
         if size != expected.size:
             shorter = "truncated: " if size < expected.size else ""
             check.problems[name] = f"{shorter}{size} bytes, the manifest says {expected.size}"
-        elif file_digest(file).sha256 != expected.sha256:
-            check.problems[name] = "corrupted: its SHA-256 differs from the manifest's"
+        elif (problem := _corruption(file, expected)) is not None:
+            check.problems[name] = problem
     for rank_path in sorted(directory.glob("rank*.safetensors")):
         if rank_path.name not in check.manifest.files:
             check.problems[rank_path.name] = "not written by the conversion (not in the manifest)"
@@ -159,16 +132,45 @@ def check_manifest(checkpoint_dir: Path) -> ManifestCheck:
 
 def source_differences(manifest: Manifest, model_dir: Path) -> list[str]:
     """How `model_dir` differs from the source the checkpoint was converted from (empty: it is that source)."""
-    current = source_fingerprint(model_dir)
-    differences = [f"{name}: missing" for name in manifest.source if name not in current]
+    model_dir = Path(model_dir)
+    current = {name: _source_digest(model_dir / name, digest) for name, digest in manifest.source.items()}
+    differences = [f"{name}: missing" for name, digest in current.items() if digest is None]
     differences += [f"{name}: SHA-256 or size differs" for name, digest in manifest.source.items()
-                    if name in current and current[name] != digest]
-    differences += [f"{name}: not in the source the checkpoint was converted from" for name in current if name not in manifest.source]
+                    if current[name] is not None and current[name] != digest]
+    differences += [f"{name}: not in the source the checkpoint was converted from"
+                    for name in source_fingerprint_names(model_dir) if name not in manifest.source]
     return differences
 
 
+def source_fingerprint_names(model_dir: Path) -> list[str]:
+    """The files a conversion reads from `model_dir`, relative to it: config.json, the index if any, the weights."""
+    paths = [model_dir / "config.json"] + ([model_dir / INDEX] if os.path.exists(model_dir / INDEX) else [])
+    return [str(p.relative_to(model_dir)) for p in paths + weight_files(model_dir)]
+
+
+def _source_digest(path: Path, expected: FileDigest) -> FileDigest | None:
+    """`path`'s digest under the scheme of `expected`; None when it is missing; a changed safetensors header
+    (no longer parses) counts as a difference."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        return file_digest(path, expected.scheme, workers=default_workers())
+    except ShardproofError:
+        return FileDigest("", -1, expected.scheme)
+
+
+def _corruption(file: Path, expected: FileDigest) -> str | None:
+    """What is wrong with `file`, of the size the manifest gives, against its digest (None: nothing)."""
+    try:
+        digest = file_digest(file, expected.scheme, workers=default_workers())
+    except ShardproofError as e:  # a safetensors header that no longer parses: the bytes were changed
+        return f"corrupted: {e}"
+    return None if digest.sha256 == expected.sha256 else "corrupted: its SHA-256 differs from the manifest's"
+
+
 def _digest(value: object, where: str, bad) -> FileDigest:
+    scheme = value.get("scheme", WHOLE) if isinstance(value, dict) else None
     if not (isinstance(value, dict) and isinstance(value.get("sha256"), str) and _SHA256.fullmatch(value["sha256"])
-            and type(value.get("size")) is int and value["size"] >= 0):
-        raise bad(f"{where} is not a SHA-256 and a size")
-    return FileDigest(value["sha256"], value["size"])
+            and type(value.get("size")) is int and value["size"] >= 0 and scheme in SCHEMES):
+        raise bad(f"{where} is not a SHA-256, a size and a scheme ({', '.join(SCHEMES)})")
+    return FileDigest(value["sha256"], value["size"], scheme)

@@ -1,8 +1,10 @@
 """A safetensors file written from its planned header: tensors go to their planned offsets, in any order, from
-any thread (positional writes), so the bytes are those of writing them in order."""
+any thread (positional writes), so the bytes are those of writing them in order; each is hashed as it is written,
+so the file's digest needs no second pass."""
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from pathlib import Path
@@ -10,16 +12,22 @@ from typing import Sequence
 
 import torch
 
+from .digests import FileDigest, combined, part_digest
 from .safetensors_header import Shape
 from .safetensors_io import planned_header
 
 
 class PlannedFile:
-    """Writes the header at once; `write` puts each planned tensor at its offset; `close` checks all were written."""
+    """Writes the header at once; `write` puts each planned tensor at its offset; `close` checks all were written;
+    `digest` is then the file's `safetensors-sha256` digest."""
 
     def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, Shape]]):
+        self.path = path
         prefix, offsets = planned_header(entries)
         self._slots = {name: (dtype, tuple(shape), offset) for (name, dtype, shape), offset in zip(entries, offsets)}
+        self._size = len(prefix) + sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in entries)
+        self._header_digest = part_digest(prefix)
+        self._digests: dict[str, bytes] = {}
         self._written: set[str] = set()
         self._lock = threading.Lock()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
@@ -33,8 +41,14 @@ class PlannedFile:
             if name in self._written:
                 raise AssertionError(f"{name} was written twice")
             self._written.add(name)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._write_at(memoryview(data.numpy()), offset)
+        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._write_at(data, offset)
+        self._digests[name] = part_digest(data)
+
+    @property
+    def digest(self) -> FileDigest:
+        """The digest of the file as planned and written (every tensor written: `close` checked it)."""
+        return combined(self._header_digest, (self._digests[name] for name in self._slots), self._size)
 
     def _write_at(self, data: memoryview, offset: int) -> None:
         while data:  # one pwrite may write less (Linux: at most 2 GiB - 4 KiB per call)

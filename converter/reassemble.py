@@ -36,13 +36,14 @@ def reassemble(
     checkpoint_dir: Path | str,
     output_dir: Path | str,
     overwrite: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int], None] | None = None,
 ) -> Reassembly:
     """Rebuild the HF checkpoint (config.json + model.safetensors) from a TensorRT-LLM checkpoint's files alone.
 
     Every inverse checks what it can: KV replicas identical across ranks, padding rows zero, replicated
     tensors identical, tied copies identical; structural faults (missing/extra files or tensors, wrong
-    shapes or dtypes) are found from the headers first and stop the rebuild.
+    shapes or dtypes) are found from the headers first and stop the rebuild. `progress` is called with each
+    target tensor's name and the bytes of its shards read.
     """
     ckpt = TRTCheckpoint(checkpoint_dir)
     result = Reassembly(ckpt, None, ckpt.structural_violations())
@@ -74,7 +75,7 @@ def reassemble(
                         kept[name] = (head.name, tensor)
                     writer.write(name, tensor)
                 if progress:
-                    progress(head.name)
+                    progress(head.name, sum(t.numel() * t.element_size() for t in locals_))
         (staging / "config.json").write_text(json.dumps(ckpt.card.config.hf_config(ckpt.config), indent=2) + "\n")
     result.output_dir = Path(output_dir)
     return result

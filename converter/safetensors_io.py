@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from .digests import part_digest
 from .dtypes import from_safetensors_code, safetensors_code
 from .errors import ShardproofError
 from .safetensors_header import Shape, read_safetensors_header
@@ -28,12 +29,14 @@ def raw_tensors(path: Path) -> dict[str, tuple[str, Shape, bytes]]:
 
 
 class TensorReader:
-    """Reads single tensors of a safetensors file with plain reads (no mmap), so memory holds only what was asked."""
+    """Reads single tensors of a safetensors file with plain reads (no mmap), so memory holds only what was asked;
+    `digests` holds the SHA-256 of each tensor's bytes as read (converter/digests.py)."""
 
     def __init__(self, path: Path):
         self.path = path
         header = read_safetensors_header(path)
         self._tensors, self._data_start = header.tensors, header.data_start
+        self.digests: dict[str, bytes] = {}
 
     def read(self, name: str) -> torch.Tensor:
         entry = self._tensors[name]
@@ -50,6 +53,7 @@ class TensorReader:
             raise ShardproofError(f"{self.path}: cannot read ({e.strerror})") from None
         if not complete:
             raise ShardproofError(f"{self.path}: file is truncated (tensor {name} is incomplete)")
+        self.digests[name] = part_digest(buffer)
         if not buffer:
             return torch.empty(entry.shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)

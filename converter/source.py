@@ -59,6 +59,10 @@ class HFCheckpoint:
         code, shape = self.headers[name]
         return math.prod(shape) * from_safetensors_code(code).itemsize
 
+    def read_digests(self) -> dict[Path, dict[str, bytes]]:
+        """The SHA-256 of every tensor read so far, by file and name (`source_fingerprint` reuses them)."""
+        return {path: reader.digests for path, reader in self._readers.items()}
+
     def load(self, name: str) -> torch.Tensor:
         """The tensor `name`, in its stored dtype."""
         path = self._files[name]

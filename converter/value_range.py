@@ -32,7 +32,7 @@ class ValueGuard:
         """`stored` (to_stored of `sources` for `target`) if every value is finite, else as the flags allow:
         overflow of the cast saturated to the dtype's finite max with `clamp`, non-finite values kept with
         `allow_nonfinite`; otherwise ShardproofError naming the source tensor, the count and max |value|."""
-        if all(not t.is_floating_point() or bool(torch.isfinite(t).all()) for t in stored):
+        if all(_all_finite(t) for t in stored):
             return stored
         dtype = target.torch_dtype
         nonfinite = {name: int((~torch.isfinite(t)).sum()) for name, t in zip(target.sources, sources)}
@@ -72,6 +72,15 @@ class ValueGuard:
             notes.append(f"clamped {sum(self.clamped.values())} out-of-range value(s) to the dtype's finite max (--clamp) "
                         f"in {_names(self.clamped)}")
         return notes
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite: one min/max pass, which propagates NaN and keeps ±inf (measured 7 × faster
+    than `isfinite().all()` on a float16 tensor, which allocates a mask; docs/performance.md)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _peak(tensor: torch.Tensor) -> float:

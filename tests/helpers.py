@@ -51,7 +51,8 @@ def load_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
 def restamp_manifest(checkpoint_dir: Path) -> None:
     """Rewrite the checkpoint's integrity manifest over its files as they are now: what a converter that wrote
     these (faulty) files would have written, so the checks behind the manifest see the fault."""
-    from shardproof.converter.manifest import MANIFEST, Manifest, file_digest
+    from shardproof.converter.digests import file_digest
+    from shardproof.converter.manifest import MANIFEST, Manifest
 
     manifest = Manifest.read(checkpoint_dir / MANIFEST)
     files = {name: file_digest(checkpoint_dir / name) for name in manifest.files}

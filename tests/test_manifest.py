@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from shardproof.cli import app
 from shardproof.converter.api import convert
-from shardproof.converter.manifest import MANIFEST, Manifest, file_digest, source_fingerprint
+from shardproof.converter.digests import file_digest
+from shardproof.converter.manifest import MANIFEST, Manifest, check_manifest, source_differences, source_fingerprint
 from tests.helpers import random_checkpoint
 from tests.hostile_cases import SMALL
 
@@ -45,6 +46,7 @@ def test_manifest_holds_every_written_file_and_the_source(clean, model):
     manifest = Manifest.read(clean / MANIFEST)
     assert sorted(manifest.files) == ["config.json", "rank0.safetensors", "rank1.safetensors"]
     assert all(file_digest(clean / name) == digest for name, digest in manifest.files.items())  # streamed = re-read
+    assert {d.scheme for d in manifest.files.values()} == {"safetensors-sha256", "sha256"}
     assert manifest.source == source_fingerprint(model) and set(manifest.source) == {"config.json", "model.safetensors"}
     assert manifest.tool_version == importlib.metadata.version("shardproof")
 
@@ -59,7 +61,23 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-64])
 
 
-@pytest.mark.parametrize("damage, problem", [(flip_last_byte, "corrupted"), (truncate, "truncated")])
+def break_header(path: Path) -> None:
+    """The header's JSON no longer parses: the per-tensor digest cannot even split the file."""
+    raw = bytearray(path.read_bytes())
+    raw[8] = ord("[")
+    path.write_bytes(bytes(raw))
+
+
+def swap_header_spaces(path: Path) -> None:
+    """A byte of the header's padding changed: the header still parses, and only its own digest sees it."""
+    raw = bytearray(path.read_bytes())
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    raw[header_end - 1 : header_end] = b"\t" if raw[header_end - 1 : header_end] == b" " else b" "
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, problem", [(flip_last_byte, "corrupted"), (truncate, "truncated"),
+                                             (break_header, "corrupted"), (swap_header_spaces, "corrupted")])
 @pytest.mark.parametrize("verb", ["inspect", "reassemble", "verify:both", "verify:reassembled", "verify:sharded"])
 def test_a_damaged_rank_file_is_named_first_and_exits_1(ckpt, model, tmp_path, damage, problem, verb):
     damage(ckpt / "rank1.safetensors")
@@ -76,6 +94,21 @@ def test_a_damaged_rank_file_is_named_first_and_exits_1(ckpt, model, tmp_path, d
         assert {c["status"] for c in checks[1:]} == {"not run"}  # nothing read the damaged file
     assert result.exit_code == 1, result.output
     assert "rank1.safetensors" in result.output and problem in result.output and "Traceback" not in result.output
+
+
+def test_a_format_1_manifest_hashing_files_whole_is_still_checked(ckpt, model):
+    """Checkpoints written before per-tensor digests (format 1) are checked with the whole-file SHA-256."""
+    manifest = Manifest.read(ckpt / MANIFEST)
+    whole = {name: file_digest(ckpt / name, "sha256") for name in manifest.files}
+    source = {name: file_digest(model / name, "sha256") for name in manifest.source}
+    assert all(d.scheme == "sha256" for d in whole.values()) and whole != manifest.files
+    data = {"format": 1, "tool_version": "0.1.0", "source": {n: {"sha256": d.sha256, "size": d.size} for n, d in source.items()},
+            "files": {n: {"sha256": d.sha256, "size": d.size} for n, d in whole.items()}}
+    (ckpt / MANIFEST).write_text(json.dumps(data))
+    assert cli("inspect", ckpt).exit_code == 0
+    assert check_manifest(ckpt).passed and source_differences(Manifest.read(ckpt / MANIFEST), model) == []
+    flip_last_byte(ckpt / "rank0.safetensors")
+    assert check_manifest(ckpt).problems == {"rank0.safetensors": "corrupted: its SHA-256 differs from the manifest's"}
 
 
 def test_a_changed_config_json_is_named(ckpt):
@@ -121,11 +154,27 @@ def test_verify_against_another_source_fails_the_source_check_and_still_compares
     (json.dumps({"format": 1, "tool_version": "x", "source": {}, "files": {"../rank0.safetensors": {"sha256": "0" * 64, "size": 1}}}).encode(),
      "not a file of the checkpoint directory"),
     (json.dumps({"format": 1, "tool_version": "x", "source": {}, "files": {"rank0.safetensors": {"sha256": "zz", "size": -1}}}).encode(),
-     "not a SHA-256 and a size"),
-    (json.dumps({"format": 2}).encode(), "format 2"),
+     "not a SHA-256, a size and a scheme"),
+    (json.dumps({"format": 2, "tool_version": "x", "source": {}, "files": {"rank0.safetensors": {"sha256": "0" * 64, "size": 1, "scheme": "md5"}}}).encode(),
+     "not a SHA-256, a size and a scheme"),
+    (json.dumps({"format": 3}).encode(), "format 3"),
 ])
 def test_a_malformed_manifest_is_one_line(ckpt, content, fragment):
     (ckpt / MANIFEST).write_bytes(content)
     result = cli("inspect", ckpt)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and MANIFEST in lines[0] and fragment in lines[0], result.output
+
+
+def test_convert_hashes_what_it_reads_and_writes_without_a_second_pass(model, tmp_path, monkeypatch):
+    """Every tensor's digest comes from the bytes the conversion read or wrote: afterwards only the safetensors
+    headers and the JSON files are read again for the manifest."""
+    import shardproof.converter.digests as digests
+
+    reread, original = [], digests._range_digest
+    monkeypatch.setattr(digests, "_range_digest", lambda path, start, length: reread.append((Path(path).name, start)) or original(path, start, length))
+    convert(model, tmp_path / "ckpt", dtype="float16", tp_size=2, workers=2)
+    assert sorted(reread) == [("config.json", 0), ("config.json", 0), ("model.safetensors", 0)]
+    manifest = Manifest.read(tmp_path / "ckpt" / MANIFEST)
+    assert manifest.source == source_fingerprint(model)
+    assert all(file_digest(tmp_path / "ckpt" / name) == digest for name, digest in manifest.files.items())

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
                            TransferSpeedColumn)
 from rich.markup import escape
 from rich.table import Table
@@ -59,15 +59,6 @@ def _error(message: str) -> NoReturn:
     one_line = message.replace("\r", "\\r").replace("\n", "\\n")
     err_console.print(Text.assemble(("error:", "bold red"), " ", one_line), highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, total: int) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar (on stderr, shown only on a terminal) advanced once per tensor."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda name: progress.update(task, advance=1)
 
 
 @contextlib.contextmanager
@@ -164,14 +155,15 @@ def reassemble(
     checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkpoint directory."),
     output_dir: Path = typer.Argument(..., help="Where to write the rebuilt HF checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Rebuild the HF checkpoint from the rank files alone, checking replicas, padding and completeness."""
     from shardproof.converter.checkpoint import TRTCheckpoint
     from shardproof.converter.reassemble import reassemble as run_reassemble
 
     integrity = _check_manifest(checkpoint_dir)
-    groups = len(TRTCheckpoint(checkpoint_dir).plan.groups())
-    with progress_bar("reassembling", groups) as advance:
+    total = sum(r.nbytes for r in TRTCheckpoint(checkpoint_dir).plan.ranks)
+    with bytes_progress_bar("reassembling", total, quiet) as advance:
         result = run_reassemble(checkpoint_dir, output_dir, overwrite=overwrite, progress=advance)
     _print_violations(result.violations)
     if result.output_dir is not None:

@@ -1,0 +1,72 @@
+"""Where a conversion's time goes: thread-seconds in each phase (summed over the workers) beside the wall time.
+
+    python bench/convert_phases.py MODEL_DIR OUT_DIR --workers 16 --tp_size 8 [--dtype float16]
+
+Phases: reading source tensors, their digests, `to_stored` (ops and the cast), the value guard, writing shards
+(with the copy that makes a slice contiguous), the shards' digests, and the source fingerprint's remainder. A phase
+whose thread-seconds approach `workers` × wall is where the workers wait; one near the wall alone is serial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import shardproof.converter.api as api
+import shardproof.converter.execute as execute
+import shardproof.converter.planned_file as planned_file
+import shardproof.converter.safetensors_io as safetensors_io
+from shardproof.converter.planned_file import PlannedFile
+from shardproof.converter.source import HFCheckpoint
+from shardproof.converter.value_range import ValueGuard
+
+totals: collections.Counter = collections.Counter()
+_lock = threading.Lock()
+
+
+def timed(name: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with _lock:
+                totals[name] += time.perf_counter() - start
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--tp_size", type=int, default=1)
+    parser.add_argument("--pp_size", type=int, default=1)
+    parser.add_argument("--dtype", default="float16")
+    args = parser.parse_args()
+    HFCheckpoint.load = timed("read (with its digest)", HFCheckpoint.load)
+    safetensors_io.part_digest = timed("  digest of a source tensor", safetensors_io.part_digest)
+    execute.to_stored = timed("to_stored (ops, cast)", execute.to_stored)
+    ValueGuard.stored = timed("value guard", ValueGuard.stored)
+    PlannedFile.write = timed("write (contiguous copy, pwrite, digest)", PlannedFile.write)
+    planned_file.part_digest = timed("  digest of a shard", planned_file.part_digest)
+    api.source_fingerprint = timed("source fingerprint (headers, unread tensors)", api.source_fingerprint)
+    shutil.rmtree(args.out_dir, ignore_errors=True)
+    start = time.perf_counter()
+    api.convert(args.model_dir, args.out_dir, dtype=args.dtype, tp_size=args.tp_size, pp_size=args.pp_size,
+                workers=args.workers)
+    wall = time.perf_counter() - start
+    print(f"wall {wall:.2f} s, {args.workers} workers, tp {args.tp_size} pp {args.pp_size}; thread-seconds per phase:")
+    for name, seconds in totals.most_common():
+        print(f"  {name:48s} {seconds:8.2f}")
+    shutil.rmtree(args.out_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
