@@ -16,7 +16,9 @@ from .execute import Progress, write_checkpoint
 from .manifest import source_fingerprint, write_manifest
 from .mapping import Mapping
 from .plan import Layout, Plan, build_plan
+from .rank_metadata import RankMetadata
 from .source import HFCheckpoint
+from .target import Target, get_target
 from .trt_config import trt_config
 from .value_range import ValueGuard
 
@@ -32,20 +34,24 @@ def plan_conversion(
     embedding_sharding_dim: int = 0,
     moe_tp_size: int | None = None,
     moe_ep_size: int | None = None,
+    target: str | Target | None = None,
 ) -> tuple[Plan, HFCheckpoint]:
-    """Read config.json and the safetensors headers of `model_dir` (no tensor data) and plan the conversion.
+    """Read config.json and the safetensors headers of `model_dir` (no tensor data) and plan the conversion into
+    `target`'s layout (converter/target.py; default: the TensorRT-LLM checkpoint).
 
     `moe_tp_size` / `moe_ep_size` split the experts of a MoE model over the TP ranks (product tp_size; left
     out: all tensor-parallel, as TensorRT-LLM defaults)."""
+    target = get_target(target)
     source = HFCheckpoint(model_dir)
     card = get_card(source.architecture)
+    target.rows(card)  # refuses a card the target does not support, before anything else
     config_path = source.model_dir / "config.json"
     try:
         ignored = card.config.ignored(source.config_dict)
         dims = card.config.dims_from_hf(source.hf_config)
     except ShardproofError as e:
         raise ShardproofError(f"{config_path}: {e}") from None
-    layout = card.layout(
+    layout = target.layout(
         Layout(
             dtype=resolve_dtype(dtype, source.source_dtype),
             mapping=Mapping(tp_size=tp_size, pp_size=pp_size, moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size),
@@ -53,8 +59,9 @@ def plan_conversion(
             embedding_sharding_dim=embedding_sharding_dim,
         ),
         dims,
+        card,
     )
-    plan = build_plan(card, dims, layout, source.shapes, where=str(source.model_dir))
+    plan = build_plan(card, dims, layout, source.shapes, where=str(source.model_dir), target=target)
     return dataclasses.replace(plan, ignored_fields=ignored), source
 
 
@@ -74,6 +81,7 @@ def convert(
     allow_nonfinite: bool = False,
     clamp: bool = False,
     note: Callable[[str], None] | None = None,
+    target: str | Target | None = None,
 ) -> Plan:
     """Convert an HF checkpoint into a TensorRT-LLM checkpoint at `output_dir`, which appears only when complete,
     with its integrity manifest (converter/manifest.py).
@@ -82,16 +90,25 @@ def convert(
     not depend on it. A NaN or Inf in a source tensor, or a value the cast to `dtype` overflows, is refused
     (ShardproofError, no output) unless `allow_nonfinite` (converted as it is) or, for overflow, `clamp`
     (saturated to the dtype's finite max); what either flag did is passed to `note` (default: the `shardproof`
-    logger's warning), one line each."""
+    logger's warning), one line each. `target` picks the layout (converter/target.py): a target without
+    TensorRT-LLM's config.json gets one `rank{N}.json` per rank instead (converter/rank_metadata.py)."""
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise ShardproofError(f"--workers {workers}: must be at least 1")
+    target = get_target(target)
     plan, source = plan_conversion(model_dir, dtype, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim,
-                                   moe_tp_size, moe_ep_size)
+                                   moe_tp_size, moe_ep_size, target)
     guard = ValueGuard(str(source.model_dir), allow_nonfinite, clamp)
     with atomic_directory(Path(output_dir), overwrite, inputs=[Path(model_dir)]) as staging:
-        written = write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress, workers, guard)
-        write_manifest(staging, source_fingerprint(source.model_dir, source.read_digests(), workers), written)
+        config = trt_config(plan, source.hf_config) if target.trt_config else None
+        written = write_checkpoint(plan, source, staging, config, progress, workers, guard)
+        fingerprint = source_fingerprint(source.model_dir, source.read_digests(), workers)
+        if not target.trt_config:
+            mapping = plan.layout.mapping
+            for rank in plan.ranks:
+                RankMetadata(target.name, plan.layout.dtype, mapping.tp_size, mapping.pp_size, rank.rank, rank.tp_rank,
+                             rank.pp_rank, fingerprint, source.config_dict).write(staging)
+        write_manifest(staging, fingerprint, written)
     for line in guard.notes():
         (note or log.warning)(line)
     return plan

@@ -84,14 +84,16 @@ class Row:
         """The source pattern of each source name `instances` gives, position by position."""
         return tuple(pattern for pattern, _ in self._expanded(dims))
 
-    def instances(self, layers: range, dims: Dims | None = None) -> list[tuple[str, tuple[str, ...]]]:
-        """(target, sources) names on a stage holding `layers`; layer targets take the stage-local index.
-        `dims` gives the ranges of gathered indices (needed only when the row gathers)."""
+    def instances(self, layers: range, dims: Dims | None = None,
+                  global_index: bool = False) -> list[tuple[str, tuple[str, ...]]]:
+        """(target, sources) names on a stage holding `layers`; layer targets take the stage-local index (the
+        global one with `global_index`). `dims` gives the ranges of gathered indices (needed only when the row
+        gathers)."""
         expanded = self._expanded(dims)
         if self.stage != "layer":
             return [(self.target, tuple(p.format(**values) for p, values in expanded))]
         return [
-            (self.target.format(i=local), tuple(p.format(i=layer, **values) for p, values in expanded))
+            (self.target.format(i=layer if global_index else local), tuple(p.format(i=layer, **values) for p, values in expanded))
             for local, layer in enumerate(layers)
         ]
 
@@ -118,6 +120,17 @@ class Skip:
 
     def matches(self, name: str) -> bool:
         return re.search(self.pattern, name) is not None
+
+
+@dataclass(frozen=True)
+class TargetRows:
+    """A card's rows for a target other than the TensorRT-LLM checkpoint (`converter/target.py`), or why the card
+    cannot be converted to it (`unsupported`). `next_stage` names layer rows (by target pattern) whose tensor a
+    pipeline stage that is not the last also holds for the next stage's first layer."""
+
+    rows: tuple[Row, ...] = ()
+    next_stage: tuple[str, ...] = ()
+    unsupported: str | None = None
 
 
 # A tied model may still store its lm_head copy; the embedding row makes the lm_head, so the copy is skipped.
@@ -224,6 +237,8 @@ class Card:
     `renames` are (checkpoint prefix, transformers prefix) pairs, with `{name}` placeholders, for checkpoints
     whose tensor names differ from transformers' parameter names (saved outside transformers): two-way, so the
     verifiers load such a checkpoint with `from_pretrained(key_mapping=...)` and the tests can write one.
+    `targets` holds the card's rows for each further target (`TargetRows`, by target name); `rows` are the
+    TensorRT-LLM checkpoint's.
     """
 
     name: str
@@ -236,6 +251,7 @@ class Card:
     tests: TestSupport
     layout: Callable[[Any, Dims], Any] = as_asked
     renames: tuple[tuple[str, str], ...] = ()
+    targets: Mapping[str, TargetRows] = field(default_factory=dict)
 
     def hf_name(self, name: str) -> str:
         """transformers' parameter name for a checkpoint tensor name."""

@@ -86,6 +86,10 @@ class TRTCheckpoint:
     def mapping(self) -> Mapping:
         return self.layout.mapping
 
+    def hf_config(self) -> dict:
+        """The HF config.json that reassembly writes back."""
+        return self.card.config.hf_config(self.config)
+
     def rank_path(self, rank: int) -> Path:
         return self.directory / rank_file(rank)
 

@@ -42,10 +42,10 @@ class _Instance:
         return self.read_bytes + sum(math.prod(t.shape) * t.torch_dtype.itemsize for t in self.tensors)
 
 
-def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: dict, progress: Progress | None = None,
+def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: dict | None, progress: Progress | None = None,
                      workers: int = 1, guard: ValueGuard | None = None) -> dict[str, FileDigest]:
-    """Write config.json and every rank file of `plan` into `directory`, on `workers` threads; return the rank
-    files' digests (by file name), taken from the bytes as they were written.
+    """Write config.json (unless `config` is None) and every rank file of `plan` into `directory`, on `workers`
+    threads; return the rank files' digests (by file name), taken from the bytes as they were written.
 
     The TP ranks of a stage plan the same tensor names in the same order, so each source tensor is read once and
     its shards go to the stage's rank files together. Instances run largest first (so that no large one is left
@@ -55,7 +55,8 @@ def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: 
     """
     tp = plan.layout.mapping.tp_size
     guard = guard or ValueGuard(str(source.model_dir))
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     with contextlib.ExitStack() as stack:
         files = [
             stack.enter_context(PlannedFile(directory / rank_file(r.rank), [(t.name, t.torch_dtype, t.shape) for t in r.tensors]))

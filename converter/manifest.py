@@ -101,8 +101,10 @@ def source_fingerprint(model_dir: Path, known: Mapping[Path, Mapping[str, bytes]
 
 def write_manifest(directory: Path, source: dict[str, FileDigest], written: dict[str, FileDigest]) -> None:
     """Write the manifest of the checkpoint in `directory`: `written` (the rank files' digests, taken as they were
-    written) and config.json, hashed here."""
-    files = {**written, "config.json": file_digest(directory / "config.json")}
+    written) and the metadata beside them (config.json, or each rank's rank{N}.json), hashed here."""
+    metadata = [directory / "config.json"] if (directory / "config.json").exists() else []
+    metadata += sorted(directory.glob("rank*.json"))
+    files = {**written, **{path.name: file_digest(path) for path in metadata}}
     Manifest(importlib.metadata.version("shardproof"), source, dict(sorted(files.items()))).write(directory)
 
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import typing
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
-from .card import Card, Dims, Row, Shape
+from .card import Card, Dims, Row, Shape, TargetRows
 from .dtypes import TORCH_DTYPES
 from .errors import ShardproofError
 from .mapping import Mapping
-from .transforms import Shard, SourceOp, resolve_ops, round_trip, stored_shapes
+from .transforms import Shard, SourceOp, rank_shape, resolve_ops, round_trip, stored_shapes
+
+DEFAULT_TARGET = "trtllm-checkpoint"
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,11 @@ class Layout:
             raise ShardproofError(f"dtype {self.dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
         if self.embedding_sharding_dim not in (0, 1):
             raise ShardproofError(f"embedding_sharding_dim={self.embedding_sharding_dim} must be 0 or 1")
+
+    @property
+    def pipeline(self) -> bool:
+        """More than one pipeline stage (a row condition)."""
+        return self.mapping.pp_size > 1
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,7 @@ class Plan:
     ranks: tuple[RankPlan, ...]
     skipped: dict[str, str]
     ignored_fields: dict[str, str] = dataclasses.field(default_factory=dict)  # source config fields, with reasons
+    target: str = DEFAULT_TARGET  # the target layout (converter/target.py) the ranks are laid out in
 
     def groups(self) -> list[list[PlannedTensor]]:
         """The tensors that one row instance spreads over a TP group, each list ordered by tp_rank."""
@@ -126,23 +135,48 @@ def holds(condition: str | None, dims: Dims, layout: Layout) -> bool:
     return True
 
 
-def build_plan(card: Card, dims: Dims, layout: Layout, source_shapes: dict[str, Shape], where: str) -> Plan:
-    """Plan a conversion from the source tensors' shapes; `where` names the source in error messages."""
+class TargetLike(typing.Protocol):
+    """What planning needs of a target (`converter/target.py`): its name, its rows for a card, and whether layer
+    names carry the global layer index."""
+
+    name: str
+    global_layers: bool
+
+    def rows(self, card: Card) -> TargetRows: ...
+
+
+def _instances(row: Row, layers: range, dims: Dims, target: TargetLike | None, held: TargetRows,
+               next_layer: int | None) -> list[tuple[str, tuple[str, ...]]]:
+    """A row's (target, sources) on a stage holding `layers`, plus the next stage's first layer for a row the
+    target keeps there (`TargetRows.next_stage`)."""
+    global_index = bool(target and target.global_layers)
+    out = row.instances(layers, dims, global_index)
+    if next_layer is not None and row.target in held.next_stage:
+        out += row.instances(range(next_layer, next_layer + 1), dims, global_index=True)
+    return out
+
+
+def build_plan(card: Card, dims: Dims, layout: Layout, source_shapes: dict[str, Shape], where: str,
+               target: TargetLike | None = None) -> Plan:
+    """Plan a conversion from the source tensors' shapes; `where` names the source in error messages. `target`
+    None lays the ranks out as a TensorRT-LLM checkpoint (the card's own rows)."""
     mapping = layout.mapping
     expected = card.source_shapes(dims)
-    rows = [row for row in card.rows if holds(row.when, dims, layout)]
+    held = target.rows(card) if target else TargetRows(card.rows)
+    rows = [row for row in held.rows if holds(row.when, dims, layout)]
     consumed: set[str] = set()
     ranks = []
     for rank in range(mapping.world_size):
         tp_rank, pp_rank = mapping.coords(rank)
         layers = mapping.stage_layers(dims.num_layers, pp_rank)
+        next_layer = layers[-1] + 1 if pp_rank < mapping.pp_size - 1 else None
         tensors: dict[str, PlannedTensor] = {}
         for row in rows:
             if row.stage == "first" and pp_rank != 0 or row.stage == "last" and pp_rank != mapping.pp_size - 1:
                 continue
             shard = row.shard.resolve(dims, layout)
             ops = resolve_ops(row.ops, dims, layout)
-            for target, sources in row.instances(layers, dims):
+            for target_name, sources in _instances(row, layers, dims, target, held, next_layer):
                 shapes = tuple(
                     _source_shape(name, pattern, row, expected, source_shapes, where)
                     for pattern, name in zip(row.patterns(dims), sources)
@@ -153,12 +187,13 @@ def build_plan(card: Card, dims: Dims, layout: Layout, source_shapes: dict[str, 
                                      f"its sources and ops give {len(stored)}")
                 why = shard.check(stored, mapping.tp_size)
                 if why:
-                    raise ShardproofError(f"{where}: cannot shard {target} over tp_size={mapping.tp_size}: {why}")
-                if target in tensors:
-                    raise ShardproofError(f"{card.name}: rank {rank} would get {target} twice")
-                local = shard.local_shape(stored, mapping.tp_size)
+                    raise ShardproofError(f"{where}: cannot shard {target_name} over tp_size={mapping.tp_size}: {why}")
+                if target_name in tensors:
+                    raise ShardproofError(f"{card.name}: rank {rank} would get {target_name} twice")
+                local = rank_shape(shard, stored, mapping.tp_size, tp_rank)
                 dtype = row.dtype or layout.dtype
-                tensors[target] = PlannedTensor(target, local, dtype, sources, shapes, shard, tp_rank, pp_rank, ops)
+                tensors[target_name] = PlannedTensor(target_name, local, dtype, sources, shapes, shard, tp_rank,
+                                                     pp_rank, ops)
                 consumed.update(sources)
         ranks.append(RankPlan(rank, tp_rank, pp_rank, layers, tuple(tensors.values())))
     skipped = {}
@@ -177,7 +212,7 @@ def build_plan(card: Card, dims: Dims, layout: Layout, source_shapes: dict[str, 
             f"{where}: tensor(s) {', '.join(unmapped[:3])}{more} are not mapped by any {card.name} row "
             "(check the config's switches, e.g. attention_bias, tie_word_embeddings)"
         )
-    return Plan(card, dims, layout, tuple(ranks), skipped)
+    return Plan(card, dims, layout, tuple(ranks), skipped, target=target.name if target else DEFAULT_TARGET)
 
 
 def _source_shape(name: str, pattern: str, row: Row, expected: dict[str, Shape], actual: dict[str, Shape], where: str) -> Shape:
@@ -192,11 +227,11 @@ def _source_shape(name: str, pattern: str, row: Row, expected: dict[str, Shape],
     return expected[pattern]
 
 
-def expected_source_shapes(card: Card, dims: Dims, layout: Layout) -> dict[str, Shape]:
+def expected_source_shapes(card: Card, dims: Dims, layout: Layout, target: TargetLike | None = None) -> dict[str, Shape]:
     """The source tensors (names and shapes) that a model with these dims must have: the reassembler's target."""
     shapes = card.source_shapes(dims)
     names = {}
-    for row in card.rows:
+    for row in (target.rows(card) if target else TargetRows(card.rows)).rows:
         if not holds(row.when, dims, layout):
             continue
         for _, sources in row.instances(range(dims.num_layers), dims):

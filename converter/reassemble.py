@@ -13,6 +13,8 @@ import torch
 
 from .atomic import atomic_directory
 from .checkpoint import TRTCheckpoint, Violation
+from .target import Target
+from .target_checkpoint import open_checkpoint
 from .planned_file import PlannedFile
 from .transforms import to_source
 
@@ -37,15 +39,19 @@ def reassemble(
     output_dir: Path | str,
     overwrite: bool = False,
     progress: Callable[[str, int], None] | None = None,
+    target: str | Target | None = None,
+    model_dir: Path | str | None = None,
 ) -> Reassembly:
-    """Rebuild the HF checkpoint (config.json + model.safetensors) from a TensorRT-LLM checkpoint's files alone.
+    """Rebuild the HF checkpoint (config.json + model.safetensors) from the rank files of `target` (default: a
+    TensorRT-LLM checkpoint, from its files alone; a target without its config.json takes the source's config from
+    its rank metadata, or from `model_dir`).
 
     Every inverse checks what it can: KV replicas identical across ranks, padding rows zero, replicated
     tensors identical, tied copies identical; structural faults (missing/extra files or tensors, wrong
     shapes or dtypes) are found from the headers first and stop the rebuild. `progress` is called with each
     target tensor's name and the bytes of its shards read.
     """
-    ckpt = TRTCheckpoint(checkpoint_dir)
+    ckpt = open_checkpoint(checkpoint_dir, target, model_dir)
     result = Reassembly(ckpt, None, ckpt.structural_violations())
     if result.violations:
         return result
@@ -76,6 +82,6 @@ def reassemble(
                     writer.write(name, tensor)
                 if progress:
                     progress(head.name, sum(t.numel() * t.element_size() for t in locals_))
-        (staging / "config.json").write_text(json.dumps(ckpt.card.config.hf_config(ckpt.config), indent=2) + "\n")
+        (staging / "config.json").write_text(json.dumps(ckpt.hf_config(), indent=2) + "\n")
     result.output_dir = Path(output_dir)
     return result

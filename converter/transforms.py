@@ -451,6 +451,67 @@ class FusedColumn:
         return [torch.cat([p[i] for p in pieces]) for i in range(len(shapes))], []
 
 
+@dataclass(frozen=True)
+class CeilSplit:
+    """Rank r keeps slice [r * w, min((r + 1) * w, width)) of `dim`, w = ceil(width / tp): the last shard is smaller
+    instead of padded (and a rank past the end keeps an empty slice). A 1-D tensor split on dim 1 and a width of 1
+    are kept whole, as TensorRT-LLM's PyTorch backend does (`load_weight_shard`). `linear` refuses a width tp does
+    not divide, as that backend's `Linear` asserts."""
+
+    dim: int
+    linear: bool = True
+    n_sources = 1
+
+    @property
+    def kind(self) -> str:
+        return {0: "ceil-column", 1: "ceil-row"}.get(self.dim, f"ceil-split{self.dim}")
+
+    def resolve(self, dims: Any, layout: Any) -> Shard:
+        return self
+
+    def _whole(self, shape: Shape) -> bool:
+        return self.dim >= len(shape) or shape[self.dim] == 1
+
+    def check(self, shapes: Sequence[Shape], tp: int) -> str | None:
+        shape = shapes[0]
+        if self.linear and not self._whole(shape) and shape[self.dim] % tp:
+            return f"dimension {self.dim} of size {shape[self.dim]} is not divisible by tp_size={tp}"
+        return None
+
+    def _bounds(self, width: int, tp: int, tp_rank: int) -> tuple[int, int]:
+        step = math.ceil(width / tp)
+        return min(tp_rank * step, width), min((tp_rank + 1) * step, width)
+
+    def rank_shape(self, shapes: Sequence[Shape], tp: int, tp_rank: int) -> Shape:
+        shape = list(shapes[0])
+        if not self._whole(shapes[0]):
+            start, end = self._bounds(shape[self.dim], tp, tp_rank)
+            shape[self.dim] = end - start
+        return tuple(shape)
+
+    def local_shape(self, shapes: Sequence[Shape], tp: int) -> Shape:
+        return self.rank_shape(shapes, tp, 0)
+
+    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
+        source = sources[0]
+        if self._whole(tuple(source.shape)):
+            return source
+        start, end = self._bounds(source.shape[self.dim], tp, tp_rank)
+        return source.narrow(self.dim, start, end - start)
+
+    def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
+        if self._whole(shapes[0]):
+            return Replicated().inverse(locals_, shapes)
+        return [torch.cat(list(locals_), dim=self.dim)], []
+
+
+def rank_shape(shard: Shard, shapes: Sequence[Shape], tp: int, tp_rank: int) -> Shape:
+    """The shape of TP rank `tp_rank`'s tensor: the same on every rank, unless the shard says otherwise
+    (`rank_shape`, e.g. `CeilSplit`'s smaller last shard)."""
+    per_rank = getattr(shard, "rank_shape", None)
+    return per_rank(shapes, tp, tp_rank) if per_rank else shard.local_shape(shapes, tp)
+
+
 COLUMN = Split(0)
 ROW = Split(1)
 REPLICATED = Replicated()

@@ -211,20 +211,21 @@ def sliding_window_note(config, seq_len: int) -> list[str]:
 
 
 def verify_equivalence(
-    model_dir: Path | str, checkpoint_dir: Path | str, batch: BatchOptions = BatchOptions(), log: Log | None = None
+    model_dir: Path | str, checkpoint_dir: Path | str, batch: BatchOptions = BatchOptions(), log: Log | None = None,
+    target: str | None = None,
 ) -> EquivalenceReport:
     """Check that the checkpoint at `checkpoint_dir` is the HF model at `model_dir` (see the module docstring).
 
     Bad input (unreadable directories, a model transformers cannot load) raises ShardproofError; everything the
     checkpoint gets wrong is in the report. `log` receives a line as each stage starts.
     """
-    check_inputs(model_dir, checkpoint_dir, batch)
+    check_inputs(model_dir, checkpoint_dir, batch, target)
     dev, seq_len = batch.torch_device, batch.seq_len
     timings: dict[str, float] = {}
     stage = _stopwatch(timings, log)
     with tempfile.TemporaryDirectory(prefix="shardproof-reassembled-") as tmp:
         with stage("reassemble", "reassembling the rank files"):
-            rebuilt = reassemble(checkpoint_dir, Path(tmp) / "hf")
+            rebuilt = reassemble(checkpoint_dir, Path(tmp) / "hf", target=target, model_dir=model_dir)
         ckpt = rebuilt.checkpoint
         mapping = ckpt.mapping
         report = EquivalenceReport(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shardproof.converter.card import get_card
-from shardproof.converter.json_files import read_config
+from shardproof.converter.target_checkpoint import check_readable
 from shardproof.converter.source import HFCheckpoint
 
 from .forward import BatchOptions
@@ -18,7 +18,9 @@ def check_model(model_dir: Path | str, batch: BatchOptions) -> None:
     batch.fit(getattr(source.hf_config, "max_position_embeddings", None), str(model_dir))
 
 
-def check_inputs(model_dir: Path | str, checkpoint_dir: Path | str, batch: BatchOptions) -> None:
-    """ShardproofError (one line naming the path and the problem) for a model or checkpoint that cannot be read."""
+def check_inputs(model_dir: Path | str, checkpoint_dir: Path | str, batch: BatchOptions,
+                 target: str | None = None) -> None:
+    """ShardproofError (one line naming the path and the problem) for a model or checkpoint that cannot be read;
+    `target` names the checkpoint's layout (default: the TensorRT-LLM checkpoint)."""
     check_model(model_dir, batch)
-    read_config(Path(checkpoint_dir), "checkpoint")
+    check_readable(checkpoint_dir, target, model_dir)

@@ -68,7 +68,8 @@ class Mutant:
 
     `edit(directory, source_dir)` rewrites the checkpoint directory in place, or a copy of the source model
     before conversion when `target` is "source". `diverges_at` is the stage the sharded check must name
-    ("structure" when the fault changes a shape, which the runtime rejects before running).
+    ("structure" when the fault changes a shape, which the runtime rejects before running). `rank_target` is the
+    layout of the rank files it rewrites (`PYTORCH_CATALOG`'s are the PyTorch backend's).
     """
 
     name: str
@@ -77,6 +78,7 @@ class Mutant:
     edit: Edit
     diverges_at: str
     target: Literal["checkpoint", "source"] = "checkpoint"
+    rank_target: str = "trtllm-checkpoint"  # the rank-file layout (converter/target.py) it is injected into
 
 
 def _rewrite_ranks(checkpoint_dir: Path, edit: Callable[[RankFiles, RuntimeConfig], None]) -> None:
@@ -436,4 +438,65 @@ CATALOG: tuple[Mutant, ...] = (
            BF16_TP2, longrope_factors_dropped, "layer 0"),
     Mutant("norm-shift-after-cast", "an op that rounds (1 + weight) computed in bfloat16 after the cast, not in float32",
            BF16_TP2, op_after_cast, "layer 0"),
+)
+
+
+def _rewrite_target_ranks(checkpoint_dir: Path, edit: Callable[[RankFiles, int], None]) -> None:
+    """`_rewrite_ranks` for rank files described by rank{N}.json: `edit(files, tp_size)`."""
+    from shardproof.converter.rank_metadata import read_rank_metadata
+
+    metadata = read_rank_metadata(checkpoint_dir, "trtllm-pytorch")
+    paths = [checkpoint_dir / f"rank{m.rank}.safetensors" for m in metadata]
+    files = [load_file(p) for p in paths]
+    before = [dict(f) for f in files]
+    edit(files, metadata[0].tp_size)
+    if all(all(torch.equal(f[k], b[k]) for k in f) for f, b in zip(files, before)):
+        raise NotApplicable("found nothing of its kind to change in this checkpoint")
+    for path, tensors in zip(paths, files):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
+def kv_bias_repeat_interleaved(checkpoint_dir: Path, source_dir: Path) -> None:
+    """TensorRT-LLM's `HfWeightMapper._duplicate_kv` at tp > KV heads: a 1-D k/v bias duplicated element by element
+    (`repeat_interleave`, [b0, b0, b1, b1, ...]) instead of head by head, then split per rank."""
+    source = HFCheckpoint(source_dir)
+    hf = source.hf_config
+    heads, kv = hf.num_attention_heads, hf.num_key_value_heads or hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+
+    def edit(files: RankFiles, tp: int) -> None:
+        if tp <= kv:
+            raise NotApplicable(f"needs tp_size > num_key_value_heads={kv}")
+        for rank, f in enumerate(files):
+            for name in [n for n in f if n.endswith("self_attn.qkv_proj.bias")]:
+                prefix = name[: -len("qkv_proj.bias")]
+                q_rows = heads // tp * head_dim
+                parts = [f[name][:q_rows]]
+                for kind in ("k", "v"):
+                    wrong = source.load(f"{prefix}{kind}_proj.bias").repeat_interleave(tp // kv)
+                    parts.append(wrong.chunk(tp)[rank % tp].to(f[name].dtype))
+                f[name] = torch.cat(parts)
+
+    _rewrite_target_ranks(checkpoint_dir, edit)
+
+
+def gate_up_as_up_gate(checkpoint_dir: Path, source_dir: Path) -> None:
+    """Each rank's fused gate_up_proj written [up_r; gate_r] (the legacy `mlp.fc` order) instead of HF's
+    [gate_r; up_r], weight and bias alike."""
+
+    def edit(files: RankFiles, tp: int) -> None:
+        for f in files:
+            for name in [n for n in f if ".mlp.gate_up_proj." in n]:
+                gate, up = f[name].chunk(2)
+                f[name] = torch.cat([up, gate])
+
+    _rewrite_target_ranks(checkpoint_dir, edit)
+
+
+PYTORCH_CATALOG: tuple[Mutant, ...] = (
+    Mutant("kv-bias-repeat-interleaved", "tp > kv heads: k/v biases duplicated with repeat_interleave, not by heads "
+           "(HfWeightMapper._duplicate_kv)", FP32_TP4, kv_bias_repeat_interleaved, "layer 0",
+           rank_target="trtllm-pytorch"),
+    Mutant("gate-up-as-up-gate", "fused gate_up_proj written [up_r; gate_r] on every rank",
+           FP32_TP4, gate_up_as_up_gate, "layer 0", rank_target="trtllm-pytorch"),
 )

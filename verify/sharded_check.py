@@ -38,6 +38,7 @@ from .metrics import LogitMetrics, logit_metrics
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
 from .runtime.collectives import SimulatedCollectives
 from .runtime.rank_files import ShardedCheckpoint
+from .runtime.target_view import open_sharded
 from .runtime.simulated import run_simulated
 from .thresholds import Check, checks_by_metric, precision_checks
 
@@ -241,7 +242,7 @@ def _compare(name: str, reference: str, candidate: str, ref: Tensor, cand: Tenso
     return LogitComparison(name, reference, candidate, metrics, error, checks)
 
 
-def check_sharded(checkpoint_dir: Path | str, reference: HFReference) -> ShardedReport:
+def check_sharded(checkpoint_dir: Path | str, reference: HFReference, target: str | None = None) -> ShardedReport:
     """Run the checkpoint with the sharded runtime on `reference`'s tokens and compare (module docstring).
 
     A checkpoint the runtime rejects (missing, extra or misshapen tensors, a bad config) fails as structural;
@@ -251,7 +252,7 @@ def check_sharded(checkpoint_dir: Path | str, reference: HFReference) -> Sharded
     report = ShardedReport(str(reference.model_dir), str(checkpoint_dir), ids.shape[0], ids.shape[1],
                            reference.seed, str(reference.device))
     try:
-        ckpt = ShardedCheckpoint(checkpoint_dir)
+        ckpt = open_sharded(checkpoint_dir, target, reference.model_dir)
         ckpt.validate()
     except ValueError as e:
         report.structural = str(e)
@@ -313,6 +314,7 @@ def _runtime_stages(ckpt: ShardedCheckpoint, ids: Tensor, dtype: torch.dtype) ->
 
 
 def sharded_check(model_dir: Path | str, checkpoint_dir: Path | str,
-                  batch: BatchOptions = BatchOptions(num_sequences=2)) -> ShardedReport:
-    """Check the checkpoint at `checkpoint_dir` against the HF model at `model_dir` on random token batches."""
-    return check_sharded(checkpoint_dir, HFReference(model_dir, batch))
+                  batch: BatchOptions = BatchOptions(num_sequences=2), target: str | None = None) -> ShardedReport:
+    """Check the rank files at `checkpoint_dir` (laid out in `target`, default the TensorRT-LLM checkpoint) against
+    the HF model at `model_dir` on random token batches."""
+    return check_sharded(checkpoint_dir, HFReference(model_dir, batch), target)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 from shardproof.converter.errors import CheckNotRun, ShardproofError
-from shardproof.converter.json_files import read_config
+from shardproof.converter.target_checkpoint import check_readable
 from shardproof.converter.manifest import MANIFEST, check_manifest, source_differences
 
 from .equivalence import CHECKS as REASSEMBLED_CHECKS, EquivalenceReport, verify_equivalence
@@ -78,8 +78,10 @@ def verify_checkpoint(
     mode: str = "both",
     batch: BatchOptions = BatchOptions(),
     log: Log | None = None,
+    target: str | None = None,
 ) -> Verification:
     """Run the chosen mode(s) on the same random token batches; bad input raises ShardproofError before any work.
+    `target` names the layout of the rank files (converter/target.py; default the TensorRT-LLM checkpoint).
 
     The checkpoint's integrity manifest is checked before anything else reads it: a file that differs from it
     fails the verification with no mode run. A model directory that is not the checkpoint's source fails the
@@ -91,17 +93,17 @@ def verify_checkpoint(
     result = Verification(mode)
     if not _check_manifest(result, model_dir, checkpoint_dir, log):
         return result
-    read_config(Path(checkpoint_dir), "checkpoint")
+    check_readable(checkpoint_dir, target, model_dir)
     if mode in ("both", "reassembled"):
         with _unless_not_run(result, "reassembled"):
-            result.reassembled = verify_equivalence(model_dir, checkpoint_dir, batch, log)
+            result.reassembled = verify_equivalence(model_dir, checkpoint_dir, batch, log, target)
             result.timings.update(result.reassembled.timings)
     if mode in ("both", "sharded"):
         if log:
             log("running the rank files with the sharded reference runtime")
         start = time.perf_counter()
         with _unless_not_run(result, "sharded"):
-            result.sharded = sharded_check(model_dir, checkpoint_dir, batch)
+            result.sharded = sharded_check(model_dir, checkpoint_dir, batch, target)
         result.timings["sharded"] = time.perf_counter() - start
     return result
 
@@ -129,7 +131,7 @@ def convert_and_check(
         start = time.perf_counter()
         convert(model_dir, out, overwrite=overwrite, note=log, **layout)
         elapsed = time.perf_counter() - start
-        result = verify_checkpoint(model_dir, out, mode, batch, log)
+        result = verify_checkpoint(model_dir, out, mode, batch, log, layout.get("target"))
     result.timings = {"convert": elapsed, **result.timings}
     return result
 

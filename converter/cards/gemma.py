@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..card import Dims, register
+from ..card import Dims, TargetRows, register
 from ..errors import ShardproofError
 from ..transforms import ADD_ONE
 from . import llama
@@ -54,4 +54,8 @@ GEMMA = register(llama.decoder_card(
                                  attention_bias=True),
     norm_center=0.0,
     layout=layout,
+    # TensorRT-LLM's PyTorch backend has no GemmaForCausalLM (tensorrt_llm/_torch/models/ holds Gemma 3 and later
+    # only): nothing would load these weights.
+    targets={llama.PYTORCH: TargetRows(unsupported="TensorRT-LLM's PyTorch backend has no GemmaForCausalLM model "
+                                                    "(tensorrt_llm/_torch/models/ has no modeling_gemma.py)")},
 ))

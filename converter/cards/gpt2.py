@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..card import Card, ConfigMap, Dims, Shape, Skip, TIED_LM_HEAD, TestSupport, first, last, layer, register
+from ..card import (Card, ConfigMap, Dims, Shape, Skip, TIED_LM_HEAD, TargetRows, TestSupport, first, last, layer,
+                    register)
 from ..errors import ShardproofError
 from ..transforms import COLUMN, EMBEDDING, QKV_PARTS, QKV_SPEC, REPLICATED, ROW, TRANSPOSE, VOCAB
 
@@ -264,4 +265,6 @@ GPT2 = register(Card(
         norms=r"\.ln_(1|2|f)\.weight$",
         config_names=SIZES,
     ),
+    targets={"trtllm-pytorch": TargetRows(unsupported="TensorRT-LLM's PyTorch backend has no GPT2LMHeadModel model "
+                                                      "(tensorrt_llm/_torch/models/ has no modeling_gpt2.py)")},
 ))

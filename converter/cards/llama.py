@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..errors import ShardproofError
-from ..card import Card, ConfigMap, Dims, Row, Shape, Skip, TIED_LM_HEAD, TestSupport, first, last, layer, register
-from ..transforms import COLUMN, EMBEDDING, QKV_SPEC, REPLICATED, ROW, VOCAB
+from ..card import (Card, ConfigMap, Dims, Row, Shape, Skip, TIED_LM_HEAD, TargetRows, TestSupport, first, last, layer,
+                    register)
+from ..transforms import COLUMN, EMBEDDING, QKV_SPEC, REPLICATED, ROW, VOCAB, CeilSplit, FusedColumn
 
 HF_LAYER = "model.layers.{i}"
 
@@ -61,6 +62,44 @@ ROWS = (
     # A layout that shares the embedding table with lm_head (a card's layout rule decides) stores no lm_head.
     last("lm_head.weight", "model.embed_tokens.weight", shard=VOCAB, when="tie_word_embeddings & !share_embedding_table"),
 )
+
+PYTORCH = "trtllm-pytorch"
+
+
+def pt_layer(name: str, *sources: str, shard, **kw: Any) -> Row:
+    """A PyTorch-backend layer parameter: `model.layers.{i}.<name>`, {i} the global layer."""
+    return Row(f"{HF_LAYER}.{name}", sources, shard, "layer", **kw)
+
+
+# TensorRT-LLM's PyTorch backend (modeling_llama.py, modeling_qwen.py, modeling_qwen3.py; docs/format.md): fused
+# qkv_proj [q_r; k_r; v_r] with whole KV heads duplicated when tp > KV heads, fused gate_up_proj [gate_r; up_r],
+# row-parallel o_proj / down_proj whose 1-D bias stays whole, a vocab-parallel embedding and lm_head padded with
+# zero rows, a tied lm_head that is the embedding's parameter (held again by the last stage at pp > 1), and a
+# stage that is not the last keeping the next layer's input_layernorm (DecoderModel.__pp_init__).
+ATTN = "self_attn"
+PYTORCH_ROWS = (
+    Row("model.embed_tokens.weight", ("model.embed_tokens.weight",), VOCAB, "first"),
+    pt_layer("input_layernorm.weight", f"{HF_LAYER}.input_layernorm.weight", shard=REPLICATED),
+    pt_layer(f"{ATTN}.qkv_proj.weight", *(f"{HF_LAYER}.{ATTN}.{p}_proj.weight" for p in "qkv"), shard=QKV_SPEC),
+    pt_layer(f"{ATTN}.qkv_proj.bias", *(f"{HF_LAYER}.{ATTN}.{p}_proj.bias" for p in "qkv"), shard=QKV_SPEC,
+             when="qkv_bias"),
+    pt_layer(f"{ATTN}.q_norm.weight", f"{HF_LAYER}.{ATTN}.q_norm.weight", shard=REPLICATED, when="qk_norm"),
+    pt_layer(f"{ATTN}.k_norm.weight", f"{HF_LAYER}.{ATTN}.k_norm.weight", shard=REPLICATED, when="qk_norm"),
+    pt_layer(f"{ATTN}.o_proj.weight", f"{HF_LAYER}.{ATTN}.o_proj.weight", shard=CeilSplit(1)),
+    pt_layer(f"{ATTN}.o_proj.bias", f"{HF_LAYER}.{ATTN}.o_proj.bias", shard=CeilSplit(1), when="dense_bias"),
+    pt_layer("post_attention_layernorm.weight", f"{HF_LAYER}.post_attention_layernorm.weight", shard=REPLICATED),
+    pt_layer("mlp.gate_up_proj.weight", *(f"{HF_LAYER}.mlp.{p}_proj.weight" for p in ("gate", "up")),
+             shard=FusedColumn(2)),
+    pt_layer("mlp.gate_up_proj.bias", *(f"{HF_LAYER}.mlp.{p}_proj.bias" for p in ("gate", "up")),
+             shard=FusedColumn(2), when="mlp_bias"),
+    pt_layer("mlp.down_proj.weight", f"{HF_LAYER}.mlp.down_proj.weight", shard=CeilSplit(1)),
+    pt_layer("mlp.down_proj.bias", f"{HF_LAYER}.mlp.down_proj.bias", shard=CeilSplit(1), when="mlp_bias"),
+    Row("model.norm.weight", ("model.norm.weight",), REPLICATED, "last"),
+    Row("lm_head.weight", ("lm_head.weight",), VOCAB, "last", when="!tie_word_embeddings"),
+    Row("model.embed_tokens.weight", ("model.embed_tokens.weight",), VOCAB, "last",
+        when="tie_word_embeddings & pipeline"),
+)
+PYTORCH_TARGETS = {PYTORCH: TargetRows(PYTORCH_ROWS, next_stage=(f"{HF_LAYER}.input_layernorm.weight",))}
 
 SKIPS = (
     Skip(r"\.rotary_emb\.inv_freq$", "rotary frequencies are recomputed by the runtime from rotary_base"),
@@ -272,6 +311,7 @@ def decoder_card(
     selftest: Mapping[str, Any] | None = None,
     norm_center: float = 1.0,
     layout: Callable[[Any, Dims], Any] | None = None,
+    targets: Mapping[str, TargetRows] = PYTORCH_TARGETS,
 ) -> Card:
     """A Llama-family card: the shared rows, shapes and config translation, with the family's differences."""
     extra = dict(layout=layout) if layout else {}
@@ -292,6 +332,7 @@ def decoder_card(
         ),
         tests=TestSupport(config_class=config_class, strategy=strategy, selftest={**SELFTEST, **(selftest or {})},
                           norm_center=norm_center),
+        targets=targets,
         **extra,
     )
 

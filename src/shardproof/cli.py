@@ -40,6 +40,14 @@ def _option(*names: str, **kwargs) -> typer.models.OptionInfo:
     return typer.Option(None, *dict.fromkeys(spellings), **kwargs)
 
 
+def _target_option() -> typer.models.OptionInfo:
+    """`--target`, one of the registered targets (converter/target.py); checked when used (exit 2 otherwise)."""
+    from shardproof.converter.target import target_names
+
+    names = target_names()
+    return typer.Option(names[0], "--target", help=f"Rank-file layout: {', '.join(names)}.")
+
+
 def fails_cleanly(command: Callable) -> Callable:
     """Turn ShardproofError (and any filesystem error) into one line on stderr and exit code 2, with no traceback."""
 
@@ -124,14 +132,16 @@ def convert(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", "--allow_nonfinite", help=ALLOW_NONFINITE_HELP),
     clamp: bool = typer.Option(False, "--clamp", help=CLAMP_HELP),
+    target: str = _target_option(),
 ) -> None:
-    """Convert an HF checkpoint into a TensorRT-LLM checkpoint."""
+    """Convert an HF checkpoint into a TensorRT-LLM checkpoint (or another target's rank files)."""
     from shardproof.converter.api import convert as run_convert, plan_conversion
+    from shardproof.converter.target import get_target
 
     if model_dir is None:
         raise ShardproofError("--model_dir is required")
     args = dict(dtype=dtype, tp_size=tp_size, pp_size=pp_size, use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
-                moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size)
+                moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size, target=get_target(target).name)
     plan, _ = plan_conversion(model_dir, **args)
     console.print(plan_table(plan, f"{plan.card.name} -> {plan.layout.dtype}, tp={tp_size} pp={pp_size}"))
     if plan.skipped:
@@ -146,7 +156,8 @@ def convert(
     with bytes_progress_bar("converting", sum(r.nbytes for r in plan.ranks), quiet) as advance:
         run_convert(model_dir, output_dir, overwrite=overwrite, progress=advance, workers=workers,
                     allow_nonfinite=allow_nonfinite, clamp=clamp, note=_note, **args)
-    console.print(f"wrote {plan.layout.mapping.world_size} rank file(s) and config.json to {output_dir}", markup=False)
+    metadata = "config.json" if get_target(target).trt_config else "their rank{N}.json"
+    console.print(f"wrote {plan.layout.mapping.world_size} rank file(s) and {metadata} to {output_dir}", markup=False)
 
 
 @app.command()
@@ -155,16 +166,19 @@ def reassemble(
     checkpoint_dir: Path = typer.Argument(..., help="TensorRT-LLM checkpoint directory."),
     output_dir: Path = typer.Argument(..., help="Where to write the rebuilt HF checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output directory."),
+    target: str = _target_option(),
+    model_dir: Optional[Path] = _option("--model_dir", help="The source HF model, for rank files whose metadata holds no HF config (a dump)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Rebuild the HF checkpoint from the rank files alone, checking replicas, padding and completeness."""
-    from shardproof.converter.checkpoint import TRTCheckpoint
     from shardproof.converter.reassemble import reassemble as run_reassemble
+    from shardproof.converter.target_checkpoint import open_checkpoint
 
     integrity = _check_manifest(checkpoint_dir)
-    total = sum(r.nbytes for r in TRTCheckpoint(checkpoint_dir).plan.ranks)
+    total = sum(r.nbytes for r in open_checkpoint(checkpoint_dir, target, model_dir).plan.ranks)
     with bytes_progress_bar("reassembling", total, quiet) as advance:
-        result = run_reassemble(checkpoint_dir, output_dir, overwrite=overwrite, progress=advance)
+        result = run_reassemble(checkpoint_dir, output_dir, overwrite=overwrite, progress=advance, target=target,
+                                model_dir=model_dir)
     _print_violations(result.violations)
     if result.output_dir is not None:
         console.print(f"wrote the HF checkpoint to {result.output_dir}", markup=False)
@@ -288,18 +302,20 @@ def verify(
     seed: int = typer.Option(0, "--seed", help="Seed of the random token batches."),
     mode: str = typer.Option("both", "--mode", help=MODE_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
+    target: str = _target_option(),
 ) -> None:
     """Prove a checkpoint is the model: reassembly, bit-exact weights and logits, sharded run, dtype cost, first divergence.
 
     Exit codes: 0 every check passed; 1 a check failed; 2 bad input or usage; 3 nothing failed but a requested
     check could not run.
     """
+    from shardproof.converter.target import get_target
     from shardproof.verify.verification import verify_checkpoint
 
     if model_dir is None or checkpoint_dir is None:
         raise ShardproofError("--model_dir and --checkpoint_dir are required")
     batch = _batch_options(device, num_sequences, seq_len, seed, mode, report)
-    _finish(verify_checkpoint(model_dir, checkpoint_dir, mode, batch, log=_log), report)
+    _finish(verify_checkpoint(model_dir, checkpoint_dir, mode, batch, log=_log, target=get_target(target).name), report)
 
 
 @app.command()
@@ -326,9 +342,12 @@ def check(
     seed: int = typer.Option(0, "--seed", help="Seed of the random token batches (and of the demo model)."),
     mode: str = typer.Option("both", "--mode", help=MODE_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
+    target: str = _target_option(),
 ) -> None:
     """Convert, then verify, in one command: the same report and exit codes (0, 1, 2, 3) as `verify`."""
     import tempfile
+
+    from shardproof.converter.target import get_target
 
     from shardproof.verify import demo as demo_model
     from shardproof.verify.verification import convert_and_check
@@ -353,6 +372,7 @@ def check(
             model_dir, output_dir, mode, batch, overwrite, _log, **layout,
             use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
             moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size, workers=workers, allow_nonfinite=allow_nonfinite, clamp=clamp,
+            target=get_target(target).name,
         )
     _finish(result, report)
 

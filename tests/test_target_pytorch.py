@@ -1,0 +1,159 @@
+"""The trtllm-pytorch target: per-rank parameters as TensorRT-LLM's PyTorch backend holds them, spelled out head by
+head; bit-exact round trips and the sharded runtime over every Llama-style card it supports."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from shardproof.converter.api import convert
+from shardproof.converter.card import cards
+from shardproof.converter.errors import ShardproofError
+from shardproof.converter.reassemble import reassemble
+from shardproof.converter.target import PYTORCH, get_target
+from shardproof.converter.transforms import CeilSplit
+from shardproof.verify.sharded_check import sharded_check
+from tests.helpers import load_checkpoint, random_checkpoint
+
+TARGET = PYTORCH.name
+HD = 2
+GQA = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=HD, hidden_size=8, intermediate_size=8,
+           num_hidden_layers=3, vocab_size=11)
+LLAMA_STYLE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def heads(tensor: torch.Tensor, *indices: int) -> torch.Tensor:
+    return torch.cat([tensor[h * HD : (h + 1) * HD] for h in indices])
+
+
+def test_ceil_split_keeps_a_smaller_last_shard_and_inverts_exactly():
+    source = torch.arange(5 * 3.0).reshape(5, 3)
+    shard = CeilSplit(0, linear=False)
+    parts = [shard.forward([source], 3, r) for r in range(3)]
+    assert [p.shape[0] for p in parts] == [2, 2, 1] == [shard.rank_shape([(5, 3)], 3, r)[0] for r in range(3)]
+    assert torch.equal(shard.inverse(parts, [(5, 3)])[0][0], source)
+    assert CeilSplit(0).check([(5, 3)], 3) is not None  # a Linear asserts divisibility
+    bias = torch.arange(4.0)
+    assert torch.equal(CeilSplit(1).forward([bias], 2, 1), bias)  # a row-parallel 1-D tensor stays whole
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    src = random_checkpoint(tmp_path_factory.mktemp("qwen2"), "Qwen2ForCausalLM", seed=7, **GQA)
+    return src, load_file(src / "model.safetensors")
+
+
+def test_tp4_fuses_qkv_per_rank_with_whole_kv_heads_duplicated(qwen2, tmp_path):
+    src, hf = qwen2
+    convert(src, tmp_path / "pt", dtype="float32", tp_size=4, target=TARGET)
+    p = "model.layers.1.self_attn."
+    for rank in range(4):
+        got = load_file(tmp_path / "pt" / f"rank{rank}.safetensors")
+        kv_head = rank // 2
+        for kind in ("weight", "bias"):  # the bias too: whole heads, not repeat_interleave'd elements
+            want = torch.cat([heads(hf[p + f"q_proj.{kind}"], rank), heads(hf[p + f"k_proj.{kind}"], kv_head),
+                              heads(hf[p + f"v_proj.{kind}"], kv_head)])
+            assert torch.equal(got[p + f"qkv_proj.{kind}"], want), (rank, kind)
+        assert torch.equal(got[p + "o_proj.weight"], hf[p + "o_proj.weight"][:, 2 * rank : 2 * rank + 2])
+
+
+def test_tp2_gate_up_is_gate_then_up_and_down_proj_is_row_parallel(qwen2, tmp_path):
+    src, hf = qwen2
+    convert(src, tmp_path / "pt", dtype="float32", tp_size=2, target=TARGET)
+    mlp = "model.layers.2.mlp."
+    for rank in range(2):
+        got = load_file(tmp_path / "pt" / f"rank{rank}.safetensors")
+        rows = slice(4 * rank, 4 * rank + 4)
+        want = torch.cat([hf[mlp + "gate_proj.weight"][rows], hf[mlp + "up_proj.weight"][rows]])
+        assert torch.equal(got[mlp + "gate_up_proj.weight"], want)
+        assert torch.equal(got[mlp + "down_proj.weight"], hf[mlp + "down_proj.weight"][:, rows])
+
+
+def test_odd_vocabulary_is_split_in_ceil_rows_with_zero_padding(qwen2, tmp_path):
+    src, hf = qwen2
+    convert(src, tmp_path / "pt", dtype="float32", tp_size=4, target=TARGET)
+    step = math.ceil(11 / 4)
+    for rank in range(4):
+        got = load_file(tmp_path / "pt" / f"rank{rank}.safetensors")
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            part = hf[name][rank * step : (rank + 1) * step]
+            want = torch.cat([part, torch.zeros(step - part.shape[0], 8)])
+            assert torch.equal(got[name], want), (rank, name)
+
+
+def test_pipeline_stages_hold_their_global_layers_and_the_next_input_norm(tmp_path):
+    src = random_checkpoint(tmp_path / "src", "LlamaForCausalLM", seed=3, **{**GQA, "tie_word_embeddings": True})
+    hf = load_file(src / "model.safetensors")
+    convert(src, tmp_path / "pt", dtype="float32", tp_size=1, pp_size=2, target=TARGET)
+    first, last = (load_file(tmp_path / "pt" / f"rank{r}.safetensors") for r in range(2))
+    assert {n.split(".")[2] for n in first if n.startswith("model.layers.")} == {"0", "1", "2"}
+    assert [n for n in first if n.startswith("model.layers.2.")] == ["model.layers.2.input_layernorm.weight"]
+    assert {n.split(".")[2] for n in last if n.startswith("model.layers.")} == {"2"}
+    # tied: no lm_head parameter; the last stage keeps the embedding, which is the lm_head
+    assert "lm_head.weight" not in first | last
+    assert torch.equal(last["model.embed_tokens.weight"], hf["model.embed_tokens.weight"])
+    assert "model.norm.weight" in last and "model.norm.weight" not in first
+
+
+@pytest.mark.parametrize("architecture", LLAMA_STYLE)
+def test_round_trip_is_bit_exact_at_every_layout(architecture, tmp_path):
+    overrides = dict(attention_bias=True, mlp_bias=True) if architecture == "LlamaForCausalLM" else {}
+    overrides |= {"attention_bias": True} if architecture == "Qwen3ForCausalLM" else {}
+    for tied in (False, True):
+        src = random_checkpoint(tmp_path / f"src{tied}", architecture, seed=5,
+                                **{**GQA, "num_attention_heads": 8, "tie_word_embeddings": tied}, **overrides)
+        source = load_checkpoint(src)
+        for tp in (1, 2, 4, 8):
+            for pp in (1, 2):
+                out, back = tmp_path / f"pt{tied}{tp}{pp}", tmp_path / f"hf{tied}{tp}{pp}"
+                convert(src, out, dtype="float32", tp_size=tp, pp_size=pp, target=TARGET)
+                result = reassemble(out, back, target=TARGET)
+                assert result.ok, result.violations
+                rebuilt = load_checkpoint(back)
+                expected = {k: v for k, v in source.items() if not (tied and k == "lm_head.weight")}
+                assert rebuilt.keys() == expected.keys()
+                assert all(torch.equal(rebuilt[k], v) for k, v in expected.items()), (tp, pp)
+
+
+@pytest.mark.parametrize("architecture", LLAMA_STYLE)
+def test_sharded_runtime_runs_the_target_against_hf(architecture, tmp_path):
+    src = random_checkpoint(tmp_path / "src", architecture, seed=2, **{**GQA, "vocab_size": 13})
+    for tp, pp in ((4, 2), (2, 1)):
+        out = tmp_path / f"pt{tp}{pp}"
+        convert(src, out, dtype="float32", tp_size=tp, pp_size=pp, target=TARGET)
+        report = sharded_check(src, out, target=TARGET)
+        assert report.passed, report.failures
+
+
+def test_swapped_gate_up_halves_fail_the_sharded_runtime(qwen2, tmp_path):
+    from safetensors.torch import save_file
+
+    src, _ = qwen2
+    out = tmp_path / "pt"
+    convert(src, out, dtype="float32", tp_size=2, target=TARGET)
+    path = out / "rank1.safetensors"
+    tensors = load_file(path)
+    name = "model.layers.0.mlp.gate_up_proj.weight"
+    gate, up = tensors[name].chunk(2)
+    tensors[name] = torch.cat([up, gate])
+    save_file(tensors, path)
+    report = sharded_check(src, out, target=TARGET)
+    assert not report.passed
+    assert report.localization.first_diverging == "layer 0"
+
+
+def test_cards_without_a_pytorch_backend_model_are_refused(tmp_path):
+    refused = [card.name for card in cards() if not PYTORCH.supports(card)]
+    assert {"GemmaForCausalLM", "GPT2LMHeadModel"} <= set(refused)
+    src = random_checkpoint(tmp_path / "src", "GemmaForCausalLM", seed=1, **{**GQA, "tie_word_embeddings": True})
+    with pytest.raises(ShardproofError, match="no GemmaForCausalLM model"):
+        convert(src, tmp_path / "out", target=TARGET)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_target_is_refused():
+    with pytest.raises(ShardproofError, match="not one of trtllm-checkpoint, trtllm-pytorch"):
+        get_target("trtllm-engine")
