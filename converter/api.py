@@ -15,7 +15,7 @@ from .execute import Progress, default_workers, write_checkpoint
 from .manifest import rank_file_digests, source_fingerprint, write_manifest
 from .mapping import Mapping
 from .plan import Layout, Plan, build_plan
-from .source import HFCheckpoint
+from .source import Source, open_source
 from .trt_config import trt_config
 from .value_range import ValueGuard
 
@@ -31,14 +31,15 @@ def plan_conversion(
     embedding_sharding_dim: int = 0,
     moe_tp_size: int | None = None,
     moe_ep_size: int | None = None,
-) -> tuple[Plan, HFCheckpoint]:
-    """Read config.json and the safetensors headers of `model_dir` (no tensor data) and plan the conversion.
+) -> tuple[Plan, Source]:
+    """Open `model_dir` in its checkpoint format, read its config and tensor metadata (no tensor data) and plan
+    the conversion.
 
     `moe_tp_size` / `moe_ep_size` split the experts of a MoE model over the TP ranks (product tp_size; left
     out: all tensor-parallel, as TensorRT-LLM defaults)."""
-    source = HFCheckpoint(model_dir)
+    source = open_source(model_dir)
     card = get_card(source.architecture)
-    config_path = source.model_dir / "config.json"
+    config_path = source.config.files[0]
     try:
         ignored = card.config.ignored(source.config_dict)
         dims = card.config.dims_from_hf(source.hf_config)
@@ -90,7 +91,7 @@ def convert(
     guard = ValueGuard(str(source.model_dir), allow_nonfinite, clamp)
     with atomic_directory(Path(output_dir), overwrite, inputs=[Path(model_dir)]) as staging:
         write_checkpoint(plan, source, staging, trt_config(plan, source.hf_config), progress, workers, guard)
-        write_manifest(staging, source_fingerprint(source.model_dir), rank_file_digests(staging, workers))
+        write_manifest(staging, source_fingerprint(source), rank_file_digests(staging, workers))
     for line in guard.notes():
         (note or log.warning)(line)
     return plan

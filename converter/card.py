@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal, Mapping
 
 from .errors import ShardproofError
+from .registry import Registry, caller_module
 from .transforms import Shard, SourceOp
 
 Shape = tuple[int, ...]
@@ -276,38 +277,31 @@ def _rename(name: str, source: str, target: str) -> str:
     return re.sub(_prefix_regex(source), _replacement(target, source), name)
 
 
-_REGISTRY: dict[str, Card] = {}
+CARDS: Registry[Card] = Registry("architecture")
 
 
 def register(card: Card) -> Card:
-    """Register a card under its HF architecture name (at import time for built-ins, or from anywhere)."""
-    if card.name in _REGISTRY:
-        raise ValueError(f"architecture {card.name} is registered twice")
-    _REGISTRY[card.name] = card
-    return card
+    """Register a card under its HF architecture name (at import time, by a built-in card module, a plugin's module
+    or any caller); the registering module is recorded as its origin."""
+    return CARDS.add(card.name, card, caller_module())
 
 
 def unregister(name: str) -> None:
     """Remove a card (tests that register a card of their own clean up with this)."""
-    _REGISTRY.pop(name)
-
-
-def _load_builtins() -> None:
-    from . import cards  # noqa: F401  (registers the built-in cards)
+    CARDS.remove(name)
 
 
 def get_card(name: str) -> Card:
     """The card registered as `name`, or a ShardproofError listing the supported architectures."""
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise ShardproofError(f"architecture {name!r} is not supported (supported: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name]
+    card = CARDS.find(name)
+    if card is None:
+        raise ShardproofError(f"architecture {name!r} is not supported (supported: {', '.join(supported_architectures())})")
+    return card
 
 
 def cards() -> list[Card]:
-    """Every registered card, in registration order (built-ins first)."""
-    _load_builtins()
-    return list(_REGISTRY.values())
+    """Every registered card, in registration order (built-ins first, then plugins)."""
+    return list(CARDS)
 
 
 def supported_architectures() -> list[str]:

@@ -16,7 +16,7 @@ import torch
 from .bounded_pool import run_bounded
 from .plan import Plan, PlannedTensor
 from .planned_file import PlannedFile
-from .source import HFCheckpoint
+from .source import Source
 from .transforms import to_stored
 from .value_range import ValueGuard
 
@@ -47,7 +47,7 @@ class _Instance:
         return self.read_bytes + sum(math.prod(t.shape) * t.torch_dtype.itemsize for t in self.tensors)
 
 
-def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: dict, progress: Progress | None = None,
+def write_checkpoint(plan: Plan, source: Source, directory: Path, config: dict, progress: Progress | None = None,
                      workers: int = 1, guard: ValueGuard | None = None) -> None:
     """Write config.json and every rank file of `plan` into `directory`, on `workers` threads.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from .bounded_read import regular_file_size
 from .errors import ShardproofError
 from .json_files import read_json
-from .safetensors_index import INDEX, weight_files
+from .source import Source, open_source
 
 MANIFEST = "shardproof-manifest.json"
 FORMAT = 1
@@ -118,12 +118,9 @@ def rank_file_digests(directory: Path, workers: int = 1) -> dict[str, FileDigest
         return dict(zip((p.name for p in paths), pool.map(file_digest, paths)))
 
 
-def source_fingerprint(model_dir: Path) -> dict[str, FileDigest]:
-    """Digests of the files a conversion reads from `model_dir`: config.json, the index if any, the weight files."""
-    model_dir = Path(model_dir)
-    paths = [model_dir / "config.json"] + ([model_dir / INDEX] if os.path.exists(model_dir / INDEX) else [])
-    paths += weight_files(model_dir)
-    return {str(p.relative_to(model_dir)): file_digest(p) for p in paths}
+def source_fingerprint(source: Source) -> dict[str, FileDigest]:
+    """Digests of the files a conversion reads from the source: its config's and its weights' (`Source.files`)."""
+    return {str(p.relative_to(source.model_dir)): file_digest(p) for p in source.files}
 
 
 def write_manifest(directory: Path, source: dict[str, FileDigest], written: dict[str, FileDigest]) -> None:
@@ -159,7 +156,7 @@ def check_manifest(checkpoint_dir: Path) -> ManifestCheck:
 
 def source_differences(manifest: Manifest, model_dir: Path) -> list[str]:
     """How `model_dir` differs from the source the checkpoint was converted from (empty: it is that source)."""
-    current = source_fingerprint(model_dir)
+    current = source_fingerprint(open_source(model_dir))
     differences = [f"{name}: missing" for name in manifest.source if name not in current]
     differences += [f"{name}: SHA-256 or size differs" for name, digest in manifest.source.items()
                     if name in current and current[name] != digest]

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from shardproof.cli import app
 from shardproof.converter.api import convert
 from shardproof.converter.manifest import MANIFEST, Manifest, file_digest, source_fingerprint
+from shardproof.converter.source import open_source
 from tests.helpers import random_checkpoint
 from tests.hostile_cases import SMALL
 
@@ -45,7 +46,7 @@ def test_manifest_holds_every_written_file_and_the_source(clean, model):
     manifest = Manifest.read(clean / MANIFEST)
     assert sorted(manifest.files) == ["config.json", "rank0.safetensors", "rank1.safetensors"]
     assert all(file_digest(clean / name) == digest for name, digest in manifest.files.items())  # streamed = re-read
-    assert manifest.source == source_fingerprint(model) and set(manifest.source) == {"config.json", "model.safetensors"}
+    assert manifest.source == source_fingerprint(open_source(model)) and set(manifest.source) == {"config.json", "model.safetensors"}
     assert manifest.tool_version == importlib.metadata.version("shardproof")
 
 

@@ -16,7 +16,7 @@ import torch
 
 from shardproof.converter.card import get_card
 from shardproof.converter.errors import ShardproofError
-from shardproof.converter.json_files import read_config
+from shardproof.converter.source import open_source
 
 from .metrics import bit_identical, first_difference, max_abs_diff
 
@@ -84,18 +84,24 @@ def one_line(error: Exception) -> str:
 def load_model(
     model_dir: Path | str, dtype: torch.dtype, device: torch.device, overrides: Mapping[str, torch.Tensor] | None = None
 ) -> torch.nn.Module:
-    """An HF causal LM from a local directory with every weight cast to `dtype`, then the source tensors named in
-    `overrides` replaced by those values, in eval mode on `device`. Tensor names go through the card's
-    `hf_key_mapping` to transformers' parameter names."""
+    """An HF causal LM from a local model directory in any registered format, with every weight cast to `dtype`, then
+    the source tensors named in `overrides` replaced by those values, in eval mode on `device`. Tensor names go
+    through the card's `hf_key_mapping` to transformers' parameter names. transformers reads the directory itself
+    when its format says it can; otherwise the model is built from the source's config and its tensors."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    _, config = read_config(Path(model_dir), "model")
-    card = get_card((config.get("architectures") or [None])[0])
+    source = open_source(model_dir)
+    card = get_card(source.architecture)
     mapping = {"key_mapping": dict(card.hf_key_mapping)} if card.hf_key_mapping else {}
+    if source.loader.transformers_reads_directory:
+        weights = {"pretrained_model_name_or_path": str(model_dir)}
+    else:
+        weights = {"pretrained_model_name_or_path": None, "config": source.hf_config,
+                   "state_dict": {name: source.load(name) for name in source.tensors}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True, **mapping)
+        model = AutoModelForCausalLM.from_pretrained(**weights, dtype=dtype, local_files_only=True, **mapping)
     except Exception as e:  # reading the input failed: bad input, never a failed check
         raise ShardproofError(f"{model_dir}: transformers cannot load the model ({one_line(e)})") from None
     if overrides:
