@@ -387,6 +387,28 @@ def selftest(
     raise typer.Exit(EXIT_OK if result.passed else EXIT_FAILED)
 
 
+@app.command("list")
+@fails_cleanly
+def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Every registered architecture, checkpoint format, config loader, weight loader and target, with where it came
+    from (built-in, a plugin package, or registered in-process)."""
+    import dataclasses
+    import json
+
+    from shardproof.converter.catalog import catalog
+
+    components = catalog()
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(c) for c in components], indent=2))
+        return
+    table = Table(title="registered components")
+    for column in ("kind", "name", "origin", "details"):
+        table.add_column(column)
+    for c in components:
+        table.add_row(c.kind, c.name, c.origin, escape(", ".join(f"{k}: {v}" for k, v in c.details.items())))
+    console.print(table)
+
+
 golden_app = typer.Typer(no_args_is_help=True, help="The golden regression suite: every card's tiny models, converted, "
                          "against the committed manifests (exit 1 on any difference).")
 app.add_typer(golden_app, name="golden")
