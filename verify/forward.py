@@ -88,20 +88,21 @@ def load_model(
     the source tensors named in `overrides` replaced by those values, in eval mode on `device`. Tensor names go
     through the card's `hf_key_mapping` to transformers' parameter names. transformers reads the directory itself
     when its format says it can; otherwise the model is built from the source's config and its tensors."""
-    from transformers import AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     source = open_source(model_dir)
     card = get_card(source.architecture)
     mapping = {"key_mapping": dict(card.hf_key_mapping)} if card.hf_key_mapping else {}
-    if source.loader.transformers_reads_directory:
-        weights = {"pretrained_model_name_or_path": str(model_dir)}
-    else:
-        weights = {"pretrained_model_name_or_path": None, "config": source.hf_config,
-                   "state_dict": {name: source.load(name) for name in source.tensors}}
+    own = source.loader.transformers_reads_directory
+    tensors = None if own else {name: source.load(name) for name in source.tensors}
     try:
-        model = AutoModelForCausalLM.from_pretrained(**weights, dtype=dtype, local_files_only=True, **mapping)
+        if own:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True, **mapping)
+        else:
+            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(source.hf_config)]
+            model = model_class.from_pretrained(None, config=source.hf_config, state_dict=tensors, dtype=dtype, **mapping)
     except Exception as e:  # reading the input failed: bad input, never a failed check
         raise ShardproofError(f"{model_dir}: transformers cannot load the model ({one_line(e)})") from None
     if overrides:

@@ -1,3 +1,4 @@
-"""The built-in checkpoint formats; importing this package registers their loaders (first registered, first tried)."""
+"""The built-in checkpoint formats; importing this package registers their loaders (first registered, first tried:
+safetensors before pickle)."""
 
-from . import hf  # noqa: F401
+from . import hf, torch_pickle  # noqa: F401

@@ -55,6 +55,19 @@ def fails_cleanly(command: Callable) -> Callable:
     return wrapper
 
 
+def pickle_consent(command: Callable) -> Callable:
+    """Run the command with pickle checkpoints readable when its `allow_pickle` option is set (`--allow-pickle`)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from shardproof.converter.formats.torch_pickle import pickle_allowed
+
+        with pickle_allowed(bool(kwargs.get("allow_pickle"))):
+            return command(*args, **kwargs)
+
+    return wrapper
+
+
 def _error(message: str) -> NoReturn:
     one_line = message.replace("\r", "\\r").replace("\n", "\\n")
     err_console.print(Text.assemble(("error:", "bold red"), " ", one_line), highlight=False, soft_wrap=True)
@@ -112,11 +125,14 @@ MOE_EP_HELP = "Experts: expert-parallel size, each rank holding num_experts / mo
 WORKERS_HELP = ("Threads reading, casting, sharding and writing at once (default: the number of usable cores); "
                 "the output's bytes do not depend on it.")
 ALLOW_NONFINITE_HELP = "Convert NaN/Inf in the source, and values the dtype overflows (as inf), instead of refusing them."
+ALLOW_PICKLE_HELP = ("Read PyTorch pickle weights (pytorch_model.bin, *.pth) with torch.load(weights_only=True, mmap=True); "
+                     "without it such a source is refused.")
 CLAMP_HELP = "Saturate values beyond the dtype's range (float16: ±65504) to its finite max instead of refusing them."
 
 
 @app.command()
 @fails_cleanly
+@pickle_consent
 def convert(
     model_dir: Path = _option("--model_dir", help="HF model directory (config.json + safetensors)."),
     output_dir: Optional[Path] = _option("--output_dir", help="Where to write the TensorRT-LLM checkpoint."),
@@ -133,6 +149,7 @@ def convert(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", "--allow_nonfinite", help=ALLOW_NONFINITE_HELP),
     clamp: bool = typer.Option(False, "--clamp", help=CLAMP_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", "--allow_pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Convert an HF checkpoint into a TensorRT-LLM checkpoint."""
     from shardproof.converter.api import convert as run_convert, plan_conversion
@@ -287,6 +304,7 @@ MODE_HELP = ("reassembled: invert the rank files and compare with the source bit
 
 @app.command()
 @fails_cleanly
+@pickle_consent
 def verify(
     model_dir: Path = _option("--model_dir", help="The source HF model directory."),
     checkpoint_dir: Path = _option("--checkpoint_dir", help="The TensorRT-LLM checkpoint made from it."),
@@ -296,6 +314,7 @@ def verify(
     seed: int = typer.Option(0, "--seed", help="Seed of the random token batches."),
     mode: str = typer.Option("both", "--mode", help=MODE_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", "--allow_pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Prove a checkpoint is the model: reassembly, bit-exact weights and logits, sharded run, dtype cost, first divergence.
 
@@ -312,6 +331,7 @@ def verify(
 
 @app.command()
 @fails_cleanly
+@pickle_consent
 def check(
     model_dir: Optional[Path] = _option("--model_dir", help="HF model directory (or --demo)."),
     output_dir: Optional[Path] = _option("--output_dir", help="Keep the converted checkpoint here (default: a temporary directory)."),
@@ -328,6 +348,7 @@ def check(
     workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", "--allow_nonfinite", help=ALLOW_NONFINITE_HELP),
     clamp: bool = typer.Option(False, "--clamp", help=CLAMP_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", "--allow_pickle", help=ALLOW_PICKLE_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     num_sequences: int = typer.Option(4, "--num_sequences", "--num-sequences", help=SEQUENCES_HELP),
     seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
