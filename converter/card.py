@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import re
 import string
+from pathlib import Path
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal, Mapping
 
@@ -225,6 +226,8 @@ class Card:
     `renames` are (checkpoint prefix, transformers prefix) pairs, with `{name}` placeholders, for checkpoints
     whose tensor names differ from transformers' parameter names (saved outside transformers): two-way, so the
     verifiers load such a checkpoint with `from_pretrained(key_mapping=...)` and the tests can write one.
+    `golden_dir` is where the card's golden manifests live (a plugin ships them in its package); None: shardproof's
+    own `golden/manifests`.
     """
 
     name: str
@@ -237,6 +240,7 @@ class Card:
     tests: TestSupport
     layout: Callable[[Any, Dims], Any] = as_asked
     renames: tuple[tuple[str, str], ...] = ()
+    golden_dir: Path | None = None
 
     def hf_name(self, name: str) -> str:
         """transformers' parameter name for a checkpoint tensor name."""

@@ -53,24 +53,24 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._entries: dict[str, Entry[T]] = {}
+        self.by_name: dict[str, Entry[T]] = {}  # a test swaps an entry for its own with monkeypatch.setitem
 
     def add(self, name: str, item: T, module: str) -> T:
         """Register `item` as `name`, registered by `module`; a name registered twice is refused."""
-        if name in self._entries:
+        if name in self.by_name:
             raise ShardproofError(f"{self.kind} {name!r} from {origin(module)} is already registered "
-                                  f"(by {self._entries[name].origin})")
-        self._entries[name] = Entry(name, item, module)
+                                  f"(by {self.by_name[name].origin})")
+        self.by_name[name] = Entry(name, item, module)
         return item
 
     def remove(self, name: str) -> None:
         """Remove an entry (a test that registers its own component cleans up with this)."""
-        self._entries.pop(name)
+        self.by_name.pop(name)
 
     def find(self, name: str) -> T | None:
         """The component registered as `name`, or None."""
         load_all()
-        entry = self._entries.get(name)
+        entry = self.by_name.get(name)
         return None if entry is None else entry.item
 
     def get(self, name: str) -> T:
@@ -82,7 +82,7 @@ class Registry(Generic[T]):
 
     def entries(self) -> list[Entry[T]]:
         load_all()
-        return list(self._entries.values())
+        return list(self.by_name.values())
 
     def names(self) -> list[str]:
         return [e.name for e in self.entries()]

@@ -434,7 +434,7 @@ golden_app = typer.Typer(no_args_is_help=True, help="The golden regression suite
                          "against the committed manifests (exit 1 on any difference).")
 app.add_typer(golden_app, name="golden")
 ARCHITECTURE_FILTER = "Only this registered architecture (repeatable; default: every one)."
-MANIFEST_DIR_HELP = "Manifest directory (default: the package's golden/manifests)."
+MANIFEST_DIR_HELP = "Manifest directory (default: where each card keeps its manifests: golden/manifests, or a plugin's own)."
 
 
 @golden_app.command("check")
@@ -446,7 +446,7 @@ def golden_check(
     """Regenerate, convert and compare every case; exit 1 naming each changed, missing or extra tensor per rank."""
     from shardproof.golden import suite, view
 
-    report = suite.check(architecture, manifest_dir or suite.MANIFESTS, log=_log)
+    report = suite.check(architecture, manifest_dir, log=_log)
     view.render(report, console, "shardproof golden check")
     if not report.passed:
         console.print("[bold red]golden check failed[/]: review the change; if it is intended, run "
@@ -464,11 +464,10 @@ def golden_update(
     no longer converts."""
     from shardproof.golden import suite, view
 
-    directory = manifest_dir or suite.MANIFESTS
-    report = suite.update(architecture, directory, log=_log)
+    report = suite.update(architecture, manifest_dir, log=_log)
     view.render(report, console, "shardproof golden update (status before the rewrite)")
-    written = [r.case.name for r in report.results if r.status in ("changed", "no manifest")]
-    console.print(f"rewrote {len(written)} manifest(s) in {directory}" + "".join(f"\n  {n}" for n in written), highlight=False)
+    written = [suite.manifest_path(r.case, manifest_dir) for r in report.results if r.status in ("changed", "no manifest")]
+    console.print(f"rewrote {len(written)} manifest(s)" + "".join(f"\n  {p}" for p in written), highlight=False)
     if report.removed:
         console.print("removed stale manifest(s): " + ", ".join(report.removed), highlight=False)
     errors = [r for r in report.results if r.status == "error"]
