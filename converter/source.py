@@ -19,8 +19,8 @@ class Source:
     shape its metadata declared (a weight loader that breaks its contract is bad input, never a wrong
     conversion)."""
 
-    def __init__(self, model_dir: Path, format: str, loader: CheckpointLoader, config: SourceConfig, weights: Weights):
-        self.model_dir, self.format, self.loader = model_dir, format, loader
+    def __init__(self, model_dir: Path, format_name: str, loader: CheckpointLoader, config: SourceConfig, weights: Weights):
+        self.model_dir, self.format_name, self.loader = model_dir, format_name, loader
         self.config, self.weights = config, weights
         for name, info in weights.tensors.items():
             if info.dtype not in TORCH_DTYPES.values():

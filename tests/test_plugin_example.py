@@ -7,6 +7,7 @@ Every run is a fresh `shardproof` process, which discovers the plugin through it
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import subprocess
 import sys
@@ -29,12 +30,15 @@ ORIGIN = "plugin shardproof-olmo2 0.1.0"
 
 @pytest.fixture(scope="session", autouse=True)
 def plugin_installed() -> None:
-    """Install the example plugin into this environment when it is not (CI's .ci/run installs it first)."""
+    """Install the example plugin into this environment when it is not (CI's .ci/run installs it first); new
+    processes find it through its entry point, this one through its source folder."""
     try:
         importlib.metadata.distribution("shardproof-olmo2")
     except importlib.metadata.PackageNotFoundError:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e",
                         str(PLUGIN)], check=True)
+    if importlib.util.find_spec("shardproof_olmo2") is None:  # an install made after this interpreter started
+        sys.path.append(str(PLUGIN / "src"))
 
 
 def shardproof(*args) -> subprocess.CompletedProcess:
@@ -83,6 +87,7 @@ def test_npy_source_converts_to_the_rank_files_of_its_safetensors_copy(olmo2, ol
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     manifest = json.loads((tmp_path / "b" / "shardproof-manifest.json").read_text())
     assert set(manifest["source"]) == {p.name for p in olmo2_npy.iterdir()}
+    assert f"as hf-npy ({len(manifest['source'])} file(s))" in run.stdout
 
 
 def test_npy_olmo2_reassembles_to_its_tensors_and_verifies(olmo2_npy, tmp_path) -> None:

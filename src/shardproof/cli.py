@@ -158,7 +158,9 @@ def convert(
         raise ShardproofError("--model_dir is required")
     args = dict(dtype=dtype, tp_size=tp_size, pp_size=pp_size, use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
                 moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size)
-    plan, _ = plan_conversion(model_dir, **args)
+    plan, source = plan_conversion(model_dir, **args)
+    console.print(f"read {model_dir} as {source.format_name} ({len(source.files)} file(s))", markup=False, highlight=False,
+                  soft_wrap=True)
     console.print(plan_table(plan, f"{plan.card.name} -> {plan.layout.dtype}, tp={tp_size} pp={pp_size}"))
     if plan.skipped:
         console.print(f"skipped {len(plan.skipped)} source tensor(s): " + "; ".join(sorted(set(plan.skipped.values()))), markup=False)
