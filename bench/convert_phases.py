@@ -22,7 +22,7 @@ import shardproof.converter.execute as execute
 import shardproof.converter.planned_file as planned_file
 import shardproof.converter.safetensors_io as safetensors_io
 from shardproof.converter.planned_file import PlannedFile
-from shardproof.converter.source import HFCheckpoint
+from shardproof.converter.source import Source
 from shardproof.converter.value_range import ValueGuard
 
 totals: collections.Counter = collections.Counter()
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--pp_size", type=int, default=1)
     parser.add_argument("--dtype", default="float16")
     args = parser.parse_args()
-    HFCheckpoint.load = timed("read (with its digest)", HFCheckpoint.load)
+    Source.load = timed("read (with its digest)", Source.load)
     safetensors_io.part_digest = timed("  digest of a source tensor", safetensors_io.part_digest)
     execute.to_stored = timed("to_stored (ops, cast)", execute.to_stored)
     ValueGuard.stored = timed("value guard", ValueGuard.stored)

@@ -17,7 +17,7 @@ from .manifest import source_fingerprint, write_manifest
 from .mapping import Mapping
 from .plan import Layout, Plan, build_plan
 from .rank_metadata import RankMetadata
-from .source import HFCheckpoint
+from .source import Source, open_source
 from .target import Target, get_target
 from .trt_config import trt_config
 from .value_range import ValueGuard
@@ -35,17 +35,17 @@ def plan_conversion(
     moe_tp_size: int | None = None,
     moe_ep_size: int | None = None,
     target: str | Target | None = None,
-) -> tuple[Plan, HFCheckpoint]:
-    """Read config.json and the safetensors headers of `model_dir` (no tensor data) and plan the conversion into
-    `target`'s layout (converter/target.py; default: the TensorRT-LLM checkpoint).
+) -> tuple[Plan, Source]:
+    """Open `model_dir` in its checkpoint format, read its config and tensor metadata (no tensor data) and plan
+    the conversion into `target`'s layout (converter/target.py; default: the TensorRT-LLM checkpoint).
 
     `moe_tp_size` / `moe_ep_size` split the experts of a MoE model over the TP ranks (product tp_size; left
     out: all tensor-parallel, as TensorRT-LLM defaults)."""
     target = get_target(target)
-    source = HFCheckpoint(model_dir)
+    source = open_source(model_dir)
     card = get_card(source.architecture)
     target.rows(card)  # refuses a card the target does not support, before anything else
-    config_path = source.model_dir / "config.json"
+    config_path = source.config.files[0]
     try:
         ignored = card.config.ignored(source.config_dict)
         dims = card.config.dims_from_hf(source.hf_config)
@@ -102,7 +102,7 @@ def convert(
     with atomic_directory(Path(output_dir), overwrite, inputs=[Path(model_dir)]) as staging:
         config = trt_config(plan, source.hf_config) if target.trt_config else None
         written = write_checkpoint(plan, source, staging, config, progress, workers, guard)
-        fingerprint = source_fingerprint(source.model_dir, source.read_digests(), workers)
+        fingerprint = source_fingerprint(source, workers)
         if not target.trt_config:
             mapping = plan.layout.mapping
             for rank in plan.ranks:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import itertools
 import re
 import string
+from pathlib import Path
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal, Mapping
 
 from .errors import ShardproofError
+from .registry import Registry, caller_module
 from .transforms import Shard, SourceOp
 
 Shape = tuple[int, ...]
@@ -239,6 +241,8 @@ class Card:
     verifiers load such a checkpoint with `from_pretrained(key_mapping=...)` and the tests can write one.
     `targets` holds the card's rows for each further target (`TargetRows`, by target name); `rows` are the
     TensorRT-LLM checkpoint's.
+    `golden_dir` is where the card's golden manifests live (a plugin ships them in its package); None: shardproof's
+    own `golden/manifests`.
     """
 
     name: str
@@ -252,6 +256,7 @@ class Card:
     layout: Callable[[Any, Dims], Any] = as_asked
     renames: tuple[tuple[str, str], ...] = ()
     targets: Mapping[str, TargetRows] = field(default_factory=dict)
+    golden_dir: Path | None = None
 
     def hf_name(self, name: str) -> str:
         """transformers' parameter name for a checkpoint tensor name."""
@@ -292,38 +297,31 @@ def _rename(name: str, source: str, target: str) -> str:
     return re.sub(_prefix_regex(source), _replacement(target, source), name)
 
 
-_REGISTRY: dict[str, Card] = {}
+CARDS: Registry[Card] = Registry("architecture")
 
 
 def register(card: Card) -> Card:
-    """Register a card under its HF architecture name (at import time for built-ins, or from anywhere)."""
-    if card.name in _REGISTRY:
-        raise ValueError(f"architecture {card.name} is registered twice")
-    _REGISTRY[card.name] = card
-    return card
+    """Register a card under its HF architecture name (at import time, by a built-in card module, a plugin's module
+    or any caller); the registering module is recorded as its origin."""
+    return CARDS.add(card.name, card, caller_module())
 
 
 def unregister(name: str) -> None:
     """Remove a card (tests that register a card of their own clean up with this)."""
-    _REGISTRY.pop(name)
-
-
-def _load_builtins() -> None:
-    from . import cards  # noqa: F401  (registers the built-in cards)
+    CARDS.remove(name)
 
 
 def get_card(name: str) -> Card:
     """The card registered as `name`, or a ShardproofError listing the supported architectures."""
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise ShardproofError(f"architecture {name!r} is not supported (supported: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name]
+    card = CARDS.find(name)
+    if card is None:
+        raise ShardproofError(f"architecture {name!r} is not supported (supported: {', '.join(supported_architectures())})")
+    return card
 
 
 def cards() -> list[Card]:
-    """Every registered card, in registration order (built-ins first)."""
-    _load_builtins()
-    return list(_REGISTRY.values())
+    """Every registered card, in registration order (built-ins first, then plugins)."""
+    return list(CARDS)
 
 
 def supported_architectures() -> list[str]:

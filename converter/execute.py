@@ -16,7 +16,7 @@ from .bounded_pool import run_bounded
 from .digests import FileDigest
 from .plan import Plan, PlannedTensor
 from .planned_file import PlannedFile
-from .source import HFCheckpoint
+from .source import Source
 from .transforms import to_stored
 from .value_range import ValueGuard
 
@@ -42,7 +42,7 @@ class _Instance:
         return self.read_bytes + sum(math.prod(t.shape) * t.torch_dtype.itemsize for t in self.tensors)
 
 
-def write_checkpoint(plan: Plan, source: HFCheckpoint, directory: Path, config: dict | None, progress: Progress | None = None,
+def write_checkpoint(plan: Plan, source: Source, directory: Path, config: dict | None, progress: Progress | None = None,
                      workers: int = 1, guard: ValueGuard | None = None) -> dict[str, FileDigest]:
     """Write config.json (unless `config` is None) and every rank file of `plan` into `directory`, on `workers`
     threads; return the rank files' digests (by file name), taken from the bytes as they were written.

@@ -18,14 +18,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from typing import Mapping
-
 from .bounded_pool import default_workers
 from .bounded_read import regular_file_size
 from .digests import SCHEMES, WHOLE, FileDigest, file_digest
 from .errors import ShardproofError
 from .json_files import read_json
-from .safetensors_index import INDEX, weight_files
+from .source import Source, open_source
 
 MANIFEST = "shardproof-manifest.json"
 FORMAT = 2  # 1: every file hashed whole (still read and checked); 2: each digest names its scheme
@@ -90,13 +88,12 @@ class ManifestCheck:
         return f"{len(self.manifest.files)} file(s) match {MANIFEST} (written by shardproof {self.manifest.tool_version})"
 
 
-def source_fingerprint(model_dir: Path, known: Mapping[Path, Mapping[str, bytes]] | None = None,
-                       workers: int = 1) -> dict[str, FileDigest]:
-    """Digests of the files a conversion reads from `model_dir`: config.json, the index if any, the weight files.
-    `known` holds the tensor digests taken as the conversion read them (file -> tensor name -> digest)."""
-    model_dir, known = Path(model_dir), known or {}
-    return {name: file_digest(model_dir / name, known=known.get(model_dir / name), workers=workers)
-            for name in source_fingerprint_names(model_dir)}
+def source_fingerprint(source: Source, workers: int = 1) -> dict[str, FileDigest]:
+    """Digests of the files a conversion reads from the source (`Source.files`: its config's and its weights'),
+    reusing the tensor digests its weight loader took as the conversion read them."""
+    known = source.read_digests()
+    return {str(p.relative_to(source.model_dir)): file_digest(p, known=known.get(p), workers=workers)
+            for p in source.files}
 
 
 def write_manifest(directory: Path, source: dict[str, FileDigest], written: dict[str, FileDigest]) -> None:
@@ -139,15 +136,9 @@ def source_differences(manifest: Manifest, model_dir: Path) -> list[str]:
     differences = [f"{name}: missing" for name, digest in current.items() if digest is None]
     differences += [f"{name}: SHA-256 or size differs" for name, digest in manifest.source.items()
                     if current[name] is not None and current[name] != digest]
-    differences += [f"{name}: not in the source the checkpoint was converted from"
-                    for name in source_fingerprint_names(model_dir) if name not in manifest.source]
+    read = [str(p.relative_to(model_dir)) for p in open_source(model_dir).files]
+    differences += [f"{name}: not in the source the checkpoint was converted from" for name in read if name not in manifest.source]
     return differences
-
-
-def source_fingerprint_names(model_dir: Path) -> list[str]:
-    """The files a conversion reads from `model_dir`, relative to it: config.json, the index if any, the weights."""
-    paths = [model_dir / "config.json"] + ([model_dir / INDEX] if os.path.exists(model_dir / INDEX) else [])
-    return [str(p.relative_to(model_dir)) for p in paths + weight_files(model_dir)]
 
 
 def _source_digest(path: Path, expected: FileDigest) -> FileDigest | None:

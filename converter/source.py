@@ -1,85 +1,94 @@
-"""The HuggingFace checkpoint: config.json parsed by transformers, tensor headers, lazily loaded data."""
+"""The source checkpoint, opened through the first registered checkpoint format that claims its directory."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from .dtypes import FLOAT_CODES, from_safetensors_code
+from .dtypes import TORCH_DTYPES
 from .errors import ShardproofError
-from .json_files import read_config
-from .safetensors_index import weight_files
-from .safetensors_io import Shape, TensorReader, read_header
+from .loaders import CHECKPOINT_LOADERS, WEIGHT_LOADERS, CheckpointLoader, SourceConfig, TensorInfo, Weights
+from .safetensors_io import Shape
 
 
-class HFCheckpoint:
-    """An HF model directory: `config.json` plus `model.safetensors` or shards named by the index."""
+class Source:
+    """A model directory read by one checkpoint format: its config (`SourceConfig`) and lazy tensors (`Weights`).
 
-    def __init__(self, model_dir: Path | str):
-        self.model_dir = Path(model_dir)
-        config_path, self.config_dict = read_config(self.model_dir, "model")
-        self.hf_config = _auto_config(self.model_dir, config_path)
-        self._files: dict[str, Path] = {}
-        self.headers: dict[str, tuple[str, Shape]] = {}
-        for path in weight_files(self.model_dir):
-            for name, (code, shape) in read_header(path).items():
-                if name in self.headers:
-                    raise ShardproofError(f"{path}: tensor {name} also appears in {self._files[name].name}")
-                if code not in FLOAT_CODES:
-                    raise ShardproofError(f"{path}: tensor {name} has dtype {code}; only F32, F16 and BF16 are converted")
-                self._files[name] = path
-                self.headers[name] = (code, shape)
-        self._readers: dict[Path, TensorReader] = {}
+    Every tensor must be float32, float16 or bfloat16; `load` checks that each tensor read has the dtype and
+    shape its metadata declared (a weight loader that breaks its contract is bad input, never a wrong
+    conversion)."""
+
+    def __init__(self, model_dir: Path, format_name: str, loader: CheckpointLoader, config: SourceConfig, weights: Weights):
+        self.model_dir, self.format_name, self.loader = model_dir, format_name, loader
+        self.config, self.weights = config, weights
+        for name, info in weights.tensors.items():
+            if info.dtype not in TORCH_DTYPES.values():
+                raise ShardproofError(f"{weights.where(name)}: tensor {name} has dtype {str(info.dtype).replace('torch.', '')}; "
+                                      "only float32, float16 and bfloat16 are converted")
+
+    @property
+    def config_dict(self) -> dict:
+        return dict(self.config.fields)
+
+    @property
+    def hf_config(self):
+        return self.config.hf_config
 
     @property
     def architecture(self) -> str:
-        names = self.config_dict.get("architectures")
-        if not (isinstance(names, list) and len(names) == 1 and isinstance(names[0], str)):
-            raise ShardproofError(f"{self.model_dir / 'config.json'}: 'architectures' must be a list naming exactly one architecture")
-        return names[0]
+        return self.config.architecture
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the conversion reads: the config's, then the weights'."""
+        return list(dict.fromkeys([*self.config.files, *self.weights.files]))
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return dict(self.weights.tensors)
 
     @property
     def source_dtype(self) -> str | None:
         """The checkpoint's declared dtype (config `dtype` or `torch_dtype`), else the dtype of most of its tensors."""
-        declared = self.config_dict.get("dtype") or self.config_dict.get("torch_dtype")
+        declared = self.config.fields.get("dtype") or self.config.fields.get("torch_dtype")
         if declared:
             return str(declared).replace("torch.", "")
-        codes = [code for code, _ in self.headers.values()]
-        by_code = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-        return by_code[max(set(codes), key=codes.count)] if codes else None
+        dtypes = [info.dtype for info in self.weights.tensors.values()]
+        return str(max(set(dtypes), key=dtypes.count)).replace("torch.", "") if dtypes else None
 
     @property
     def shapes(self) -> dict[str, Shape]:
-        return {name: shape for name, (_, shape) in self.headers.items()}
+        return {name: info.shape for name, info in self.weights.tensors.items()}
 
     def nbytes(self, name: str) -> int:
-        """The size of tensor `name`'s data, from its header."""
-        code, shape = self.headers[name]
-        return math.prod(shape) * from_safetensors_code(code).itemsize
+        """The size of tensor `name`'s data, from its metadata."""
+        return self.weights.tensors[name].nbytes
 
     def read_digests(self) -> dict[Path, dict[str, bytes]]:
-        """The SHA-256 of every tensor read so far, by file and name (`source_fingerprint` reuses them)."""
-        return {path: reader.digests for path, reader in self._readers.items()}
+        """The SHA-256 of every tensor read so far, by file and name, where the weight loader takes them
+        (`source_fingerprint` reuses them instead of reading the tensors again)."""
+        return self.weights.read_digests()
 
     def load(self, name: str) -> torch.Tensor:
         """The tensor `name`, in its stored dtype."""
-        path = self._files[name]
-        if path not in self._readers:
-            self._readers[path] = TensorReader(path)
-        return self._readers[path].read(name)
+        tensor, info = self.weights.load(name), self.weights.tensors[name]
+        if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+            raise ShardproofError(f"{self.weights.where(name)}: tensor {name} reads as {tensor.dtype} {list(tensor.shape)}, "
+                                  f"its metadata says {info.dtype} {list(info.shape)}")
+        return tensor
 
 
-def _auto_config(model_dir: Path, config_path: Path):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as e:  # transformers' own validation of a hostile config raises many types (huggingface_hub's
-        # StrictDataclassError, ValueError, TypeError, ZeroDivisionError for zero heads, ...): all are bad input
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = " ".join(lines)[:300] if lines else type(e).__name__
-        if isinstance(e, ArithmeticError):
-            reason = f"{type(e).__name__}: {reason}; is a size or head count zero?"
-        raise ShardproofError(f"{config_path}: transformers cannot parse it ({reason})") from None
+def open_source(model_dir: Path | str) -> Source:
+    """`model_dir` opened by the first registered checkpoint format that claims it; ShardproofError naming what each
+    format looks for when none does."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ShardproofError(f"{model_dir}: model directory not found")
+    for entry in CHECKPOINT_LOADERS.entries():
+        if entry.item.claims(model_dir):
+            config, weights = entry.item.open(model_dir)
+            return Source(model_dir, entry.name, entry.item, config, weights)
+    looked_for = "; ".join(f"{e.name}: {WEIGHT_LOADERS.get(e.item.weight_loader).expects}"
+                           for e in CHECKPOINT_LOADERS.entries())
+    raise ShardproofError(f"{model_dir}: holds no checkpoint in a registered format ({looked_for})")

@@ -21,6 +21,7 @@ from typing import Callable
 
 from .card import Card, Dims, TargetRows
 from .errors import ShardproofError
+from .registry import Registry, caller_module
 from .plan import DEFAULT_TARGET, Layout
 
 
@@ -60,30 +61,24 @@ class Target:
         return True
 
 
-_TARGETS: dict[str, Target] = {}
+TARGETS: Registry[Target] = Registry("target")
 
 
 def register_target(target: Target) -> Target:
-    """Register a target under its name."""
-    if target.name in _TARGETS:
-        raise ValueError(f"target {target.name} is registered twice")
-    _TARGETS[target.name] = target
-    return target
+    """Register a target under its name (from shardproof, a plugin or the calling program: `shardproof list` says)."""
+    return TARGETS.add(target.name, target, caller_module())
 
 
 def get_target(name: str | Target | None) -> Target:
     """The target registered as `name` (None: the default), or ShardproofError listing the registered ones."""
     if isinstance(name, Target):
         return name
-    name = name or DEFAULT_TARGET
-    if name not in _TARGETS:
-        raise ShardproofError(f"target {name!r} is not one of {', '.join(_TARGETS)}")
-    return _TARGETS[name]
+    return TARGETS.get(name or DEFAULT_TARGET)
 
 
 def targets() -> list[Target]:
     """Every registered target, the default first."""
-    return list(_TARGETS.values())
+    return list(TARGETS)
 
 
 def _pytorch_layout(layout: Layout, dims: Dims, card: Card) -> Layout:
@@ -99,7 +94,3 @@ PYTORCH = register_target(Target(
     "TensorRT-LLM PyTorch backend: each rank's module parameters after load_weights, beside rank{N}.json",
     global_layers=True, trt_config=False, runtime_view=True, layout=_pytorch_layout,
 ))
-
-
-def target_names() -> list[str]:
-    return [t.name for t in targets()]

@@ -54,9 +54,9 @@ def _hf_config(meta: RankMetadata, directory: Path, model_dir: Path | str | None
             raise ShardproofError(f"{directory / 'rank0.json'}: transformers cannot parse its hf_config ({e})") from None
     if model_dir is None:
         raise ShardproofError(f"{directory / 'rank0.json'}: holds no hf_config; pass the source model (--model_dir)")
-    from .source import HFCheckpoint
+    from .source import open_source
 
-    source = HFCheckpoint(model_dir)
+    source = open_source(model_dir)
     return source.config_dict, source.hf_config
 
 

@@ -50,8 +50,14 @@ class GoldenReport:
         return [r for r in self.results if not r.passed]
 
 
-def manifest_path(case: GoldenCase, manifest_dir: Path) -> Path:
-    return manifest_dir / f"{case.name}.json"
+def manifest_dir_for(architecture: str) -> Path:
+    """Where an architecture's manifests live: its card's `golden_dir` (a plugin's package), else MANIFESTS."""
+    return get_card(architecture).golden_dir or MANIFESTS
+
+
+def manifest_path(case: GoldenCase, manifest_dir: Path | None = None) -> Path:
+    """The case's manifest in `manifest_dir`, or (None) where its card keeps its manifests."""
+    return (manifest_dir or manifest_dir_for(case.architecture)) / f"{case.name}.json"
 
 
 def selected(architectures: Sequence[str] | None) -> list[str]:
@@ -62,8 +68,9 @@ def selected(architectures: Sequence[str] | None) -> list[str]:
     return names
 
 
-def run_cases(architectures: Sequence[str] | None, manifest_dir: Path, log: Log | None = None) -> list[CaseResult]:
-    """Regenerate and convert every case of `architectures`, and compare each with its manifest."""
+def run_cases(architectures: Sequence[str] | None, manifest_dir: Path | None, log: Log | None = None) -> list[CaseResult]:
+    """Regenerate and convert every case of `architectures`, and compare each with its manifest (in `manifest_dir`,
+    or None: where each card keeps its manifests)."""
     results = []
     with tempfile.TemporaryDirectory(prefix="shardproof-golden-") as tmp:
         sources: dict[str, Path] = {}
@@ -78,7 +85,7 @@ def run_cases(architectures: Sequence[str] | None, manifest_dir: Path, log: Log 
     return results
 
 
-def _compare_case(case: GoldenCase, source: Path, out: Path, manifest_dir: Path) -> CaseResult:
+def _compare_case(case: GoldenCase, source: Path, out: Path, manifest_dir: Path | None) -> CaseResult:
     try:
         convert(source, out, **case.layout)
     except ShardproofError as e:
@@ -92,24 +99,26 @@ def _compare_case(case: GoldenCase, source: Path, out: Path, manifest_dir: Path)
     return CaseResult(case, "changed" if tensors or config else "same", tensors, config, manifest=actual)
 
 
-def check(architectures: Sequence[str] | None = None, manifest_dir: Path = MANIFESTS, log: Log | None = None) -> GoldenReport:
+def check(architectures: Sequence[str] | None = None, manifest_dir: Path | None = None, log: Log | None = None) -> GoldenReport:
     """Compare every case with its committed manifest; a missing manifest is a failure."""
     return GoldenReport(run_cases(architectures, manifest_dir, log))
 
 
-def update(architectures: Sequence[str] | None = None, manifest_dir: Path = MANIFESTS, log: Log | None = None) -> GoldenReport:
+def update(architectures: Sequence[str] | None = None, manifest_dir: Path | None = None, log: Log | None = None) -> GoldenReport:
     """Rewrite the manifest of every case that changed or has none; with every architecture, delete manifests no
-    registered card's case produces. The report holds what changed before the rewrite. A case whose conversion
+    registered card's case produces from the directories written to. The report holds what changed before the rewrite. A case whose conversion
     fails keeps its manifest (and fails the report)."""
     results = run_cases(architectures, manifest_dir, log)
-    manifest_dir.mkdir(parents=True, exist_ok=True)
     for result in results:
         if result.status in ("changed", "no manifest"):
-            manifest_path(result.case, manifest_dir).write_text(result.manifest.dumps())
+            path = manifest_path(result.case, manifest_dir)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(result.manifest.dumps())
     removed = []
     if not architectures:
         current = {manifest_path(r.case, manifest_dir) for r in results}
-        for stale in sorted(set(manifest_dir.glob("*.json")) - current):
-            stale.unlink()
-            removed.append(stale.name)
+        for directory in sorted({path.parent for path in current}):
+            for stale in sorted(set(directory.glob("*.json")) - current):
+                stale.unlink()
+                removed.append(stale.name)
     return GoldenReport(results, removed)

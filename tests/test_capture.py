@@ -101,12 +101,13 @@ def test_dump_of_a_backend_module_tree_verifies(tp, pp, tied, tmp_path):
 
 def test_dump_with_a_source_fingerprint_only_plans_from_the_model_dir(tmp_path):
     from shardproof.converter.manifest import source_fingerprint
+    from shardproof.converter.source import open_source
 
     src = random_checkpoint(tmp_path / "src", "Qwen2ForCausalLM", seed=4, **SIZES)
     hf = load_file(src / "model.safetensors")
     for rank in range(2):
         mapping = SimpleNamespace(tp_size=2, pp_size=1, rank=rank)  # tp_rank / pp_rank derived
-        dump_rank(backend_model(hf, 2, rank, 1, 0, False), tmp_path / "dump", mapping, source_fingerprint(src))
+        dump_rank(backend_model(hf, 2, rank, 1, 0, False), tmp_path / "dump", mapping, source_fingerprint(open_source(src)))
     assert verify_checkpoint(src, tmp_path / "dump", batch=BATCH, target="trtllm-pytorch").passed
 
 

@@ -75,7 +75,7 @@ def test_dry_run_plans_from_headers_without_reading_data(model, tmp_path, monkey
 def test_missing_model_dir_and_config(tmp_path):
     assert_clean_failure(run("convert", "--model_dir", tmp_path / "nope", "--output_dir", tmp_path / "o"), "not found")
     (tmp_path / "empty").mkdir()
-    assert_clean_failure(run("convert", "--model_dir", tmp_path / "empty", "--output_dir", tmp_path / "o"), "config.json")
+    assert_clean_failure(run("convert", "--model_dir", tmp_path / "empty", "--output_dir", tmp_path / "o"), "holds no checkpoint in a registered format")
 
 
 def test_unsupported_architecture(model, tmp_path):

@@ -20,6 +20,7 @@ from shardproof.converter import card as registry
 from shardproof.converter.card import cards, get_card
 from shardproof.converter.transforms import Split
 from shardproof.verify.outcomes import Status
+from shardproof.converter.registry import Entry
 
 
 def run(*args: str):
@@ -82,7 +83,7 @@ def test_a_failing_check_is_a_junit_failure_naming_the_tensors(monkeypatch, tmp_
     swap = {"transformer.layers.{i}.attention.dense.weight": "transformer.layers.{i}.mlp.proj.weight",
             "transformer.layers.{i}.mlp.proj.weight": "transformer.layers.{i}.attention.dense.weight"}
     rows = tuple(dataclasses.replace(r, target=swap.get(r.target, r.target)) for r in card.rows)
-    monkeypatch.setitem(registry._REGISTRY, arch, dataclasses.replace(card, rows=rows))
+    monkeypatch.setitem(registry.CARDS.by_name, arch, Entry(arch, dataclasses.replace(card, rows=rows), __name__))
     result = run("gate", arch, "--check", "coverage", "--check", "golden", "--junit_xml", tmp_path / "gate.xml")
     assert result.exit_code == 1, result.output
     failure = ET.parse(tmp_path / "gate.xml").find("./testsuite/testcase[@name='golden']/failure")
@@ -102,7 +103,7 @@ def test_property_check_catches_a_shard_without_its_exact_inverse(monkeypatch) -
     arch = cards()[0].name
     card = get_card(arch)
     rows = tuple(dataclasses.replace(r, shard=ReversedSplit(0)) if r.target.endswith("mlp.fc.weight") else r for r in card.rows)
-    monkeypatch.setitem(registry._REGISTRY, arch, dataclasses.replace(card, rows=rows))
+    monkeypatch.setitem(registry.CARDS.by_name, arch, Entry(arch, dataclasses.replace(card, rows=rows), __name__))
     failures = property_failures(arch)
     assert failures and "mlp.gate_proj.weight does not round-trip" in failures[0]
 
@@ -111,7 +112,7 @@ def test_coverage_fails_closed_on_an_unmapped_tensor(monkeypatch) -> None:
     arch = cards()[0].name
     card = get_card(arch)
     rows = tuple(r for r in card.rows if not r.target.endswith("mlp.proj.weight"))
-    monkeypatch.setitem(registry._REGISTRY, arch, dataclasses.replace(card, rows=rows))
+    monkeypatch.setitem(registry.CARDS.by_name, arch, Entry(arch, dataclasses.replace(card, rows=rows), __name__))
     failures, _ = coverage_failures(arch)
     assert failures and all("mlp.down_proj.weight" in f for f in failures)
 

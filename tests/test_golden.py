@@ -18,6 +18,7 @@ from shardproof.converter.transforms import COLUMN, ROW, VOCAB
 from shardproof.golden import suite
 from shardproof.golden.cases import cases_for
 from shardproof.golden.source_model import draw
+from shardproof.converter.registry import Entry
 
 ARCH = "LlamaForCausalLM"
 SHARED_NORMS = "GemmaForCausalLM"  # the card whose norms carry a source op
@@ -36,7 +37,7 @@ def run(*args: str):
 def with_rows(monkeypatch, architecture: str, edit: Callable[[Row], Row]) -> None:
     """Register `architecture`'s card with `edit` applied to every row, for this test only."""
     card = get_card(architecture)
-    monkeypatch.setitem(registry._REGISTRY, architecture, dataclasses.replace(card, rows=tuple(map(edit, card.rows))))
+    monkeypatch.setitem(registry.CARDS.by_name, architecture, Entry(architecture, dataclasses.replace(card, rows=tuple(map(edit, card.rows))), __name__))
 
 
 def test_golden_check_passes_on_the_committed_manifests() -> None:
@@ -47,8 +48,9 @@ def test_golden_check_passes_on_the_committed_manifests() -> None:
 
 
 def test_every_registered_card_has_a_manifest_per_case() -> None:
-    expected = {f"{case.name}.json" for card in registry.cards() for case in cases_for(card.name)}
-    assert expected == {p.name for p in suite.MANIFESTS.glob("*.json")}
+    expected = {suite.manifest_path(case) for card in registry.cards() for case in cases_for(card.name)}
+    directories = {suite.MANIFESTS} | {path.parent for path in expected}
+    assert expected == {path for directory in directories for path in directory.glob("*.json")}
 
 
 def test_swapped_target_names_fail_naming_both_tensors(monkeypatch) -> None:

@@ -15,6 +15,7 @@ from shardproof.cli import app
 from shardproof.converter.api import convert
 from shardproof.converter.digests import file_digest
 from shardproof.converter.manifest import MANIFEST, Manifest, check_manifest, source_differences, source_fingerprint
+from shardproof.converter.source import open_source
 from tests.helpers import random_checkpoint
 from tests.hostile_cases import SMALL
 
@@ -47,7 +48,7 @@ def test_manifest_holds_every_written_file_and_the_source(clean, model):
     assert sorted(manifest.files) == ["config.json", "rank0.safetensors", "rank1.safetensors"]
     assert all(file_digest(clean / name) == digest for name, digest in manifest.files.items())  # streamed = re-read
     assert {d.scheme for d in manifest.files.values()} == {"safetensors-sha256", "sha256"}
-    assert manifest.source == source_fingerprint(model) and set(manifest.source) == {"config.json", "model.safetensors"}
+    assert manifest.source == source_fingerprint(open_source(model)) and set(manifest.source) == {"config.json", "model.safetensors"}
     assert manifest.tool_version == importlib.metadata.version("shardproof")
 
 
@@ -176,5 +177,5 @@ def test_convert_hashes_what_it_reads_and_writes_without_a_second_pass(model, tm
     convert(model, tmp_path / "ckpt", dtype="float16", tp_size=2, workers=2)
     assert sorted(reread) == [("config.json", 0), ("config.json", 0), ("model.safetensors", 0)]
     manifest = Manifest.read(tmp_path / "ckpt" / MANIFEST)
-    assert manifest.source == source_fingerprint(model)
+    assert manifest.source == source_fingerprint(open_source(model))
     assert all(file_digest(tmp_path / "ckpt" / name) == digest for name, digest in manifest.files.items())

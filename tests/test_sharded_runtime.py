@@ -27,6 +27,7 @@ from shardproof.verify.runtime.rank_files import ShardedCheckpoint
 from shardproof.verify.runtime.simulated import run_simulated
 from shardproof.verify.sharded_check import HFReference, check_sharded
 from shardproof.verify.tiny_models import build_tiny_model
+from shardproof.converter.registry import Entry
 
 SEQ_LEN = 64
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
@@ -339,7 +340,7 @@ def test_forward_without_family_is_not_run(llama_tp2, monkeypatch) -> None:
     """An architecture whose card names a forward no family module implements: CheckNotRun, naming it."""
     name = json.loads((llama_tp2[1] / "config.json").read_text())["architecture"]
     card = dataclasses.replace(get_card(name), forward="no-such-forward")
-    monkeypatch.setitem(card_module._REGISTRY, name, card)
+    monkeypatch.setitem(card_module.CARDS.by_name, name, Entry(name, card, __name__))
     with pytest.raises(CheckNotRun, match="no family forward 'no-such-forward'"):
         ShardedCheckpoint(llama_tp2[1])
 

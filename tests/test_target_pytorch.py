@@ -155,5 +155,5 @@ def test_cards_without_a_pytorch_backend_model_are_refused(tmp_path):
 
 
 def test_unknown_target_is_refused():
-    with pytest.raises(ShardproofError, match="not one of trtllm-checkpoint, trtllm-pytorch"):
+    with pytest.raises(ShardproofError, match=r"no target named .trtllm-engine. \(registered: trtllm-checkpoint, trtllm-pytorch"):
         get_target("trtllm-engine")

@@ -12,7 +12,7 @@ import pytest
 from shardproof.converter.api import convert
 from shardproof.converter.bounded_pool import run_bounded
 from shardproof.converter.errors import ShardproofError
-from shardproof.converter.source import HFCheckpoint
+from shardproof.converter.source import Source
 from tests.helpers import random_checkpoint
 
 SIZES = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_size=32, intermediate_size=64,
@@ -49,14 +49,14 @@ def test_zero_workers_is_refused(tmp_path):
 
 def test_a_failing_worker_fails_the_conversion_and_leaves_nothing(tmp_path, monkeypatch):
     model = random_checkpoint(tmp_path / "hf", "LlamaForCausalLM", seed=0, shards=2, **SIZES)
-    load = HFCheckpoint.load
+    load = Source.load
 
     def failing_load(self, name):
         if name == "model.layers.1.mlp.up_proj.weight":
             raise ShardproofError(f"{name}: cannot read")
         return load(self, name)
 
-    monkeypatch.setattr(HFCheckpoint, "load", failing_load)
+    monkeypatch.setattr(Source, "load", failing_load)
     with pytest.raises(ShardproofError, match="up_proj.weight: cannot read"):
         convert(model, tmp_path / "out", tp_size=2, workers=4)
     assert list(tmp_path.iterdir()) == [model]

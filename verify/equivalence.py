@@ -26,6 +26,7 @@ import torch
 from shardproof.converter.checkpoint import Violation
 from shardproof.converter.dtypes import TORCH_DTYPES
 from shardproof.converter.reassemble import reassemble
+from shardproof.converter.source import open_source
 
 from .forward import BatchOptions, first_divergence, first_nonfinite, hidden_states, model_logits
 from .inputs import check_inputs
@@ -236,7 +237,7 @@ def verify_equivalence(
         if rebuilt.output_dir is None:
             return report
         with stage("weights", "comparing every tensor with the source"):
-            source_config, rebuilt_config = _hf_config(model_dir), _hf_config(rebuilt.output_dir)
+            source_config, rebuilt_config = open_source(model_dir).hf_config, _hf_config(rebuilt.output_dir)
             report.config_differences = config_differences(source_config, rebuilt_config)
             report.notes = sliding_window_note(source_config, seq_len)
             report.weights = compare_weights(model_dir, rebuilt.output_dir, ckpt)

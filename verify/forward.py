@@ -16,7 +16,7 @@ import torch
 
 from shardproof.converter.card import get_card
 from shardproof.converter.errors import ShardproofError
-from shardproof.converter.json_files import read_config
+from shardproof.converter.source import open_source
 
 from .metrics import bit_identical, first_difference, max_abs_diff
 
@@ -84,18 +84,25 @@ def one_line(error: Exception) -> str:
 def load_model(
     model_dir: Path | str, dtype: torch.dtype, device: torch.device, overrides: Mapping[str, torch.Tensor] | None = None
 ) -> torch.nn.Module:
-    """An HF causal LM from a local directory with every weight cast to `dtype`, then the source tensors named in
-    `overrides` replaced by those values, in eval mode on `device`. Tensor names go through the card's
-    `hf_key_mapping` to transformers' parameter names."""
-    from transformers import AutoModelForCausalLM
+    """An HF causal LM from a local model directory in any registered format, with every weight cast to `dtype`, then
+    the source tensors named in `overrides` replaced by those values, in eval mode on `device`. Tensor names go
+    through the card's `hf_key_mapping` to transformers' parameter names. transformers reads the directory itself
+    when its format says it can; otherwise the model is built from the source's config and its tensors."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    _, config = read_config(Path(model_dir), "model")
-    card = get_card((config.get("architectures") or [None])[0])
+    source = open_source(model_dir)
+    card = get_card(source.architecture)
     mapping = {"key_mapping": dict(card.hf_key_mapping)} if card.hf_key_mapping else {}
+    own = source.loader.transformers_reads_directory
+    tensors = None if own else {name: source.load(name) for name in source.tensors}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True, **mapping)
+        if own:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True, **mapping)
+        else:
+            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(source.hf_config)]
+            model = model_class.from_pretrained(None, config=source.hf_config, state_dict=tensors, dtype=dtype, **mapping)
     except Exception as e:  # reading the input failed: bad input, never a failed check
         raise ShardproofError(f"{model_dir}: transformers cannot load the model ({one_line(e)})") from None
     if overrides:

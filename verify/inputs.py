@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from shardproof.converter.card import get_card
+from shardproof.converter.source import open_source
 from shardproof.converter.target_checkpoint import check_readable
-from shardproof.converter.source import HFCheckpoint
 
 from .forward import BatchOptions
 
 
 def check_model(model_dir: Path | str, batch: BatchOptions) -> None:
     """ShardproofError unless `model_dir` is a readable, supported HF model whose positions cover `batch`."""
-    source = HFCheckpoint(model_dir)
+    source = open_source(model_dir)
     get_card(source.architecture)
     batch.fit(getattr(source.hf_config, "max_position_embeddings", None), str(model_dir))
 

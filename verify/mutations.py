@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from shardproof.converter.checkpoint import TRTCheckpoint
-from shardproof.converter.source import HFCheckpoint
+from shardproof.converter.source import open_source
 from shardproof.converter.card import get_card
 from shardproof.converter.transforms import VOCAB, SourceOp, Transpose, to_stored
 
@@ -259,7 +259,7 @@ def bfloat16_detour(files: RankFiles, cfg: RuntimeConfig) -> None:
 def _rewrite_op_tensors(checkpoint_dir: Path, source_dir: Path,
                         value: Callable[[tuple[SourceOp, ...], list[Tensor]], list[Tensor]]) -> None:
     """Rewrite every tensor made through an op that rounds as `value(ops, source cast to its stored dtype)`."""
-    ckpt, source = TRTCheckpoint(checkpoint_dir), HFCheckpoint(source_dir)
+    ckpt, source = TRTCheckpoint(checkpoint_dir), open_source(source_dir)
     tp = ckpt.mapping.tp_size
     planned = [(rank.rank, t) for rank in ckpt.plan.ranks for t in rank.tensors if not all(op.exact for op in t.ops)]
     if not planned:
@@ -292,7 +292,7 @@ def op_after_cast(checkpoint_dir: Path, source_dir: Path) -> None:
 def transpose_skipped(checkpoint_dir: Path, source_dir: Path) -> None:
     """A transpose op left out (a Conv1D weight, stored [in, out], written as if it were a Linear's [out, in]):
     the square weights only, whose shape stays right, so only the values say it."""
-    ckpt, source = TRTCheckpoint(checkpoint_dir), HFCheckpoint(source_dir)
+    ckpt, source = TRTCheckpoint(checkpoint_dir), open_source(source_dir)
     tp = ckpt.mapping.tp_size
     planned = [(rank.rank, t) for rank in ckpt.plan.ranks for t in rank.tensors
                if t.ops and all(isinstance(op, Transpose) for op in t.ops) and t.source_shapes == t.stored_shapes]
@@ -319,7 +319,7 @@ def rotary_base_default(checkpoint_dir: Path, source_dir: Path) -> None:
 def fused_column_split_naively(checkpoint_dir: Path, source_dir: Path) -> None:
     """A fused column-parallel tensor (parts fused along dim 0, e.g. [up; gate]) split on dim 0 as one tensor:
     rank 0 gets the first part's rows only, instead of its share of every part."""
-    ckpt, source = TRTCheckpoint(checkpoint_dir), HFCheckpoint(source_dir)
+    ckpt, source = TRTCheckpoint(checkpoint_dir), open_source(source_dir)
     tp = ckpt.mapping.tp_size
     planned = [(rank.rank, t) for rank in ckpt.plan.ranks for t in rank.tensors if t.shard.kind == "fused-column"]
     if not planned or tp < 2:
@@ -376,7 +376,7 @@ def source_outlier(model_dir: Path, source_dir: Path) -> None:
     """One source weight of layer 1 (the matrix the card maps to `mlp.proj.weight`, element [0, 0]) set to 7e4:
     casting it to float16 gives inf. (An inf in q instead can vanish in the runtime: torch's CPU float16
     attention kernel returns finite values for it.)"""
-    card = get_card(HFCheckpoint(model_dir).architecture)
+    card = get_card(open_source(model_dir).architecture)
     patterns = [re.escape(s.replace("{i}", "1")).replace(r"\{", "{").replace(r"\}", "}")
                 for row in card.rows if row.stage == "layer" and row.target.endswith(".mlp.proj.weight")
                 for s in row.sources]
@@ -459,7 +459,7 @@ def _rewrite_target_ranks(checkpoint_dir: Path, edit: Callable[[RankFiles, int],
 def kv_bias_repeat_interleaved(checkpoint_dir: Path, source_dir: Path) -> None:
     """TensorRT-LLM's `HfWeightMapper._duplicate_kv` at tp > KV heads: a 1-D k/v bias duplicated element by element
     (`repeat_interleave`, [b0, b0, b1, b1, ...]) instead of head by head, then split per rank."""
-    source = HFCheckpoint(source_dir)
+    source = open_source(source_dir)
     hf = source.hf_config
     heads, kv = hf.num_attention_heads, hf.num_key_value_heads or hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads

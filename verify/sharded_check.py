@@ -31,7 +31,7 @@ from torch import Tensor
 
 from shardproof.converter.api import plan_conversion
 from shardproof.converter.dtypes import dtype_name
-from shardproof.converter.source import HFCheckpoint
+from shardproof.converter.source import open_source
 
 from .forward import BatchOptions, load_model, release
 from .metrics import LogitMetrics, logit_metrics
@@ -141,7 +141,7 @@ class HFReference:
 
     def __init__(self, model_dir: Path | str, batch: BatchOptions = BatchOptions(num_sequences=2)) -> None:
         self.model_dir, self.seed, self.device = Path(model_dir), batch.seed, batch.torch_device
-        self.vocab_size = HFCheckpoint(model_dir).hf_config.vocab_size
+        self.vocab_size = open_source(model_dir).hf_config.vocab_size
         self.input_ids = batch.input_ids(self.vocab_size)
         self._runs: dict[tuple[str | None, int | None], tuple[Tensor, list[Tensor]]] = {}
 

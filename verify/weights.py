@@ -19,7 +19,7 @@ from safetensors import safe_open
 from shardproof.converter.checkpoint import TRTCheckpoint
 from shardproof.converter.plan import Plan, holds
 from shardproof.converter.reassemble import HF_WEIGHTS
-from shardproof.converter.source import HFCheckpoint
+from shardproof.converter.source import Source, open_source
 from shardproof.converter.transforms import to_stored
 
 from .metrics import first_difference, max_abs_diff
@@ -80,14 +80,14 @@ def compare_weights(
     compared; whether a skip applies is decided from the source's own config. Differing tensors are traced to
     the rank files (see `locate_in_ranks`).
     """
-    source = HFCheckpoint(model_dir)
+    source = open_source(model_dir)
     dtype = checkpoint.layout.dtype
     card = checkpoint.card
     source_dims = card.config.dims_from_hf(source.hf_config)
     result = WeightComparison(dtype, [])
     with safe_open(str(Path(reassembled_dir) / HF_WEIGHTS), framework="pt") as rebuilt:
         rebuilt_names = set(rebuilt.keys())
-        for name, (_, shape) in source.headers.items():
+        for name, shape in source.shapes.items():
             shape = tuple(shape)
             if name not in rebuilt_names:
                 skip = next((s for s in card.skips if holds(s.when, source_dims, checkpoint.layout) and s.matches(name)), None)
@@ -105,22 +105,22 @@ def compare_weights(
                 index = first_difference(expected, actual)
                 diff = 0.0 if index is None else max_abs_diff(expected, actual)
                 result.tensors.append(TensorComparison(name, shape, index is None, diff, index))
-        result.extra = sorted(rebuilt_names - set(source.headers))
+        result.extra = sorted(rebuilt_names - set(source.shapes))
     result.ranks = locate_in_ranks(source, checkpoint, {t.name for t in result.mismatches})
     return result
 
 
-def locate_in_ranks(source: HFCheckpoint, checkpoint: TRTCheckpoint, names: set[str]) -> list[RankDifference]:
+def locate_in_ranks(source: Source, checkpoint: TRTCheckpoint, names: set[str]) -> list[RankDifference]:
     """The rank-file tensors made from any of the source tensors `names` that differ from the source's shard."""
     if not names:
         return []
     tp = checkpoint.mapping.tp_size
-    found = []
+    found, source_shapes = [], source.shapes
     for rank in checkpoint.plan.ranks:
         for planned in rank.tensors:
             if not names.intersection(planned.sources):
                 continue
-            shapes = tuple(tuple(source.headers[s][1]) if s in source.headers else None for s in planned.sources)
+            shapes = tuple(source_shapes.get(s) for s in planned.sources)
             if shapes != planned.source_shapes:
                 continue  # the source cannot make this tensor: already reported as missing or misshapen
             sources = to_stored(planned.ops, [source.load(s) for s in planned.sources], planned.torch_dtype)
@@ -142,5 +142,5 @@ def format_rounded(model_dir: Path | str, plan: Plan) -> dict[str, torch.Tensor]
     names = plan.rounded_sources()
     if not names:
         return {}
-    source = HFCheckpoint(model_dir)
-    return {name: plan.reassembled_value(name, source.load(name)) for name in names if name in source.headers}
+    source = open_source(model_dir)
+    return {name: plan.reassembled_value(name, source.load(name)) for name in names if name in source.shapes}

@@ -21,6 +21,7 @@ from shardproof.converter.dtypes import dtype_name
 from shardproof.converter.errors import ShardproofError
 from shardproof.converter.json_files import read_json
 from shardproof.converter.manifest import FileDigest, source_fingerprint
+from shardproof.converter.source import open_source
 from shardproof.converter.rank_metadata import RankMetadata
 
 TARGET = "trtllm-pytorch"
@@ -55,7 +56,7 @@ def dump_rank(model: torch.nn.Module, out_dir: Path | str, mapping: Any,
     dtype = floating.most_common(1)[0][0] if floating else "float32"
     if isinstance(source, (str, os.PathLike)):
         model_dir = Path(source)
-        fingerprint, hf_config = source_fingerprint(model_dir), read_json(model_dir / "config.json")
+        fingerprint, hf_config = source_fingerprint(open_source(model_dir)), read_json(model_dir / "config.json")
     else:
         fingerprint, hf_config = dict(source), None
     out = Path(out_dir)

@@ -41,11 +41,11 @@ def _option(*names: str, **kwargs) -> typer.models.OptionInfo:
 
 
 def _target_option() -> typer.models.OptionInfo:
-    """`--target`, one of the registered targets (converter/target.py); checked when used (exit 2 otherwise)."""
-    from shardproof.converter.target import target_names
+    """`--target`, one of the registered targets (converter/target.py); checked when used (exit 2 otherwise).
+    Plugins may register targets, so the names are not listed here: importing the CLI loads no plugin."""
+    from shardproof.converter.plan import DEFAULT_TARGET
 
-    names = target_names()
-    return typer.Option(names[0], "--target", help=f"Rank-file layout: {', '.join(names)}.")
+    return typer.Option(DEFAULT_TARGET, "--target", help="Rank-file layout (`shardproof list` shows every registered target).")
 
 
 def fails_cleanly(command: Callable) -> Callable:
@@ -59,6 +59,19 @@ def fails_cleanly(command: Callable) -> Callable:
             _error(str(e))
         except OSError as e:  # a filesystem error no reader anticipated still names the file, in one line
             _error(f"{e.filename if e.filename is not None else 'input'}: {e.strerror or e}")
+
+    return wrapper
+
+
+def pickle_consent(command: Callable) -> Callable:
+    """Run the command with pickle checkpoints readable when its `allow_pickle` option is set (`--allow-pickle`)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from shardproof.converter.formats.torch_pickle import pickle_allowed
+
+        with pickle_allowed(bool(kwargs.get("allow_pickle"))):
+            return command(*args, **kwargs)
 
     return wrapper
 
@@ -111,11 +124,14 @@ MOE_EP_HELP = "Experts: expert-parallel size, each rank holding num_experts / mo
 WORKERS_HELP = ("Threads reading, casting, sharding and writing at once (default: the number of usable cores); "
                 "the output's bytes do not depend on it.")
 ALLOW_NONFINITE_HELP = "Convert NaN/Inf in the source, and values the dtype overflows (as inf), instead of refusing them."
+ALLOW_PICKLE_HELP = ("Read PyTorch pickle weights (pytorch_model.bin, *.pth) with torch.load(weights_only=True, mmap=True); "
+                     "without it such a source is refused.")
 CLAMP_HELP = "Saturate values beyond the dtype's range (float16: ±65504) to its finite max instead of refusing them."
 
 
 @app.command()
 @fails_cleanly
+@pickle_consent
 def convert(
     model_dir: Path = _option("--model_dir", help="HF model directory (config.json + safetensors)."),
     output_dir: Optional[Path] = _option("--output_dir", help="Where to write the TensorRT-LLM checkpoint."),
@@ -133,6 +149,7 @@ def convert(
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", "--allow_nonfinite", help=ALLOW_NONFINITE_HELP),
     clamp: bool = typer.Option(False, "--clamp", help=CLAMP_HELP),
     target: str = _target_option(),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", "--allow_pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Convert an HF checkpoint into a TensorRT-LLM checkpoint (or another target's rank files)."""
     from shardproof.converter.api import convert as run_convert, plan_conversion
@@ -142,7 +159,9 @@ def convert(
         raise ShardproofError("--model_dir is required")
     args = dict(dtype=dtype, tp_size=tp_size, pp_size=pp_size, use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
                 moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size, target=get_target(target).name)
-    plan, _ = plan_conversion(model_dir, **args)
+    plan, source = plan_conversion(model_dir, **args)
+    console.print(f"read {model_dir} as {source.format_name} ({len(source.files)} file(s))", markup=False, highlight=False,
+                  soft_wrap=True)
     console.print(plan_table(plan, f"{plan.card.name} -> {plan.layout.dtype}, tp={tp_size} pp={pp_size}"))
     if plan.skipped:
         console.print(f"skipped {len(plan.skipped)} source tensor(s): " + "; ".join(sorted(set(plan.skipped.values()))), markup=False)
@@ -293,6 +312,7 @@ MODE_HELP = ("reassembled: invert the rank files and compare with the source bit
 
 @app.command()
 @fails_cleanly
+@pickle_consent
 def verify(
     model_dir: Path = _option("--model_dir", help="The source HF model directory."),
     checkpoint_dir: Path = _option("--checkpoint_dir", help="The TensorRT-LLM checkpoint made from it."),
@@ -303,6 +323,7 @@ def verify(
     mode: str = typer.Option("both", "--mode", help=MODE_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
     target: str = _target_option(),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", "--allow_pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Prove a checkpoint is the model: reassembly, bit-exact weights and logits, sharded run, dtype cost, first divergence.
 
@@ -320,6 +341,7 @@ def verify(
 
 @app.command()
 @fails_cleanly
+@pickle_consent
 def check(
     model_dir: Optional[Path] = _option("--model_dir", help="HF model directory (or --demo)."),
     output_dir: Optional[Path] = _option("--output_dir", help="Keep the converted checkpoint here (default: a temporary directory)."),
@@ -336,6 +358,7 @@ def check(
     workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", "--allow_nonfinite", help=ALLOW_NONFINITE_HELP),
     clamp: bool = typer.Option(False, "--clamp", help=CLAMP_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", "--allow_pickle", help=ALLOW_PICKLE_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     num_sequences: int = typer.Option(4, "--num_sequences", "--num-sequences", help=SEQUENCES_HELP),
     seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
@@ -399,11 +422,33 @@ def selftest(
     raise typer.Exit(EXIT_OK if result.passed else EXIT_FAILED)
 
 
+@app.command("list")
+@fails_cleanly
+def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Every registered architecture, checkpoint format, config loader, weight loader and target, with where it came
+    from (built-in, a plugin package, or registered in-process)."""
+    import dataclasses
+    import json
+
+    from shardproof.converter.catalog import catalog
+
+    components = catalog()
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(c) for c in components], indent=2))
+        return
+    table = Table(title="registered components")
+    for column in ("kind", "name", "origin", "details"):
+        table.add_column(column)
+    for c in components:
+        table.add_row(c.kind, c.name, c.origin, escape(", ".join(f"{k}: {v}" for k, v in c.details.items())))
+    console.print(table)
+
+
 golden_app = typer.Typer(no_args_is_help=True, help="The golden regression suite: every card's tiny models, converted, "
                          "against the committed manifests (exit 1 on any difference).")
 app.add_typer(golden_app, name="golden")
 ARCHITECTURE_FILTER = "Only this registered architecture (repeatable; default: every one)."
-MANIFEST_DIR_HELP = "Manifest directory (default: the package's golden/manifests)."
+MANIFEST_DIR_HELP = "Manifest directory (default: where each card keeps its manifests: golden/manifests, or a plugin's own)."
 
 
 @golden_app.command("check")
@@ -415,7 +460,7 @@ def golden_check(
     """Regenerate, convert and compare every case; exit 1 naming each changed, missing or extra tensor per rank."""
     from shardproof.golden import suite, view
 
-    report = suite.check(architecture, manifest_dir or suite.MANIFESTS, log=_log)
+    report = suite.check(architecture, manifest_dir, log=_log)
     view.render(report, console, "shardproof golden check")
     if not report.passed:
         console.print("[bold red]golden check failed[/]: review the change; if it is intended, run "
@@ -433,11 +478,10 @@ def golden_update(
     no longer converts."""
     from shardproof.golden import suite, view
 
-    directory = manifest_dir or suite.MANIFESTS
-    report = suite.update(architecture, directory, log=_log)
+    report = suite.update(architecture, manifest_dir, log=_log)
     view.render(report, console, "shardproof golden update (status before the rewrite)")
-    written = [r.case.name for r in report.results if r.status in ("changed", "no manifest")]
-    console.print(f"rewrote {len(written)} manifest(s) in {directory}" + "".join(f"\n  {n}" for n in written), highlight=False)
+    written = [suite.manifest_path(r.case, manifest_dir) for r in report.results if r.status in ("changed", "no manifest")]
+    console.print(f"rewrote {len(written)} manifest(s)" + "".join(f"\n  {p}" for p in written), highlight=False)
     if report.removed:
         console.print("removed stale manifest(s): " + ", ".join(report.removed), highlight=False)
     errors = [r for r in report.results if r.status == "error"]
