@@ -33,14 +33,11 @@ SEQ_LEN = 64
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
-# Every scaling switches branch below SEQ_LEN: dynamic NTK rescales past max_position_embeddings (32), yarn and
-# longrope extend original_max_position_embeddings (16), so the long-context tables really run.
+# Every scaling switches branch below SEQ_LEN: dynamic NTK rescales past max_position_embeddings (32), yarn
+# extends original_max_position_embeddings (16), so the long-context tables really run. longrope runs as TensorRT-LLM's
+# long_rope (tests/test_rotary.py, tests/test_phi3.py); as a rope_gpt_neox rotary_scaling it is not run.
 DYNAMIC_ROPE = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
 YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
-SHORT_FACTORS = [1.0, 1.05, 1.05, 1.16, 1.79, 1.99, 2.03, 2.72]
-LONG_FACTORS = [1.07, 2.13, 9.07, 15.41, 46.2, 57.29, 63.42, 64.12]
-LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": SHORT_FACTORS, "long_factor": LONG_FACTORS,
-            "original_max_position_embeddings": 16}
 
 # id: (architecture, HF config overrides, convert kwargs)
 CASES = {
@@ -61,8 +58,6 @@ CASES = {
         "LlamaForCausalLM", {"rope_parameters": DYNAMIC_ROPE, "max_position_embeddings": 32}, dict(tp_size=2)),
     "llama-rope-yarn-tp2": ("LlamaForCausalLM", {"rope_parameters": YARN_ROPE, "max_position_embeddings": 64},
                             dict(tp_size=2)),
-    "qwen2-rope-longrope-tp2": ("Qwen2ForCausalLM", {"rope_parameters": LONGROPE, "max_position_embeddings": 128},
-                                dict(tp_size=2)),
     "qwen2-qkv-bias-kv2-tp4": ("Qwen2ForCausalLM", {"num_key_value_heads": 2}, dict(tp_size=4)),
     "qwen2-tied-tp2-pp3-emb-dim0": (
         "Qwen2ForCausalLM", {"tie_word_embeddings": True},

@@ -3,7 +3,8 @@
 Every function takes per-rank hidden states ``xs`` and per-rank weights ``ws`` (parallel lists; ``w`` is one
 rank's, scoped to its layer) and a ``Collectives`` for the cross-rank step, or works on one rank's tensor.
 Each rank keeps its own copy of the residual stream and reads its own copy of replicated tensors, as the
-engine does, so a replica that differs between rank files shows up.
+engine does, so a replica that differs between rank files shows up. In float16 and bfloat16, values are rounded
+to the dtype where TensorRT-LLM's kernels round them: ``numerics`` says where, with the upstream file for each.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import rotary
+from .numerics import attend, linear, rotate
+from .numerics import layer_norm as _layer_norm
 
 if TYPE_CHECKING:
     from shardproof.converter.card import Shape
@@ -41,15 +44,15 @@ ROTARY_SCALING_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longr
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm with the statistics in float32, scaled by ``weight`` in the compute dtype."""
+    """RMSNorm with the statistics in float32, the normalized x rounded to the compute dtype, then scaled by
+    ``weight`` in it (TensorRT-LLM's ``functional.rms_norm``, transformers' too)."""
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def layer_norm(x: Tensor, w: RankWeights, name: str, eps: float) -> Tensor:
-    """LayerNorm ``name`` (its ``.weight`` and ``.bias``): statistics in float32, affine in the compute dtype."""
-    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
-    return normed * w[f"{name}.weight"] + w[f"{name}.bias"]
+    """LayerNorm ``name`` (its ``.weight`` and ``.bias``), statistics and affine in float32, rounded once."""
+    return _layer_norm(x, w[f"{name}.weight"], w[f"{name}.bias"], eps)
 
 
 def layer_norm_tensors(name: str, cfg: RuntimeConfig) -> dict[str, Shape]:
@@ -64,12 +67,6 @@ def rotary_cos_sin(cfg: RuntimeConfig, seq_len: int, device: torch.device | str)
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return (emb.cos() * scaling).to(device), (emb.sin() * scaling).to(device)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """GPT-NeoX ("rotate half") rotary embedding of x [B, heads, T, head_size]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
 def attention_tensors(cfg: RuntimeConfig, dense_bias: bool) -> dict[str, Shape]:
@@ -91,17 +88,17 @@ def attention(h: Tensor, w: RankWeights, cfg: RuntimeConfig, rope: Rope | None) 
     ``rope`` None: no rotary embedding (positions were added to the embedding)."""
     B, T, _ = h.shape
     nq, nkv, hd = cfg.q_heads_per_rank, cfg.kv_heads_per_rank, cfg.head_size
-    qkv = F.linear(h, w["attention.qkv.weight"], w["attention.qkv.bias"] if cfg.attn_bias else None)
+    qkv = linear(h, w["attention.qkv.weight"], w["attention.qkv.bias"] if cfg.attn_bias else None)
     q, k, v = (t.reshape(B, T, -1, hd) for t in qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1))
     if cfg.qk_layernorm:  # per-head RMSNorm over head_size, before rotary
         q = rms_norm(q, w["attention.q_layernorm.weight"], cfg.norm_epsilon)
         k = rms_norm(k, w["attention.k_layernorm.weight"], cfg.norm_epsilon)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if rope is not None:
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k = rotate(q, *rope), rotate(k, *rope)
     k, v = k.repeat_interleave(nq // nkv, dim=1), v.repeat_interleave(nq // nkv, dim=1)
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.linear(o.transpose(1, 2).reshape(B, T, nq * hd), w["attention.dense.weight"])
+    o = attend(q, k, v)
+    return linear(o.transpose(1, 2).reshape(B, T, nq * hd), w["attention.dense.weight"])
 
 
 def gated_mlp_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
@@ -115,9 +112,9 @@ def gated_mlp_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
 
 def gated_mlp(h: Tensor, w: RankWeights, cfg: RuntimeConfig) -> Tensor:
     """One rank's proj(act(fc(h)) * gate(h)) of normed ``h``: a partial sum, before the all-reduce."""
-    fc = F.linear(h, w["mlp.fc.weight"], w["mlp.fc.bias"] if cfg.mlp_bias else None)
-    gate = F.linear(h, w["mlp.gate.weight"], w["mlp.gate.bias"] if cfg.mlp_bias else None)
-    return F.linear(ACTIVATIONS[cfg.hidden_act](fc) * gate, w["mlp.proj.weight"])
+    fc = linear(h, w["mlp.fc.weight"], w["mlp.fc.bias"] if cfg.mlp_bias else None)
+    gate = linear(h, w["mlp.gate.weight"], w["mlp.gate.bias"] if cfg.mlp_bias else None)
+    return linear(ACTIVATIONS[cfg.hidden_act](fc) * gate, w["mlp.proj.weight"])
 
 
 def fused_mlp_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
@@ -141,8 +138,8 @@ def mlp_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
 def mlp(h: Tensor, w: RankWeights, cfg: RuntimeConfig) -> Tensor:
     """One rank's proj(act(fc(h))) of normed ``h`` (a plain activation, or a gated one such as swiglu over a
     fused fc): a partial sum, before the all-reduce."""
-    fc = F.linear(h, w["mlp.fc.weight"], w["mlp.fc.bias"] if cfg.mlp_bias else None)
-    return F.linear(ACTIVATIONS[cfg.hidden_act](fc), w["mlp.proj.weight"])
+    fc = linear(h, w["mlp.fc.weight"], w["mlp.fc.bias"] if cfg.mlp_bias else None)
+    return linear(ACTIVATIONS[cfg.hidden_act](fc), w["mlp.proj.weight"])
 
 
 def moe_tensors(cfg: RuntimeConfig) -> dict[str, Shape]:
@@ -163,7 +160,7 @@ def moe(h: Tensor, w: RankWeights, cfg: RuntimeConfig) -> Tensor:
     The router runs in float32 (input cast up, weight stored float32); softmax, top-k, and the top-k
     probabilities divided by their sum (normalization_mode 1, renormalize). The rank runs its experts
     ``[ep_rank * E_local, (ep_rank + 1) * E_local)`` on the tokens routed to them, each on its intermediate
-    slice: ``proj(swiglu(fc(x)))`` scaled by the routing weight in the compute dtype.
+    slice: ``proj(swiglu(fc(x)))``; the outputs times their routing weights are summed in float32 and rounded once.
     """
     x = h.reshape(-1, h.shape[-1])
     probs = F.softmax(F.linear(x.float(), w["mlp.router.weight"]), dim=-1)
@@ -171,12 +168,12 @@ def moe(h: Tensor, w: RankWeights, cfg: RuntimeConfig) -> Tensor:
     top = top / top.sum(dim=-1, keepdim=True)
     fc, proj = w["mlp.fc.weight"], w["mlp.proj.weight"]
     first = (w.tp_rank % cfg.moe_ep_size) * fc.shape[0]
-    out = torch.zeros_like(x)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for j in range(fc.shape[0]):
         token, slot = torch.where(chosen == first + j)
-        y = F.linear(swiglu(F.linear(x[token], fc[j])), proj[j])
-        out.index_add_(0, token, y * top[token, slot, None].to(x.dtype))
-    return out.reshape(h.shape)
+        y = linear(swiglu(linear(x[token], fc[j])), proj[j])
+        out.index_add_(0, token, y.float() * top[token, slot, None])
+    return out.to(x.dtype).reshape(h.shape)
 
 
 def row_parallel(parts: list[Tensor], ws: list[RankWeights], comm: Collectives, bias: str | None) -> list[Tensor]:
@@ -265,5 +262,5 @@ def lm_head(hs: list[Tensor], ws: list[RankWeights], cfg: RuntimeConfig, comm: C
     """The vocab-parallel lm_head (or the shared embedding table) of final-normed ``hs``, gathered over TP and
     cut to vocab_size, float32."""
     head = VOCAB_EMBEDDING if cfg.share_embedding_table else "lm_head.weight"
-    local = [F.linear(h, w[head]) for h, w in zip(hs, ws)]
+    local = [linear(h, w[head]) for h, w in zip(hs, ws)]
     return [full[..., : cfg.vocab_size].float() for full in comm.all_gather(local, dim=-1)]

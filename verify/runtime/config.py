@@ -3,7 +3,8 @@
 A fault of the file (bad JSON, a missing key, sizes the mapping cannot split) raises ``ValueError``; a valid
 file asking for a feature the runtime does not execute (quantization, MoE for a family whose forward has no
 experts, another MoE normalization, context parallelism, a position embedding its family forward does not
-declare, an activation or rotary scaling) raises ``CheckNotRun``.
+declare, an activation or rotary scaling, a rotary scaling TensorRT-LLM computes otherwise than the model:
+``rotary.unexecutable``) raises ``CheckNotRun``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from shardproof.converter.card import get_card, supported_architectures
 from shardproof.converter.errors import CheckNotRun, ShardproofError
 
+from . import rotary
 from .blocks import ACTIVATIONS, LONG_ROPE, POSITION_EMBEDDING, ROTARY_SCALING_TYPES
 from .family import get_family
 
@@ -214,6 +216,10 @@ def load_config(path: Path) -> RuntimeConfig:
     for hit, feature in unsupported:
         if hit:
             raise CheckNotRun(f"{path}: {feature}")
+    diverges = cfg.rotary_scaling and rotary.unexecutable(cfg.rotary_scaling, cfg.max_position_embeddings,
+                                                          long_rope=raw.get("position_embedding_type") == LONG_ROPE)
+    if diverges:
+        raise CheckNotRun(f"{path}: {diverges}")
     return cfg
 
 

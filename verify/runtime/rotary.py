@@ -10,7 +10,17 @@ HF's bit for bit. Two types depend on the sequence length ``T`` of the forward:
   ``T > max_position_embeddings`` (``dynamic_frequency_update`` grows from ``max_position_embeddings``, and
   then computes the new base from a tensor, i.e. in float32). A transformers model that already ran a longer
   sequence keeps that larger table for shorter ones until they drop below ``max_position_embeddings``; the
-  runtime executes the single-forward semantics, which is what TensorRT-LLM's context phase computes.
+  runtime executes the single-forward semantics, which is what TensorRT-LLM's context phase computes
+  (the attention kernels' ``update_rotary_base_n_scale``: the base grows when the sequence is longer than
+  ``rotary_embedding_max_positions``).
+
+What TensorRT-LLM executes (``layers/attention.py: Attention.create_attention_const_params`` and
+``functional.py: RopeEmbeddingUtils``; the plugin picks the long longrope table when the longest context exceeds
+``original_max_position_embeddings``) is the same formula as transformers' for every configuration except those
+``unexecutable`` names: fields TensorRT-LLM does not read, or reads with other defaults, where the value changes the
+math. There an engine would not compute the model's rotary embedding; the runtime raises ``CheckNotRun`` rather
+than judge the checkpoint by a formula it does not run. Elsewhere the tables are computed in transformers'
+operation order, so that float32 runs stay bit-identical to HF's.
 """
 
 from __future__ import annotations
@@ -112,3 +122,55 @@ def inv_freq(scaling: Scaling | None, base: float, dim: int, max_positions: int,
     if scaling is None:
         return default(base, dim), 1.0
     return INV_FREQ[scaling["rope_type"]](scaling, base, dim, max_positions, seq_len)
+
+
+def _yarn_attention_factors(s: Scaling, max_positions: int) -> tuple[float, float]:
+    """(transformers' yarn attention factor, TensorRT-LLM's ``_mscale`` from ``create_sinusoidal_positions_yarn``)."""
+    original = s["original_max_position_embeddings"]
+    factor = s.get("factor") or max_positions / original
+    mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
+    hf = s.get("attention_factor")
+    if hf is None:
+        hf = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
+              else _yarn_mscale(factor))
+    trt = _yarn_mscale(factor, s.get("mscale", 1.0)) / _yarn_mscale(factor, s.get("mscale_all_dim", 0.0))
+    return float(hf), float(trt)
+
+
+def longrope_mscale(max_positions: int, original: int) -> float:
+    """TensorRT-LLM's longrope attention factor (``_calc_mscale`` of max / original positions), which it uses for
+    both branches whatever ``longrope_*_mscale`` config.json holds, for every architecture a card converts."""
+    scale = max_positions / original
+    return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original))
+
+
+def unexecutable(scaling: Scaling, max_positions: int, long_rope: bool) -> str | None:
+    """Why TensorRT-LLM would not compute the rotary embedding the config asks for, or None when it does.
+
+    ``long_rope``: the scaling comes from ``position_embedding_type: long_rope`` (TensorRT-LLM's longrope);
+    a ``rotary_scaling`` of type longrope under ``rope_gpt_neox`` is read for its ``factor`` only.
+    """
+    kind = scaling["rope_type"]
+    if kind == "longrope" and not long_rope:
+        return ("rotary_scaling of type longrope under position_embedding_type rope_gpt_neox: TensorRT-LLM reads "
+                "only its 'factor' there (long_rope is its longrope)")
+    if kind == "longrope":
+        trt = longrope_mscale(max_positions, scaling["original_max_position_embeddings"])
+        for branch in ("short", "long"):
+            asked = scaling.get(f"{branch}_mscale")
+            if asked is not None and not math.isclose(asked, trt, rel_tol=1e-6):
+                return (f"longrope_{branch}_mscale {asked:g}: TensorRT-LLM uses {trt:g} (max / original positions) "
+                        "and ignores the field")
+    if kind == "yarn":
+        if "original_max_position_embeddings" not in scaling or not scaling.get("factor"):
+            return ("yarn rotary_scaling without 'factor' and 'original_max_position_embeddings': TensorRT-LLM's "
+                    "defaults (1.0, 4096) differ from transformers'")
+        if not scaling.get("truncate", True):
+            return "yarn rotary_scaling with truncate false: TensorRT-LLM always truncates the correction range"
+        hf, trt = _yarn_attention_factors(scaling, max_positions)
+        if not math.isclose(hf, trt, rel_tol=1e-6):
+            return (f"yarn attention factor: the model's is {hf:g}, TensorRT-LLM's {trt:g} (it reads mscale and "
+                    "mscale_all_dim, never attention_factor)")
+    if kind == "llama3" and "original_max_position_embeddings" not in scaling:
+        return 'rotary_scaling "llama3" without original_max_position_embeddings: TensorRT-LLM defaults it to 8192'
+    return None
