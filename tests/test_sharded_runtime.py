@@ -298,7 +298,7 @@ def _patched(ckpt_dir: Path, tmp_path: Path, patch: dict) -> Path:
 
 
 @pytest.mark.parametrize("patch, problem", [
-    ({"architecture": "NoSuchForCausalLM"}, "unsupported architecture"),
+    ({"architecture": "NoSuchForCausalLM"}, "architecture 'NoSuchForCausalLM' is not supported"),
     ({"num_attention_heads": 5}, "num_attention_heads=5 not divisible by tp=2"),
     ({"rotary_scaling": {"factor": 2.0}}, "rotary_scaling .* names no rope_type"),
     ({"rotary_scaling": "yarn"}, "rotary_scaling 'yarn' is not an object"),

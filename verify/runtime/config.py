@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from shardproof.converter.card import get_card, supported_architectures
+from shardproof.converter.card import get_card
 from shardproof.converter.errors import CheckNotRun, ShardproofError
 
 from . import rotary
@@ -105,8 +105,8 @@ def load_config(path: Path) -> RuntimeConfig:
     arch, dtype = need("architecture"), need("dtype")
     try:
         forward = get_card(arch).forward
-    except ShardproofError:
-        raise bad(f"unsupported architecture {arch!r} (supported: {supported_architectures()})") from None
+    except ShardproofError as e:  # not supported, or a plugin that registers architectures failed to load
+        raise bad(str(e)) from None
     if dtype not in DTYPES:
         raise bad(f"unsupported dtype {dtype!r} (supported: {sorted(DTYPES)})")
     mapping = need("mapping")

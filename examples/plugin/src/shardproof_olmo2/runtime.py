@@ -16,14 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from shardproof.verify.runtime.blocks import (Rope, apply_rotary, attention_tensors, embedding_tensors, gated_mlp,
-                                              gated_mlp_tensors, lm_head, lm_head_tensors, row_parallel)
+from shardproof.verify.runtime.blocks import (Rope, attention_tensors, embedding_tensors, gated_mlp, gated_mlp_tensors,
+                                              lm_head, lm_head_tensors, row_parallel)
 from shardproof.verify.runtime.collectives import Collectives
 from shardproof.verify.runtime.config import RuntimeConfig
 from shardproof.verify.runtime.family import register
+from shardproof.verify.runtime.numerics import attend, linear, rotate
 from shardproof.verify.runtime.families.decoder import Decoder
 from shardproof.verify.runtime.rank_files import RankWeights, rank_tensors
 
@@ -71,7 +71,7 @@ class Olmo2Decoder(Decoder):
               comm: Collectives) -> list[Tensor]:
         B, T, _ = xs[0].shape
         nq, nkv, hd = cfg.q_heads_per_rank, cfg.kv_heads_per_rank, cfg.head_size
-        qkv = [F.linear(x, w["attention.qkv.weight"], w["attention.qkv.bias"] if cfg.attn_bias else None)
+        qkv = [linear(x, w["attention.qkv.weight"], w["attention.qkv.bias"] if cfg.attn_bias else None)
                for x, w in zip(xs, ws)]
         qs, ks, vs = zip(*(t.split([nq * hd, nkv * hd, nkv * hd], dim=-1) for t in qkv))
         q_heads = [range(w.tp_rank * nq, (w.tp_rank + 1) * nq) for w in ws]
@@ -82,10 +82,10 @@ class Olmo2Decoder(Decoder):
         parts = []
         for q, k, v, w in zip(qs, ks, vs, ws):
             q, k, v = (t.reshape(B, T, -1, hd).transpose(1, 2) for t in (q, k, v))
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = rotate(q, *rope), rotate(k, *rope)
             k, v = k.repeat_interleave(nq // nkv, dim=1), v.repeat_interleave(nq // nkv, dim=1)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            parts.append(F.linear(o.transpose(1, 2).reshape(B, T, nq * hd), w["attention.dense.weight"]))
+            o = attend(q, k, v)
+            parts.append(linear(o.transpose(1, 2).reshape(B, T, nq * hd), w["attention.dense.weight"]))
         attn = row_parallel(parts, ws, comm, "attention.dense.bias" if cfg.attn_bias else None)
         eps = cfg.norm_epsilon
         xs = [x + rms_norm(a, w["post_attention_layernorm.weight"], eps) for x, a, w in zip(xs, attn, ws)]
