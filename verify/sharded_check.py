@@ -19,26 +19,24 @@ docs/selftest.md says how the thresholds were calibrated against the mutation se
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from shardproof.converter.api import plan_conversion
 from shardproof.converter.dtypes import dtype_name
 from shardproof.converter.source import HFCheckpoint
 
-from .forward import BatchOptions, load_model, release
+from .forward import BatchOptions, release
 from .metrics import LogitMetrics, logit_metrics
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
 from .runtime.collectives import SimulatedCollectives
 from .runtime.rank_files import ShardedCheckpoint
 from .runtime.simulated import run_simulated
+from .streaming import Progress, StreamedModel, decoder_layers
 from .thresholds import Check, checks_by_metric, precision_checks
 
 # float32 on both sides over identical values; calibrated in docs/selftest.md (clean <= 5.8e-6, faults >= 6.6e-3).
@@ -135,11 +133,15 @@ class HFReference:
     """The HF model at `model_dir` on one batch of random tokens, in float32.
 
     `rounding` None runs the original weights; a dtype name sets every parameter to what a correct conversion
-    to that dtype stores for it, read back (`Plan.reassembled_value`). Each run is computed once and kept.
+    to that dtype stores for it, read back (`Plan.reassembled_value`), as each source tensor is read. The model
+    streams through the device one decoder layer at a time (`verify/streaming.py`) under the batch's cap;
+    `progress` gets the bytes of source tensors read. Each run is computed once and kept.
     """
 
-    def __init__(self, model_dir: Path | str, batch: BatchOptions = BatchOptions(num_sequences=2)) -> None:
+    def __init__(self, model_dir: Path | str, batch: BatchOptions = BatchOptions(num_sequences=2),
+                 progress: Progress | None = None) -> None:
         self.model_dir, self.seed, self.device = Path(model_dir), batch.seed, batch.torch_device
+        self.batch, self.progress = batch, progress
         self.vocab_size = HFCheckpoint(model_dir).hf_config.vocab_size
         self.input_ids = batch.input_ids(self.vocab_size)
         self._runs: dict[tuple[str | None, int | None], tuple[Tensor, list[Tensor]]] = {}
@@ -156,46 +158,14 @@ class HFReference:
         key = (rounding, sequence)
         if key not in self._runs:
             ids = self.input_ids if sequence is None else self.input_ids[sequence : sequence + 1]
-            with tempfile.TemporaryDirectory(prefix="shardproof-rounded-") as scratch:
-                model = self._load(rounding, Path(scratch))
-                try:
-                    self._runs[key] = _forward(model, ids.to(self.device), capture=sequence is not None)
-                finally:
-                    del model
-                    release(self.device)
+            value = plan_conversion(self.model_dir, dtype=rounding)[0].reassembled_value if rounding else None
+            try:
+                with StreamedModel(self.model_dir, torch.float32, self.device, value, self.batch.resident(),
+                                   self.progress) as streamed:
+                    self._runs[key] = _forward(streamed.model, ids.to(self.device), capture=sequence is not None)
+            finally:
+                release(self.device)
         return self._runs[key]
-
-    def _load(self, rounding: str | None, scratch: Path) -> torch.nn.Module:
-        """The float32 model; with `rounding`, every source tensor set to what a conversion to that dtype stores
-        for it, read back. When transformers holds each source tensor as one parameter (under the card's names),
-        the parameters are rounded in place, one tensor at a time; when it fuses or stacks them on load (experts),
-        the rounded tensors are written to a copy under `scratch` and loaded from there, so transformers' own
-        loading places them."""
-        model = load_model(self.model_dir, torch.float32, self.device)
-        if rounding is None:
-            return model
-        plan, source = plan_conversion(self.model_dir, dtype=rounding)
-        parameters = dict(model.named_parameters())
-        sources = {plan.card.hf_name(name): name for name in source.shapes}
-        if parameters.keys() <= sources.keys():
-            with torch.no_grad():
-                for hf_name, parameter in parameters.items():
-                    name = sources[hf_name]
-                    parameter.copy_(plan.reassembled_value(name, source.load(name)).float())
-            return model
-        del model, parameters
-        release(self.device)
-        save_file({name: plan.reassembled_value(name, source.load(name)).contiguous() for name in source.shapes},
-                  scratch / "model.safetensors", metadata={"format": "pt"})
-        shutil.copy(self.model_dir / "config.json", scratch / "config.json")
-        return load_model(scratch, torch.float32, self.device)
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder's list of layers, whatever the family calls it (`layers`, `h`): its module list with one
-    entry per hidden layer."""
-    count = model.config.num_hidden_layers
-    return next(m for m in model.get_decoder().children() if isinstance(m, torch.nn.ModuleList) and len(m) == count)
 
 
 def _forward(model: torch.nn.Module, ids: Tensor, capture: bool) -> tuple[Tensor, list[Tensor]]:
@@ -313,6 +283,6 @@ def _runtime_stages(ckpt: ShardedCheckpoint, ids: Tensor, dtype: torch.dtype) ->
 
 
 def sharded_check(model_dir: Path | str, checkpoint_dir: Path | str,
-                  batch: BatchOptions = BatchOptions(num_sequences=2)) -> ShardedReport:
+                  batch: BatchOptions = BatchOptions(num_sequences=2), progress: Progress | None = None) -> ShardedReport:
     """Check the checkpoint at `checkpoint_dir` against the HF model at `model_dir` on random token batches."""
-    return check_sharded(checkpoint_dir, HFReference(model_dir, batch))
+    return check_sharded(checkpoint_dir, HFReference(model_dir, batch, progress))
