@@ -12,6 +12,9 @@ shards, and its logits are compared with HF's own forward pass of the source mod
 * precision (float16 / bfloat16 only): the runtime computing in the checkpoint dtype against HF in float32
   over the original weights, judged by the reassembled mode's thresholds (KL, top-1 agreement, cosine).
 
+Teacher-forced, in float32 over stored values: each stage (embedding, every decoder layer, final norm + lm_head)
+runs on HF's own input to it, during HF's run, and its output is compared with HF's: per-stage relative errors
+that do not include any earlier stage's, and the first stage beyond CONVERSION_REL_ERROR (reported, not judged).
 On failure the first diverging stage (embedding, decoder layer, final norm + lm_head) is named.
 docs/selftest.md says how the thresholds were calibrated against the mutation self-test.
 """
@@ -36,6 +39,7 @@ from .outcomes import CheckOutcome, Status, judged, not_run, overall
 from .runtime.collectives import SimulatedCollectives
 from .runtime.rank_files import ShardedCheckpoint
 from .runtime.simulated import run_simulated
+from .runtime.teacher import StageRunner
 from .streaming import Progress, StreamedModel, decoder_layers
 from .thresholds import Check, checks_by_metric, precision_checks
 
@@ -88,6 +92,16 @@ class Localization:
 
 
 @dataclass
+class TeacherForced:
+    """Each stage run by the runtime on HF's input to it (float32, stored values), against HF's output: its own
+    relative error, and the first stage beyond CONVERSION_REL_ERROR or not finite where HF is."""
+
+    stages: list[StageError]
+    first_beyond: str | None
+    criterion: str = f"relative error > {CONVERSION_REL_ERROR:g} or non-finite"
+
+
+@dataclass
 class ShardedReport:
     """Everything the sharded-mode check found; `passed` only when every check ran and passed."""
 
@@ -104,6 +118,7 @@ class ShardedReport:
     pp_size: int | None = None
     structural: str | None = None
     comparisons: list[LogitComparison] = field(default_factory=list)
+    teacher_forced: TeacherForced | None = None
     localization: Localization | None = None
 
     def comparison(self, name: str) -> LogitComparison | None:
@@ -154,15 +169,57 @@ class HFReference:
         """Logits and the float32 outputs [embedding, layer 0, ...] of one sequence."""
         return self._run(rounding, sequence)
 
-    def _run(self, rounding: str | None, sequence: int | None) -> tuple[Tensor, list[Tensor]]:
+    def teacher_forced(self, rounding: str, runtime: StageRunner) -> TeacherForced:
+        """HF's run with `rounding` (its logits kept as `logits(rounding)`), each of `runtime`'s stages run on
+        HF's input to that stage as HF runs, and compared with HF's output."""
+        ids = self.input_ids.to(self.device)
+        errors: list[StageError] = []
+        last: list[Tensor] = []
+
+        def compare(label: str, reference: Tensor, candidate: Tensor) -> None:
+            broken = bool((~torch.isfinite(candidate) & torch.isfinite(reference)).any())
+            errors.append(StageError(label, math.inf if broken else relative_error(reference, candidate)))
+
+        def hooks(model: torch.nn.Module) -> list:
+            layers, inputs = decoder_layers(model), {}
+
+            def before(index: int):
+                def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                    inputs[index] = (args[0] if args else kwargs["hidden_states"]).float()
+                    if index == 0:
+                        compare("embedding", inputs[0], runtime.embed(ids).float())
+                return hook
+
+            def after(index: int):
+                def hook(module: torch.nn.Module, args: object, output: object) -> None:
+                    out = (output if isinstance(output, Tensor) else output[0]).float()
+                    compare(f"layer {index}", out, runtime.layer(index, inputs.pop(index)).float())
+                    last[:] = [out]
+                return hook
+
+            return [h for i, layer in enumerate(layers) for h in (
+                layer.register_forward_pre_hook(before(i), with_kwargs=True), layer.register_forward_hook(after(i)))]
+
+        logits = self._run(rounding, None, hooks)[0]
+        compare(FINAL_STAGE, logits.to(self.device), runtime.logits(last[0]).float())
+        first = next((e.stage for e in errors if not e.relative_error <= CONVERSION_REL_ERROR), None)
+        return TeacherForced(errors, first)
+
+    def _run(self, rounding: str | None, sequence: int | None, hooks=None) -> tuple[Tensor, list[Tensor]]:
+        """One streamed run (cached unless `hooks(model)` adds hooks of its own, returning their handles)."""
         key = (rounding, sequence)
-        if key not in self._runs:
+        if key not in self._runs or hooks is not None:
             ids = self.input_ids if sequence is None else self.input_ids[sequence : sequence + 1]
             value = plan_conversion(self.model_dir, dtype=rounding)[0].reassembled_value if rounding else None
             try:
                 with StreamedModel(self.model_dir, torch.float32, self.device, value, self.batch.resident(),
                                    self.progress) as streamed:
-                    self._runs[key] = _forward(streamed.model, ids.to(self.device), capture=sequence is not None)
+                    handles = hooks(streamed.model) if hooks else []
+                    try:
+                        self._runs[key] = _forward(streamed.model, ids.to(self.device), capture=sequence is not None)
+                    finally:
+                        for handle in handles:
+                            handle.remove()
             finally:
                 release(self.device)
         return self._runs[key]
@@ -234,6 +291,7 @@ def check_sharded(checkpoint_dir: Path | str, reference: HFReference) -> Sharded
     dtype, device = report.dtype, reference.device
     native = run_simulated(ckpt, ids, device).cpu()
     wide = native if dtype == "float32" else run_simulated(ckpt, ids, device, torch.float32).cpu()
+    report.teacher_forced = reference.teacher_forced(dtype, StageRunner(ckpt, device, torch.float32, ids.shape[1]))
     conversion = _compare("conversion", f"HF, weights as stored in {dtype}, float32 math", "runtime, float32 math",
                           reference.logits(dtype), wide, dtype)
     report.comparisons.append(conversion)
