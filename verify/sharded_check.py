@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -205,7 +205,8 @@ class HFReference:
         first = next((e.stage for e in errors if not e.relative_error <= CONVERSION_REL_ERROR), None)
         return TeacherForced(errors, first)
 
-    def _run(self, rounding: str | None, sequence: int | None, hooks=None) -> tuple[Tensor, list[Tensor]]:
+    def _run(self, rounding: str | None, sequence: int | None,
+             hooks: Callable[[torch.nn.Module], list] | None = None) -> tuple[Tensor, list[Tensor]]:
         """One streamed run (cached unless `hooks(model)` adds hooks of its own, returning their handles)."""
         key = (rounding, sequence)
         if key not in self._runs or hooks is not None:
