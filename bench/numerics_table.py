@@ -19,7 +19,7 @@ import torch
 
 from shardproof.converter.api import convert
 from shardproof.converter.card import cards, get_card
-from shardproof.converter.source import HFCheckpoint
+from shardproof.converter.source import open_source
 from shardproof.verify.forward import model_logits
 from shardproof.verify.metrics import LogitMetrics, logit_metrics
 from shardproof.verify.runtime.simulated import run_simulated
@@ -34,7 +34,7 @@ def _cell(m: LogitMetrics) -> str:
 
 def measure(model_dir: Path, scratch: Path, tp: int, num_sequences: int, seq_len: int, seed: int) -> list[tuple]:
     """(dtype, HF metrics, runtime metrics) for each dtype."""
-    vocab = HFCheckpoint(model_dir).hf_config.vocab_size
+    vocab = open_source(model_dir).hf_config.vocab_size
     ids = torch.randint(0, vocab, (num_sequences, seq_len), generator=torch.Generator().manual_seed(seed))
     reference = model_logits(model_dir, torch.float32, torch.device("cpu"), ids).float()
     out = []

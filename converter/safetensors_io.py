@@ -35,11 +35,11 @@ class TensorReader:
     def __init__(self, path: Path):
         self.path = path
         header = read_safetensors_header(path)
-        self._tensors, self._data_start = header.tensors, header.data_start
+        self.entries, self._data_start = header.tensors, header.data_start
         self.digests: dict[str, bytes] = {}
 
     def read(self, name: str) -> torch.Tensor:
-        entry = self._tensors[name]
+        entry = self.entries[name]
         try:
             dtype = from_safetensors_code(entry.dtype)
         except ShardproofError as e:

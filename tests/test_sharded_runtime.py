@@ -353,3 +353,19 @@ def test_bad_input_ids(llama_tp2) -> None:
         run_simulated(llama_tp2[1], torch.tensor([[0, 97]]))
     with pytest.raises(ValueError, match="shape"):
         run_simulated(llama_tp2[1], torch.tensor([1, 2, 3]))
+
+
+def test_rank_files_are_validated_from_headers_and_read_tensor_by_tensor(llama_tp2, monkeypatch) -> None:
+    """Validation reads no tensor data; a run reads each tensor it uses from the file, never a whole file."""
+    from shardproof.converter.safetensors_io import TensorReader
+
+    reads: list[str] = []
+    real_read = TensorReader.read
+    monkeypatch.setattr(TensorReader, "read", lambda self, name: reads.append(name) or real_read(self, name))
+    monkeypatch.setattr("safetensors.torch.load_file", None)  # any whole-file load would fail
+    ckpt = ShardedCheckpoint(llama_tp2[1])
+    ckpt.validate()
+    assert reads == []
+    run_simulated(ckpt, _input_ids(97))
+    expected = [name for rank in range(ckpt.config.world_size) for name in ckpt.family.tensors(ckpt.config, rank)]
+    assert sorted(reads) == sorted(expected)  # every tensor read once, in one forward

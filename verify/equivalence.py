@@ -2,10 +2,11 @@
 
 Stages, each recorded in the report with its time:
 1. reassemble the rank files (replicas, padding, completeness checked on the way) into a temporary HF model;
-2. compare its config with the source's and every tensor with the source cast to the checkpoint dtype (bit-exact);
+2. compare its config with the source's and every tensor with the source cast to the checkpoint dtype (bit-exact),
+   one tensor at a time;
 3. forward: the source cast to the checkpoint dtype (with any op's declared rounding, e.g. a norm
-   stored as 1 + weight) and the reassembled model on the same token batches, one after the other on the device;
-   identical weights and kernels give bit-identical logits;
+   stored as 1 + weight) and the reassembled model on the same token batches, each streamed through the device one
+   decoder layer at a time (`verify/streaming.py`); identical weights and kernels give bit-identical logits;
 4. precision effect: the float32 source against the source in the checkpoint dtype, judged by documented
    thresholds (what the dtype costs, apart from any conversion fault);
 5. localization, when anything differs: per-module outputs of both models, the first one that diverges.
@@ -33,7 +34,8 @@ from .inputs import check_inputs
 from .metrics import LogitMetrics, bit_identical, logit_metrics
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
 from .thresholds import PRECISION_THRESHOLDS, Check, Thresholds, precision_checks
-from .weights import WeightComparison, compare_weights, format_rounded
+from .streaming import Progress, ValueFn
+from .weights import WeightComparison, compare_weights
 
 Log = Callable[[str], None]
 
@@ -214,11 +216,13 @@ def sliding_window_note(config, seq_len: int) -> list[str]:
 def verify_equivalence(
     model_dir: Path | str, checkpoint_dir: Path | str, batch: BatchOptions = BatchOptions(), log: Log | None = None,
     target: str | None = None,
+    progress: Progress | None = None,
 ) -> EquivalenceReport:
     """Check that the checkpoint at `checkpoint_dir` is the HF model at `model_dir` (see the module docstring).
 
     Bad input (unreadable directories, a model transformers cannot load) raises ShardproofError; everything the
-    checkpoint gets wrong is in the report. `log` receives a line as each stage starts.
+    checkpoint gets wrong is in the report. `log` receives a line as each stage starts; `progress` the bytes of
+    source tensors read as the weights are compared and as each model streams through the device.
     """
     check_inputs(model_dir, checkpoint_dir, batch, target)
     dev, seq_len = batch.torch_device, batch.seq_len
@@ -240,48 +244,63 @@ def verify_equivalence(
             source_config, rebuilt_config = open_source(model_dir).hf_config, _hf_config(rebuilt.output_dir)
             report.config_differences = config_differences(source_config, rebuilt_config)
             report.notes = sliding_window_note(source_config, seq_len)
-            report.weights = compare_weights(model_dir, rebuilt.output_dir, ckpt)
-            rounded = format_rounded(model_dir, ckpt.plan)
+            report.weights = compare_weights(model_dir, rebuilt.output_dir, ckpt, progress)
+            rounded = [name for name in ckpt.plan.rounded_sources() if name in open_source(model_dir).shapes]
         if rounded:
             report.notes.append(
                 f"{len(rounded)} source tensor(s) go through an op that rounds in {report.dtype}; "
                 "the source model is compared with that rounding applied"
             )
         vocab = min(source_config.vocab_size, rebuilt_config.vocab_size)
-        input_ids = batch.input_ids(vocab)
-        _compare_models(report, Path(model_dir), rounded, rebuilt.output_dir, input_ids, dev, stage)
+        runs = _Runs(Path(model_dir), rebuilt.output_dir, ckpt.plan.reassembled_value if rounded else None,
+                     batch, progress)
+        _compare_models(report, runs, batch.input_ids(vocab), stage)
     return report
 
 
-def _compare_models(
-    report: EquivalenceReport,
-    source: Path,
-    rounded: dict[str, torch.Tensor],
-    rebuilt: Path,
-    input_ids: torch.Tensor,
-    dev: torch.device,
-    stage: Callable,
-) -> None:
-    """Forward, precision and localization stages; `rounded` replaces source tensors after loading."""
-    dtype = TORCH_DTYPES[report.dtype]
+@dataclass(frozen=True)
+class _Runs:
+    """How this check runs the two models: streamed through the device (`verify/streaming.py`) under the batch's
+    cap; `rounded` sets the source's tensors to what reassembly must give back (None: the cast alone)."""
+
+    source: Path
+    rebuilt: Path
+    rounded: ValueFn | None
+    batch: BatchOptions
+    progress: Progress | None
+
+    def logits(self, rebuilt: bool, dtype: torch.dtype, input_ids: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        """`exact` False: the float32 source, without the checkpoint's rounding."""
+        model, value = (self.rebuilt, None) if rebuilt else (self.source, self.rounded if exact else None)
+        return model_logits(model, dtype, self.batch.torch_device, input_ids, value, self.batch.resident(),
+                            self.progress)
+
+    def states(self, rebuilt: bool, dtype: torch.dtype, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        model, value = (self.rebuilt, None) if rebuilt else (self.source, self.rounded)
+        return hidden_states(model, dtype, self.batch.torch_device, input_ids, value, self.batch.resident())
+
+
+def _compare_models(report: EquivalenceReport, runs: _Runs, input_ids: torch.Tensor, stage: Callable) -> None:
+    """Forward, precision and localization stages."""
+    dtype, dev = TORCH_DTYPES[report.dtype], runs.batch.torch_device
     with stage("forward", f"running the source ({report.dtype}) and the checkpoint's model on {dev}"):
-        expected = model_logits(source, dtype, dev, input_ids, rounded)
-        actual = model_logits(rebuilt, dtype, dev, input_ids)
+        expected = runs.logits(False, dtype, input_ids)
+        actual = runs.logits(True, dtype, input_ids)
         report.forward = _forward_comparison(expected, actual)
     # The dtype's cost is measured on the source cast to it, so that a conversion fault shows in the forward
     # comparison alone; when the conversion is exact the checkpoint's logits are these, bit for bit.
     with stage("precision", f"running the source in float32 on {dev}"):
-        exact = dtype == torch.float32 and not rounded
-        reference = expected if exact else model_logits(source, torch.float32, dev, input_ids)
+        exact = dtype == torch.float32 and runs.rounded is None
+        reference = expected if exact else runs.logits(False, torch.float32, input_ids, exact=False)
         metrics = logit_metrics(reference, expected)
         report.precision = PrecisionEffect(report.dtype, metrics)
         if metrics.nonfinite:
             sequence = int((~torch.isfinite(expected)).flatten(1).any(dim=1).nonzero()[0])
-            states = hidden_states(source, dtype, dev, input_ids[sequence : sequence + 1], rounded)
+            states = runs.states(False, dtype, input_ids[sequence : sequence + 1])
             report.precision.first_nonfinite_module = first_nonfinite(states)
     if not report.weights.ok or not report.forward.identical or report.config_differences:
         with stage("localization", "capturing per-module outputs of both models"):
-            report.localization = _localize(report, source, rounded, rebuilt, dtype, dev, input_ids)
+            report.localization = _localize(report, runs, dtype, input_ids)
 
 
 def _forward_comparison(expected: torch.Tensor, actual: torch.Tensor) -> ForwardComparison:
@@ -292,19 +311,10 @@ def _forward_comparison(expected: torch.Tensor, actual: torch.Tensor) -> Forward
     return ForwardComparison(not differing, logit_metrics(expected, actual), differing)
 
 
-def _localize(
-    report: EquivalenceReport,
-    source: Path,
-    rounded: dict[str, torch.Tensor],
-    rebuilt: Path,
-    dtype: torch.dtype,
-    dev: torch.device,
-    input_ids: torch.Tensor,
-) -> Localization:
+def _localize(report: EquivalenceReport, runs: _Runs, dtype: torch.dtype, input_ids: torch.Tensor) -> Localization:
     sequence = report.forward.differing_sequences[0] if report.forward.differing_sequences else 0
     ids = input_ids[sequence : sequence + 1]
-    expected = hidden_states(source, dtype, dev, ids, rounded)
-    d = first_divergence(expected, hidden_states(rebuilt, dtype, dev, ids))
+    d = first_divergence(runs.states(False, dtype, ids), runs.states(True, dtype, ids))
     differing = [t.name for t in report.weights.mismatches]
     if d is None:
         return Localization(sequence, None, None, None, None, None, differing)

@@ -1,24 +1,25 @@
-"""Running HF models on token batches, one model on the device at a time, and capturing per-module outputs.
+"""Running HF models on token batches and capturing per-module outputs.
 
-Every run loads a model, runs it, moves what it produced to the CPU and frees the model before the next one
-is loaded, so a model that fits the device once is enough; hidden states for localization go to the CPU too.
+Every run streams the model through the device one unit (decoder layer, embedding, norm, lm_head) at a time
+(`verify/streaming.py`) and moves what it produced to the CPU, so host and device memory hold a few layers and
+the activations, whatever the model's size; hidden states for localization go to the CPU too.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from shardproof.converter.card import get_card
 from shardproof.converter.errors import ShardproofError
-from shardproof.converter.source import open_source
 
 from .metrics import bit_identical, first_difference, max_abs_diff
+from .streaming import Progress, ResidentParameters, StreamedModel, ValueFn
 
 
 def resolve_device(device: str) -> torch.device:
@@ -41,6 +42,8 @@ MAX_SEED = 2**63 - 1
 class BatchOptions:
     """The random token batches every model runs on: where, how many, how long, from which seed.
 
+    `max_device_memory` (GiB, None: no cap) caps what a run may hold: on CUDA the process's share of the device
+    (`limit_device_memory`), everywhere the parameters resident at once (`resident`).
     Checked on creation (bad values raise ShardproofError naming the option); `fit` checks seq_len against a model.
     """
 
@@ -48,6 +51,7 @@ class BatchOptions:
     num_sequences: int = 4
     seq_len: int = 256
     seed: int = 0
+    max_device_memory: float | None = None
 
     def __post_init__(self) -> None:
         resolve_device(self.device)
@@ -60,10 +64,26 @@ class BatchOptions:
             raise ShardproofError(f"--num-sequences {n} x --seq-len {length} = {n * length} tokens: above the limit of {MAX_TOKENS}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ShardproofError(f"--seed {self.seed}: must be between 0 and 2**63 - 1")
+        cap = self.max_device_memory
+        if cap is not None and not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+            raise ShardproofError(f"--max-device-memory {cap}: must be a positive number of GiB")
 
     @property
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
+
+    def resident(self) -> ResidentParameters:
+        """A new account of the parameters resident at once, capped at max_device_memory."""
+        cap = self.max_device_memory
+        return ResidentParameters(None if cap is None else int(cap * 2**30))
+
+    def limit_device_memory(self) -> None:
+        """On CUDA, cap this process's share of the device at max_device_memory (the allocator refuses beyond it)."""
+        device = self.torch_device
+        if self.max_device_memory is None or device.type != "cuda":
+            return
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, self.max_device_memory * 2**30 / total), device)
 
     def fit(self, max_positions: int | None, model: str) -> None:
         """ShardproofError when seq_len exceeds the model's max_position_embeddings (None: unknown)."""
@@ -74,43 +94,6 @@ class BatchOptions:
         """Token ids [num_sequences, seq_len], uniform over the vocabulary, reproducible from the seed."""
         generator = torch.Generator().manual_seed(self.seed)
         return torch.randint(0, vocab_size, (self.num_sequences, self.seq_len), generator=generator)
-
-
-def one_line(error: Exception) -> str:
-    """An exception's message on one line (its type when it has none)."""
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-def load_model(
-    model_dir: Path | str, dtype: torch.dtype, device: torch.device, overrides: Mapping[str, torch.Tensor] | None = None
-) -> torch.nn.Module:
-    """An HF causal LM from a local model directory in any registered format, with every weight cast to `dtype`, then
-    the source tensors named in `overrides` replaced by those values, in eval mode on `device`. Tensor names go
-    through the card's `hf_key_mapping` to transformers' parameter names. transformers reads the directory itself
-    when its format says it can; otherwise the model is built from the source's config and its tensors."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    source = open_source(model_dir)
-    card = get_card(source.architecture)
-    mapping = {"key_mapping": dict(card.hf_key_mapping)} if card.hf_key_mapping else {}
-    own = source.loader.transformers_reads_directory
-    tensors = None if own else {name: source.load(name) for name in source.tensors}
-    try:
-        if own:
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True, **mapping)
-        else:
-            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(source.hf_config)]
-            model = model_class.from_pretrained(None, config=source.hf_config, state_dict=tensors, dtype=dtype, **mapping)
-    except Exception as e:  # reading the input failed: bad input, never a failed check
-        raise ShardproofError(f"{model_dir}: transformers cannot load the model ({one_line(e)})") from None
-    if overrides:
-        parameters = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in overrides.items():
-                parameters[card.hf_name(name)].copy_(value)
-    return model.to(device).eval()
 
 
 def release(device: torch.device) -> None:
@@ -125,21 +108,17 @@ def model_logits(
     dtype: torch.dtype,
     device: torch.device,
     input_ids: torch.Tensor,
-    overrides: Mapping[str, torch.Tensor] | None = None,
-    batch_size: int = 8,
+    value: ValueFn | None = None,
+    resident: ResidentParameters | None = None,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Logits [num_sequences, seq_len, vocab] on the CPU, in the model's dtype; the model is freed on return."""
-    model = load_model(model_dir, dtype, device, overrides)
+    """Logits [num_sequences, seq_len, vocab] on the CPU, in the model's dtype, the model streamed through
+    `device` once for the whole batch (`value`, `resident`, `progress`: `StreamedModel`'s)."""
     try:
-        with torch.inference_mode():
-            logits = [
-                model(input_ids=batch.to(device), use_cache=False).logits.to("cpu")
-                for batch in input_ids.split(batch_size)
-            ]
+        with StreamedModel(model_dir, dtype, device, value, resident, progress) as streamed, torch.inference_mode():
+            return streamed.model(input_ids=input_ids.to(device), use_cache=False).logits.to("cpu")
     finally:
-        del model
         release(device)
-    return torch.cat(logits)
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -154,13 +133,13 @@ def hidden_states(
     dtype: torch.dtype,
     device: torch.device,
     input_ids: torch.Tensor,
-    overrides: Mapping[str, torch.Tensor] | None = None,
+    value: ValueFn | None = None,
+    resident: ResidentParameters | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every module's output (its first tensor) for `input_ids`, on the CPU, in the order the modules ran.
 
-    A module that runs more than once keeps its first output. The model is freed on return.
+    A module that runs more than once keeps its first output.
     """
-    model = load_model(model_dir, dtype, device, overrides)
     states: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
@@ -171,14 +150,14 @@ def hidden_states(
 
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
     try:
-        with torch.inference_mode():
+        with StreamedModel(model_dir, dtype, device, value, resident) as streamed, torch.inference_mode():
+            model = streamed.model
+            for name, module in model.named_modules():
+                if name:
+                    module.register_forward_hook(hook(name))
             model(input_ids=input_ids.to(device), use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
-        del model, handles
         release(device)
     return states
 

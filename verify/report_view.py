@@ -148,6 +148,12 @@ def sharded_table(report: ShardedReport) -> Table:
     for c in report.comparisons:
         checks = "; ".join(map(_check_line, c.checks.values()))
         table.add_row(f"{c.name}: {c.candidate} vs {c.reference}", PASS if c.passed else FAIL, _num(c.relative_error), checks)
+    if report.teacher_forced is not None:
+        forced = report.teacher_forced
+        worst = max(forced.stages, key=lambda e: (e.relative_error != e.relative_error, e.relative_error))
+        beyond = f"first beyond: {forced.first_beyond}" if forced.first_beyond else f"none with {forced.criterion}"
+        table.add_row("teacher-forced stages: runtime on HF's input to each, float32", "-",
+                      _num(worst.relative_error), f"largest at {worst.stage}; {beyond}")
     if report.localization is not None and report.localization.first_diverging:
         loc = report.localization
         table.add_row("first divergence", FAIL, "-", f"{loc.first_diverging} (sequence {loc.sequence}, {loc.criterion})")

@@ -12,6 +12,9 @@ shards, and its logits are compared with HF's own forward pass of the source mod
 * precision (float16 / bfloat16 only): the runtime computing in the checkpoint dtype against HF in float32
   over the original weights, judged by the reassembled mode's thresholds (KL, top-1 agreement, cosine).
 
+Teacher-forced, in float32 over stored values: each stage (embedding, every decoder layer, final norm + lm_head)
+runs on HF's own input to it, during HF's run, and its output is compared with HF's: per-stage relative errors
+that do not include any earlier stage's, and the first stage beyond CONVERSION_REL_ERROR (reported, not judged).
 On failure the first diverging stage (embedding, decoder layer, final norm + lm_head) is named.
 docs/selftest.md says how the thresholds were calibrated against the mutation self-test.
 """
@@ -19,27 +22,26 @@ docs/selftest.md says how the thresholds were calibrated against the mutation se
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from shardproof.converter.api import plan_conversion
 from shardproof.converter.dtypes import dtype_name
 from shardproof.converter.source import open_source
 
-from .forward import BatchOptions, load_model, release
+from .forward import BatchOptions, release
 from .metrics import LogitMetrics, logit_metrics
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
 from .runtime.collectives import SimulatedCollectives
 from .runtime.rank_files import ShardedCheckpoint
 from .runtime.target_view import open_sharded
 from .runtime.simulated import run_simulated
+from .runtime.teacher import StageRunner
+from .streaming import Progress, StreamedModel, decoder_layers
 from .thresholds import Check, checks_by_metric, precision_checks
 
 # float32 on both sides over identical values; calibrated in docs/selftest.md (clean <= 5.8e-6, faults >= 6.6e-3).
@@ -91,6 +93,16 @@ class Localization:
 
 
 @dataclass
+class TeacherForced:
+    """Each stage run by the runtime on HF's input to it (float32, stored values), against HF's output: its own
+    relative error, and the first stage beyond CONVERSION_REL_ERROR or not finite where HF is."""
+
+    stages: list[StageError]
+    first_beyond: str | None
+    criterion: str = f"relative error > {CONVERSION_REL_ERROR:g} or non-finite"
+
+
+@dataclass
 class ShardedReport:
     """Everything the sharded-mode check found; `passed` only when every check ran and passed."""
 
@@ -107,6 +119,7 @@ class ShardedReport:
     pp_size: int | None = None
     structural: str | None = None
     comparisons: list[LogitComparison] = field(default_factory=list)
+    teacher_forced: TeacherForced | None = None
     localization: Localization | None = None
 
     def comparison(self, name: str) -> LogitComparison | None:
@@ -136,11 +149,15 @@ class HFReference:
     """The HF model at `model_dir` on one batch of random tokens, in float32.
 
     `rounding` None runs the original weights; a dtype name sets every parameter to what a correct conversion
-    to that dtype stores for it, read back (`Plan.reassembled_value`). Each run is computed once and kept.
+    to that dtype stores for it, read back (`Plan.reassembled_value`), as each source tensor is read. The model
+    streams through the device one decoder layer at a time (`verify/streaming.py`) under the batch's cap;
+    `progress` gets the bytes of source tensors read. Each run is computed once and kept.
     """
 
-    def __init__(self, model_dir: Path | str, batch: BatchOptions = BatchOptions(num_sequences=2)) -> None:
+    def __init__(self, model_dir: Path | str, batch: BatchOptions = BatchOptions(num_sequences=2),
+                 progress: Progress | None = None) -> None:
         self.model_dir, self.seed, self.device = Path(model_dir), batch.seed, batch.torch_device
+        self.batch, self.progress = batch, progress
         self.vocab_size = open_source(model_dir).hf_config.vocab_size
         self.input_ids = batch.input_ids(self.vocab_size)
         self._runs: dict[tuple[str | None, int | None], tuple[Tensor, list[Tensor]]] = {}
@@ -153,50 +170,61 @@ class HFReference:
         """Logits and the float32 outputs [embedding, layer 0, ...] of one sequence."""
         return self._run(rounding, sequence)
 
-    def _run(self, rounding: str | None, sequence: int | None) -> tuple[Tensor, list[Tensor]]:
+    def teacher_forced(self, rounding: str, runtime: StageRunner) -> TeacherForced:
+        """HF's run with `rounding` (its logits kept as `logits(rounding)`), each of `runtime`'s stages run on
+        HF's input to that stage as HF runs, and compared with HF's output."""
+        ids = self.input_ids.to(self.device)
+        errors: list[StageError] = []
+        last: list[Tensor] = []
+
+        def compare(label: str, reference: Tensor, candidate: Tensor) -> None:
+            broken = bool((~torch.isfinite(candidate) & torch.isfinite(reference)).any())
+            errors.append(StageError(label, math.inf if broken else relative_error(reference, candidate)))
+
+        def hooks(model: torch.nn.Module) -> list:
+            layers, inputs = decoder_layers(model), {}
+
+            def before(index: int):
+                def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                    inputs[index] = (args[0] if args else kwargs["hidden_states"]).float()
+                    if index == 0:
+                        compare("embedding", inputs[0], runtime.embed(ids).float())
+                return hook
+
+            def after(index: int):
+                def hook(module: torch.nn.Module, args: object, output: object) -> None:
+                    out = (output if isinstance(output, Tensor) else output[0]).float()
+                    compare(f"layer {index}", out, runtime.layer(index, inputs.pop(index)).float())
+                    last[:] = [out]
+                return hook
+
+            return [h for i, layer in enumerate(layers) for h in (
+                layer.register_forward_pre_hook(before(i), with_kwargs=True), layer.register_forward_hook(after(i)))]
+
+        logits = self._run(rounding, None, hooks)[0]
+        compare(FINAL_STAGE, logits.to(self.device), runtime.logits(last[0]).float())
+        first = next((e.stage for e in errors if not e.relative_error <= CONVERSION_REL_ERROR), None)
+        return TeacherForced(errors, first)
+
+    def _run(self, rounding: str | None, sequence: int | None,
+             hooks: Callable[[torch.nn.Module], list] | None = None) -> tuple[Tensor, list[Tensor]]:
+        """One streamed run (cached unless `hooks(model)` adds hooks of its own, returning their handles)."""
         key = (rounding, sequence)
-        if key not in self._runs:
+        if key not in self._runs or hooks is not None:
             ids = self.input_ids if sequence is None else self.input_ids[sequence : sequence + 1]
-            with tempfile.TemporaryDirectory(prefix="shardproof-rounded-") as scratch:
-                model = self._load(rounding, Path(scratch))
-                try:
-                    self._runs[key] = _forward(model, ids.to(self.device), capture=sequence is not None)
-                finally:
-                    del model
-                    release(self.device)
+            value = plan_conversion(self.model_dir, dtype=rounding)[0].reassembled_value if rounding else None
+            try:
+                with StreamedModel(self.model_dir, torch.float32, self.device, value, self.batch.resident(),
+                                   self.progress) as streamed:
+                    handles = hooks(streamed.model) if hooks else []
+                    try:
+                        self._runs[key] = _forward(streamed.model, ids.to(self.device), capture=sequence is not None)
+                    finally:
+                        for handle in handles:
+                            handle.remove()
+            finally:
+                release(self.device)
         return self._runs[key]
-
-    def _load(self, rounding: str | None, scratch: Path) -> torch.nn.Module:
-        """The float32 model; with `rounding`, every source tensor set to what a conversion to that dtype stores
-        for it, read back. When transformers holds each source tensor as one parameter (under the card's names),
-        the parameters are rounded in place, one tensor at a time; when it fuses or stacks them on load (experts),
-        the rounded tensors are written to a copy under `scratch` and loaded from there, so transformers' own
-        loading places them."""
-        model = load_model(self.model_dir, torch.float32, self.device)
-        if rounding is None:
-            return model
-        plan, source = plan_conversion(self.model_dir, dtype=rounding)
-        parameters = dict(model.named_parameters())
-        sources = {plan.card.hf_name(name): name for name in source.shapes}
-        if parameters.keys() <= sources.keys():
-            with torch.no_grad():
-                for hf_name, parameter in parameters.items():
-                    name = sources[hf_name]
-                    parameter.copy_(plan.reassembled_value(name, source.load(name)).float())
-            return model
-        del model, parameters
-        release(self.device)
-        save_file({name: plan.reassembled_value(name, source.load(name)).contiguous() for name in source.shapes},
-                  scratch / "model.safetensors", metadata={"format": "pt"})
-        shutil.copy(self.model_dir / "config.json", scratch / "config.json")
-        return load_model(scratch, torch.float32, self.device)
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder's list of layers, whatever the family calls it (`layers`, `h`): its module list with one
-    entry per hidden layer."""
-    count = model.config.num_hidden_layers
-    return next(m for m in model.get_decoder().children() if isinstance(m, torch.nn.ModuleList) and len(m) == count)
 
 
 def _forward(model: torch.nn.Module, ids: Tensor, capture: bool) -> tuple[Tensor, list[Tensor]]:
@@ -265,6 +293,7 @@ def check_sharded(checkpoint_dir: Path | str, reference: HFReference, target: st
     dtype, device = report.dtype, reference.device
     native = run_simulated(ckpt, ids, device).cpu()
     wide = native if dtype == "float32" else run_simulated(ckpt, ids, device, torch.float32).cpu()
+    report.teacher_forced = reference.teacher_forced(dtype, StageRunner(ckpt, device, torch.float32, ids.shape[1]))
     conversion = _compare("conversion", f"HF, weights as stored in {dtype}, float32 math", "runtime, float32 math",
                           reference.logits(dtype), wide, dtype)
     report.comparisons.append(conversion)
@@ -314,7 +343,8 @@ def _runtime_stages(ckpt: ShardedCheckpoint, ids: Tensor, dtype: torch.dtype) ->
 
 
 def sharded_check(model_dir: Path | str, checkpoint_dir: Path | str,
-                  batch: BatchOptions = BatchOptions(num_sequences=2), target: str | None = None) -> ShardedReport:
+                  batch: BatchOptions = BatchOptions(num_sequences=2), target: str | None = None,
+                  progress: Progress | None = None) -> ShardedReport:
     """Check the rank files at `checkpoint_dir` (laid out in `target`, default the TensorRT-LLM checkpoint) against
     the HF model at `model_dir` on random token batches."""
-    return check_sharded(checkpoint_dir, HFReference(model_dir, batch), target)
+    return check_sharded(checkpoint_dir, HFReference(model_dir, batch, progress), target)

@@ -27,6 +27,7 @@ from .forward import BatchOptions
 from .inputs import check_model
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
 from .sharded_check import CHECKS as SHARDED_CHECKS, ShardedReport, sharded_check
+from .streaming import Progress
 
 MODES = ("both", "reassembled", "sharded")
 Log = Callable[[str], None]
@@ -79,9 +80,13 @@ def verify_checkpoint(
     batch: BatchOptions = BatchOptions(),
     log: Log | None = None,
     target: str | None = None,
+    progress: Progress | None = None,
 ) -> Verification:
     """Run the chosen mode(s) on the same random token batches; bad input raises ShardproofError before any work.
     `target` names the layout of the rank files (converter/target.py; default the TensorRT-LLM checkpoint).
+
+    Models stream through the device one layer at a time, under `batch.max_device_memory` when set; `progress`
+    gets the bytes of source tensors read as they are compared and run.
 
     The checkpoint's integrity manifest is checked before anything else reads it: a file that differs from it
     fails the verification with no mode run. A model directory that is not the checkpoint's source fails the
@@ -94,16 +99,17 @@ def verify_checkpoint(
     if not _check_manifest(result, model_dir, checkpoint_dir, log):
         return result
     check_readable(checkpoint_dir, target, model_dir)
+    batch.limit_device_memory()
     if mode in ("both", "reassembled"):
         with _unless_not_run(result, "reassembled"):
-            result.reassembled = verify_equivalence(model_dir, checkpoint_dir, batch, log, target)
+            result.reassembled = verify_equivalence(model_dir, checkpoint_dir, batch, log, target, progress)
             result.timings.update(result.reassembled.timings)
     if mode in ("both", "sharded"):
         if log:
             log("running the rank files with the sharded reference runtime")
         start = time.perf_counter()
         with _unless_not_run(result, "sharded"):
-            result.sharded = sharded_check(model_dir, checkpoint_dir, batch, target)
+            result.sharded = sharded_check(model_dir, checkpoint_dir, batch, target, progress)
         result.timings["sharded"] = time.perf_counter() - start
     return result
 

@@ -13,16 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import torch
-from safetensors import safe_open
-
 from shardproof.converter.checkpoint import TRTCheckpoint
-from shardproof.converter.plan import Plan, holds
+from shardproof.converter.plan import holds
 from shardproof.converter.reassemble import HF_WEIGHTS
+from shardproof.converter.safetensors_io import TensorReader
 from shardproof.converter.source import Source, open_source
 from shardproof.converter.transforms import to_stored
 
 from .metrics import first_difference, max_abs_diff
+from .streaming import Progress
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,10 @@ def compare_weights(
     model_dir: Path | str,
     reassembled_dir: Path | str,
     checkpoint: TRTCheckpoint,
+    progress: Progress | None = None,
 ) -> WeightComparison:
-    """Compare every tensor of the source at `model_dir`, cast to the checkpoint's dtype, with the reassembled one.
+    """Compare every tensor of the source at `model_dir`, cast to the checkpoint's dtype, with the reassembled one,
+    one tensor at a time (memory holds one pair); `progress` gets each source tensor's bytes once compared.
 
     The expected value is `Plan.reassembled_value`: the cast, through its ops' round trip where one rounds. Source tensors the checkpoint's architecture skips (rotary frequencies, a tied lm_head) are listed, not
     compared; whether a skip applies is decided from the source's own config. Differing tensors are traced to
@@ -85,27 +86,29 @@ def compare_weights(
     card = checkpoint.card
     source_dims = card.config.dims_from_hf(source.hf_config)
     result = WeightComparison(dtype, [])
-    with safe_open(str(Path(reassembled_dir) / HF_WEIGHTS), framework="pt") as rebuilt:
-        rebuilt_names = set(rebuilt.keys())
-        for name, shape in source.shapes.items():
-            shape = tuple(shape)
-            if name not in rebuilt_names:
-                skip = next((s for s in card.skips if holds(s.when, source_dims, checkpoint.layout) and s.matches(name)), None)
-                if skip is not None:
-                    result.skipped[name] = skip.reason
-                else:
-                    result.tensors.append(TensorComparison(name, shape, False, math.inf, None, "missing from the checkpoint"))
-                continue
-            expected = checkpoint.plan.reassembled_value(name, source.load(name))
-            actual = rebuilt.get_tensor(name)
-            if tuple(actual.shape) != shape or actual.dtype != expected.dtype:
-                problem = f"{actual.dtype} {list(actual.shape)} in the checkpoint, {expected.dtype} {list(shape)} expected"
-                result.tensors.append(TensorComparison(name, shape, False, math.inf, None, problem))
+    rebuilt = TensorReader(Path(reassembled_dir) / HF_WEIGHTS)
+    for name, shape in source.shapes.items():
+        shape = tuple(shape)
+        if name not in rebuilt.entries:
+            skip = next((s for s in card.skips if holds(s.when, source_dims, checkpoint.layout) and s.matches(name)), None)
+            if skip is not None:
+                result.skipped[name] = skip.reason
             else:
-                index = first_difference(expected, actual)
-                diff = 0.0 if index is None else max_abs_diff(expected, actual)
-                result.tensors.append(TensorComparison(name, shape, index is None, diff, index))
-        result.extra = sorted(rebuilt_names - set(source.shapes))
+                result.tensors.append(TensorComparison(name, shape, False, math.inf, None, "missing from the checkpoint"))
+            continue
+        expected = checkpoint.plan.reassembled_value(name, source.load(name))
+        actual = rebuilt.read(name)
+        if tuple(actual.shape) != shape or actual.dtype != expected.dtype:
+            problem = f"{actual.dtype} {list(actual.shape)} in the checkpoint, {expected.dtype} {list(shape)} expected"
+            result.tensors.append(TensorComparison(name, shape, False, math.inf, None, problem))
+        else:
+            index = first_difference(expected, actual)
+            diff = 0.0 if index is None else max_abs_diff(expected, actual)
+            result.tensors.append(TensorComparison(name, shape, index is None, diff, index))
+        del expected, actual
+        if progress:
+            progress(source.nbytes(name))
+    result.extra = sorted(set(rebuilt.entries) - set(source.shapes))
     result.ranks = locate_in_ranks(source, checkpoint, {t.name for t in result.mismatches})
     return result
 
@@ -132,15 +135,3 @@ def locate_in_ranks(source: Source, checkpoint: TRTCheckpoint, names: set[str]) 
             if index is not None:
                 found.append(RankDifference(rank.rank, planned.name, planned.sources, max_abs_diff(expected, actual), index))
     return found
-
-
-def format_rounded(model_dir: Path | str, plan: Plan) -> dict[str, torch.Tensor]:
-    """The source tensors that an op rounds, as reassembly must give them back (empty for most models).
-
-    Loaded into the source model in the checkpoint dtype, they make the model the checkpoint must equal.
-    """
-    names = plan.rounded_sources()
-    if not names:
-        return {}
-    source = open_source(model_dir)
-    return {name: plan.reassembled_value(name, source.load(name)) for name in names if name in source.shapes}

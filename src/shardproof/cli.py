@@ -282,14 +282,15 @@ def _write_report(data: dict, report: Optional[Path]) -> None:
         console.print(f"wrote the JSON report to {report}", markup=False)
 
 
-def _batch_options(device: str, num_sequences: int, seq_len: int, seed: int, mode: str, report: Optional[Path]):
+def _batch_options(device: str, num_sequences: int, seq_len: int, seed: int, mode: str, report: Optional[Path],
+                   max_device_memory: Optional[float] = None):
     """verify's and check's options, checked before any work: ShardproofError names the first bad one."""
     from shardproof.verify.forward import BatchOptions
     from shardproof.verify.verification import check_mode
 
     check_mode(mode)
     _check_report_path(report)
-    return BatchOptions(device, num_sequences, seq_len, seed)
+    return BatchOptions(device, num_sequences, seq_len, seed, max_device_memory)
 
 
 def _finish(result, report: Optional[Path]) -> None:
@@ -306,6 +307,9 @@ def _finish(result, report: Optional[Path]) -> None:
 DEVICE_HELP = "auto (cuda when available), cpu or cuda: where the models run, one at a time."
 SEQUENCES_HELP = "Random token sequences run through every model."
 SEQ_LEN_HELP = "Tokens per sequence (long enough that rotary position errors show)."
+MAX_DEVICE_MEMORY_HELP = ("GiB the models may hold on the device (on CUDA the process's share of it; everywhere the "
+                          "parameters resident at once); models stream one layer at a time, so a model larger than "
+                          "this is verified; a check that needs more does not run (exit 3).")
 MODE_HELP = ("reassembled: invert the rank files and compare with the source bit for bit; sharded: run the rank "
              "files as TensorRT-LLM would and compare with the source; both (default).")
 
@@ -321,6 +325,8 @@ def verify(
     seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the random token batches."),
     mode: str = typer.Option("both", "--mode", help=MODE_HELP),
+    max_device_memory: Optional[float] = typer.Option(None, "--max_device_memory", "--max-device-memory",
+                                                      help=MAX_DEVICE_MEMORY_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
     target: str = _target_option(),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", "--allow_pickle", help=ALLOW_PICKLE_HELP),
@@ -335,7 +341,7 @@ def verify(
 
     if model_dir is None or checkpoint_dir is None:
         raise ShardproofError("--model_dir and --checkpoint_dir are required")
-    batch = _batch_options(device, num_sequences, seq_len, seed, mode, report)
+    batch = _batch_options(device, num_sequences, seq_len, seed, mode, report, max_device_memory)
     _finish(verify_checkpoint(model_dir, checkpoint_dir, mode, batch, log=_log, target=get_target(target).name), report)
 
 
@@ -364,6 +370,8 @@ def check(
     seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the random token batches (and of the demo model)."),
     mode: str = typer.Option("both", "--mode", help=MODE_HELP),
+    max_device_memory: Optional[float] = typer.Option(None, "--max_device_memory", "--max-device-memory",
+                                                      help=MAX_DEVICE_MEMORY_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
     target: str = _target_option(),
 ) -> None:
@@ -379,7 +387,7 @@ def check(
         raise ShardproofError("pass either --model_dir or --demo")
     if architecture and not demo:
         raise ShardproofError("--architecture applies to --demo only (a model directory names its own)")
-    batch = _batch_options(device, num_sequences, seq_len, seed, mode, report)
+    batch = _batch_options(device, num_sequences, seq_len, seed, mode, report, max_device_memory)
     defaults = demo_model.LAYOUT if demo else dict(dtype="auto", tp_size=1, pp_size=1)
     layout = dict(
         dtype=dtype or defaults["dtype"],

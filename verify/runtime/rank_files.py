@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from shardproof.converter.card import Shape
-from shardproof.converter.safetensors_header import read_safetensors_header
+from shardproof.converter.dtypes import from_safetensors_code
+from shardproof.converter.errors import ShardproofError
+from shardproof.converter.safetensors_io import TensorReader
 
 from .config import RuntimeConfig, load_config
 from .family import Family, get_family
@@ -40,13 +41,45 @@ def pinned_dtypes(family: Family, cfg: RuntimeConfig, rank: int) -> dict[str, to
     return dtypes(cfg, rank) if dtypes else {}
 
 
+class RankFile:
+    """One rank file, its header read and validated up front, each tensor's data read only when asked for
+    (plain reads, no mmap: memory holds only the tensors in use)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._reader = TensorReader(path)  # judged exactly as convert and reassemble judge it
+        except ShardproofError as e:
+            raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
+        self.shapes: dict[str, Shape] = {name: tuple(e.shape) for name, e in self._reader.entries.items()}
+
+    def dtype(self, name: str) -> torch.dtype | str:
+        """The stored dtype of ``name`` (its safetensors code when torch has none)."""
+        code = self._reader.entries[name].dtype
+        try:
+            return from_safetensors_code(code)
+        except ShardproofError:
+            return code
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def read(self, name: str) -> Tensor:
+        """The data of ``name``, read from the file now."""
+        try:
+            return self._reader.read(name)
+        except ShardproofError as e:
+            raise ValueError(str(e)) from None
+
+
 @dataclass(frozen=True, eq=False)
 class RankWeights:
-    """Read-only view of one rank file: ``w[name]`` checks name, shape and dtype, then casts (a tensor in
-    ``pinned`` is checked against its own dtype and kept in it)."""
+    """Read-only view of one rank file: ``w[name]`` checks name, shape and dtype from the header, then reads
+    the tensor and casts it (a tensor in ``pinned`` is checked against its own dtype and kept in it). Nothing is
+    cached: a tensor lives as long as the caller holds it."""
 
     path: Path
-    tensors: dict[str, Tensor]
+    file: RankFile
     expected: dict[str, Shape]
     stored_dtype: torch.dtype
     tp_rank: int
@@ -57,19 +90,19 @@ class RankWeights:
 
     def __getitem__(self, name: str) -> Tensor:
         full = self.prefix + name
-        if full not in self.tensors:
+        if full not in self.file:
             raise ValueError(f"{self.path}: missing tensor '{full}'")
-        t = self.tensors[full]
-        if full in self.expected and tuple(t.shape) != self.expected[full]:
-            raise ValueError(f"{self.path}: tensor '{full}' has shape {list(t.shape)}, "
+        shape, dtype = self.file.shapes[full], self.file.dtype(full)
+        if full in self.expected and shape != self.expected[full]:
+            raise ValueError(f"{self.path}: tensor '{full}' has shape {list(shape)}, "
                              f"expected {list(self.expected[full])}")
         if full in self.pinned:
-            if t.dtype != self.pinned[full]:
-                raise ValueError(f"{self.path}: tensor '{full}' is {t.dtype}, expected {self.pinned[full]}")
-            return t.to(device=self.device)
-        if t.dtype != self.stored_dtype:
-            raise ValueError(f"{self.path}: tensor '{full}' is {t.dtype}, config says {self.stored_dtype}")
-        return t.to(device=self.device, dtype=self.dtype)
+            if dtype != self.pinned[full]:
+                raise ValueError(f"{self.path}: tensor '{full}' is {dtype}, expected {self.pinned[full]}")
+            return self.file.read(full).to(device=self.device)
+        if dtype != self.stored_dtype:
+            raise ValueError(f"{self.path}: tensor '{full}' is {dtype}, config says {self.stored_dtype}")
+        return self.file.read(full).to(device=self.device, dtype=self.dtype)
 
     def scope(self, prefix: str) -> RankWeights:
         """The same file with ``prefix`` prepended to every name."""
@@ -77,8 +110,8 @@ class RankWeights:
 
 
 class ShardedCheckpoint:
-    """A TensorRT-LLM checkpoint directory: parsed config, the family forward that runs it, and lazily
-    loaded rank files."""
+    """A TensorRT-LLM checkpoint directory: parsed config, the family forward that runs it, and rank files
+    whose headers are read once and whose tensors are read when a layer asks for them."""
 
     def __init__(self, checkpoint_dir: str | Path) -> None:
         self.path = Path(checkpoint_dir)
@@ -86,48 +119,45 @@ class ShardedCheckpoint:
             raise ValueError(f"{self.path}: checkpoint directory does not exist")
         self.config = load_config(self.path / "config.json")
         self.family: Family = get_family(self.config.forward)
-        self._files: dict[int, dict[str, Tensor]] = {}
+        self._files: dict[int, RankFile] = {}
 
     def rank_path(self, rank: int) -> Path:
         return self.path / f"rank{rank}.safetensors"
 
-    def tensors(self, rank: int) -> dict[str, Tensor]:
-        """Raw tensors of ``rank{rank}.safetensors`` (loaded on first use, then cached)."""
+    def file(self, rank: int) -> RankFile:
+        """``rank{rank}.safetensors``, its header read on first use, then kept."""
         if not 0 <= rank < self.config.world_size:
             raise ValueError(f"{self.path}: rank {rank} outside world_size {self.config.world_size}")
         if rank not in self._files:
             path = self.rank_path(rank)
             if not path.is_file():
                 raise ValueError(f"{path}: missing rank file")
-            try:
-                read_safetensors_header(path)  # judged first exactly as convert and reassemble judge it
-                self._files[rank] = load_file(path)
-            except Exception as e:  # ShardproofError, or safetensors' own error types for corrupt files
-                raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
+            self._files[rank] = RankFile(path)
         return self._files[rank]
 
     def weights(self, rank: int, device: torch.device | str = "cpu",
                 dtype: torch.dtype | None = None) -> RankWeights:
         """Checked view of one rank's tensors, cast to ``dtype`` (default: checkpoint dtype)."""
         cfg = self.config
-        return RankWeights(self.rank_path(rank), self.tensors(rank), self.family.tensors(cfg, rank),
+        return RankWeights(self.rank_path(rank), self.file(rank), self.family.tensors(cfg, rank),
                            cfg.dtype, rank % cfg.tp_size, device, dtype or cfg.dtype,
                            pinned=pinned_dtypes(self.family, cfg, rank))
 
     def validate(self, ranks: Sequence[int] | None = None) -> None:
-        """Fail on any missing, unexpected, misshapen or wrongly typed tensor in the rank files."""
+        """Fail on any missing, unexpected, misshapen or wrongly typed tensor in the rank files (from their
+        headers; no data is read)."""
         cfg = self.config
         for rank in range(cfg.world_size) if ranks is None else ranks:
-            path, found, expected = self.rank_path(rank), self.tensors(rank), self.family.tensors(cfg, rank)
-            if missing := sorted(set(expected) - set(found)):
+            path, found, expected = self.rank_path(rank), self.file(rank), self.family.tensors(cfg, rank)
+            if missing := sorted(set(expected) - set(found.shapes)):
                 raise ValueError(f"{path}: missing tensor(s) {missing}")
-            if extra := sorted(set(found) - set(expected)):
+            if extra := sorted(set(found.shapes) - set(expected)):
                 raise ValueError(f"{path}: unexpected tensor(s) {extra}")
             pinned = pinned_dtypes(self.family, cfg, rank)
             for name, shape in expected.items():
-                if tuple(found[name].shape) != shape:
-                    raise ValueError(f"{path}: tensor '{name}' has shape {list(found[name].shape)}, "
+                if found.shapes[name] != shape:
+                    raise ValueError(f"{path}: tensor '{name}' has shape {list(found.shapes[name])}, "
                                      f"expected {list(shape)}")
-                if found[name].dtype != pinned.get(name, cfg.dtype):
-                    raise ValueError(f"{path}: tensor '{name}' is {found[name].dtype}, "
+                if found.dtype(name) != pinned.get(name, cfg.dtype):
+                    raise ValueError(f"{path}: tensor '{name}' is {found.dtype(name)}, "
                                      f"expected {pinned.get(name, cfg.dtype)}")
