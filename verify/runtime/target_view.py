@@ -3,15 +3,18 @@
 The families execute the checkpoint target's tensors (`transformer.layers.{j}.attention.qkv.weight`, ...). A
 target with `runtime_view` is executed through a view derived from the two plans of the same model and mapping,
 rank by rank and from that rank's own tensors alone (nothing is reassembled across ranks): a checkpoint-target
-tensor is the target tensor made from the same sources on the same rank, or, when a target tensor fuses the
-sources of several checkpoint-target tensors (`gate_up_proj` holds `[gate_r; up_r]`, which the checkpoint keeps
-as `mlp.fc` and `mlp.gate`), its consecutive dim-0 pieces in source order. The runtime's config is the
-checkpoint target's config.json for that model and mapping. Whatever the view cannot derive is a check not run.
+tensor is a consecutive dim-0 piece (or the whole) of one target tensor of the same rank. Which piece is found by
+running both plans' ops and shards on tags (every source element numbered) instead of weights: `gate_up_proj`'s
+`[gate_r; up_r]` holds the checkpoint's `mlp.fc` (gate) and `mlp.gate` (up) as its halves, and a pre-fused HF
+`gate_up_proj`, which the checkpoint re-orders to `[up_r; gate_r]`, still gives each half its own rows. The
+runtime's config is the checkpoint target's config.json for that model and mapping. Whatever the view cannot
+derive is a check not run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -28,7 +31,8 @@ from .config import load_config
 from .family import get_family
 from .rank_files import ShardedCheckpoint
 
-Piece = tuple[str, int, int]  # (target tensor name, first row, rows) on dim 0; rows -1: the whole tensor
+Segment = tuple[str, int, int]  # (target tensor name, first row, rows) on dim 0; rows -1: the whole tensor
+Piece = tuple[Segment, ...]  # a checkpoint-target tensor: its segments concatenated on dim 0
 
 
 def checkpoint_plan(target_checkpoint: MetadataCheckpoint) -> Plan:
@@ -40,23 +44,86 @@ def checkpoint_plan(target_checkpoint: MetadataCheckpoint) -> Plan:
     return build_plan(ckpt.card, ckpt.dims, layout, ckpt.source_shapes, str(ckpt.directory))
 
 
-def _pieces(wanted: list[PlannedTensor], held: list[PlannedTensor]) -> dict[str, Piece]:
-    """Where each checkpoint-target tensor of one rank lies among the target tensors of that rank."""
-    by_sources = {t.sources: t for t in held}
+def _tagged(tensor: PlannedTensor, tp: int, numbering: dict[str, Tensor]) -> Tensor:
+    """The rank tensor as the plan makes it from tags instead of weights: every source element numbered (1, 2, ...;
+    0 is what padding gets), the same numbers for the same source wherever it appears; the ops that move values,
+    then the shard. (An op that rounds changes values in place only; `_piece` requires the same ones on both.)"""
+    tags = []
+    for name, shape in zip(tensor.sources, tensor.source_shapes):
+        if name not in numbering:
+            first = 1 + sum(t.numel() for t in numbering.values())
+            numbering[name] = torch.arange(first, first + math.prod(shape), dtype=torch.int64).reshape(shape)
+        tags.append(numbering[name])
+    for op in tensor.ops:
+        if op.exact:
+            tags = op.forward_all(tags)
+    return tensor.shard.forward(tags, tp, tensor.tp_rank)
+
+
+def _rounding(tensor: PlannedTensor) -> list:
+    return [op for op in tensor.ops if not op.exact]
+
+
+def _piece(wanted: PlannedTensor, held: list[PlannedTensor], tp: int) -> Piece | None:
+    """`wanted` as runs of consecutive dim-0 rows of the `held` tensors of its rank (those sharing a source with it,
+    in the same dtype, rounded by the same ops), found by matching tags row by row; None when it is not."""
+    held = [h for h in held if h.dtype == wanted.dtype and _rounding(h) == _rounding(wanted)
+            and tuple(h.shape[1:]) == tuple(wanted.shape[1:])]
+    for h in held:
+        if (h.sources, h.ops, h.shard, h.shape) == (wanted.sources, wanted.ops, wanted.shard, wanted.shape):
+            return ((h.name, 0, -1),)
+    numbering: dict[str, Tensor] = {}
+    tagged = [_tagged(h, tp, numbering) for h in held]
+    part = _tagged(wanted, tp, numbering)
+    if part.numel() == 0:
+        return None
+    starts = {}  # the first tag of each held row that has one -> (held index, row)
+    for i, t in enumerate(tagged):
+        for row, tag in enumerate(t.reshape(t.shape[0], -1)[:, 0].tolist() if t.numel() else []):
+            if tag:
+                starts[tag] = (i, row)
+    segments: list[list[int]] = []  # [held index, first row, rows], in the order they make `wanted`
+    for tag in part.reshape(part.shape[0], -1)[:, 0].tolist():
+        here = starts.get(tag) if tag else None  # a padding row (tag 0) continues the run it is in
+        if segments and (here is None or here == (segments[-1][0], segments[-1][1] + segments[-1][2])):
+            segments[-1][2] += 1
+        elif here is None:
+            return None
+        else:
+            segments.append([*here, 1])
+    offset = 0
+    for i, first, rows in segments:
+        if first + rows > tagged[i].shape[0] or not torch.equal(tagged[i].narrow(0, first, rows),
+                                                                part.narrow(0, offset, rows)):
+            return None
+        offset += rows
+    return tuple((held[i].name, 0, -1) if rows == tagged[i].shape[0] else (held[i].name, first, rows)
+                 for i, first, rows in segments)
+
+
+def _structure(t: PlannedTensor) -> tuple:
+    return (t.source_shapes, t.ops, t.shard, t.dtype, t.shape)
+
+
+def _pieces(wanted: list[PlannedTensor], held: list[PlannedTensor], tp: int) -> dict[str, Piece]:
+    """Where each checkpoint-target tensor of one rank lies among the target tensors of that rank. Layers repeat
+    the same structure, so each structure is derived once (tags take one int64 per source element)."""
+    holding: dict[str, list[PlannedTensor]] = {}
+    for h in held:
+        for name in dict.fromkeys(h.sources):
+            holding.setdefault(name, []).append(h)
     out: dict[str, Piece] = {}
-    for fused in held:
-        parts = [w for w in wanted if w.sources != fused.sources and set(w.sources) <= set(fused.sources)]
-        parts.sort(key=lambda w: fused.sources.index(w.sources[0]))
-        if parts and sum((w.sources for w in parts), ()) == fused.sources \
-                and sum(w.shape[0] for w in parts) == fused.shape[0]:
-            row = 0
-            for w in parts:
-                out[w.name] = (fused.name, row, w.shape[0])
-                row += w.shape[0]
+    known: dict[tuple, tuple | None] = {}
     for w in wanted:
-        same = by_sources.get(w.sources)
-        if w.name not in out and same is not None and same.shape == w.shape and same.ops == w.ops:
-            out[w.name] = (same.name, 0, -1)
+        candidates = list({id(h): h for s in w.sources for h in holding.get(s, [])}.values())
+        key = (_structure(w), tuple(_structure(h) for h in candidates),
+               tuple(tuple(h.sources.index(s) if s in h.sources else -1 for h in candidates) for s in w.sources))
+        if key not in known:
+            piece = _piece(w, candidates, tp)
+            known[key] = None if piece is None else tuple(
+                (next(i for i, h in enumerate(candidates) if h.name == name), first, rows) for name, first, rows in piece)
+        if known[key] is not None:
+            out[w.name] = tuple((candidates[i].name, first, rows) for i, first, rows in known[key])
     missing = [w.name for w in wanted if w.name not in out]
     if missing:
         raise CheckNotRun(f"the sharded runtime cannot read {', '.join(missing[:3])} from this target's rank files")
@@ -76,7 +143,8 @@ class TargetShardedCheckpoint(ShardedCheckpoint):
             self.config = load_config(config)
         self.family = get_family(self.config.forward)
         held = {rank.rank: list(rank.tensors) for rank in target_checkpoint.plan.ranks}
-        self._pieces = {rank.rank: _pieces(list(rank.tensors), held[rank.rank]) for rank in plan.ranks}
+        tp = plan.layout.mapping.tp_size
+        self._pieces = {rank.rank: _pieces(list(rank.tensors), held[rank.rank], tp) for rank in plan.ranks}
         self._files: dict[int, dict[str, Tensor]] = {}
 
     def tensors(self, rank: int) -> dict[str, Tensor]:
@@ -85,12 +153,15 @@ class TargetShardedCheckpoint(ShardedCheckpoint):
                 raise ValueError(f"{self.path}: rank {rank} outside world_size {self.config.world_size}")
             source = self.source
             out = {}
-            for name, (held, first, rows) in self._pieces[rank].items():
-                try:
-                    tensor = source.load(rank, held)
-                except Exception as e:  # a missing file or tensor is the structural check's to report
-                    raise ValueError(f"{source.rank_path(rank)}: cannot read {held} ({e})") from None
-                out[name] = tensor if rows < 0 else tensor.narrow(0, first, rows)
+            for name, segments in self._pieces[rank].items():
+                parts = []
+                for held, first, rows in segments:
+                    try:
+                        tensor = source.load(rank, held)
+                    except Exception as e:  # a missing file or tensor is the structural check's to report
+                        raise ValueError(f"{source.rank_path(rank)}: cannot read {held} ({e})") from None
+                    parts.append(tensor if rows < 0 else tensor.narrow(0, first, rows))
+                out[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
             self._files[rank] = out
         return self._files[rank]
 
