@@ -31,6 +31,11 @@ def switches(architecture: str) -> dict:
     return {k: v for k, v in get_card(architecture).tests.selftest.items() if isinstance(v, bool)}
 
 
+def refuses_ties(architecture: str) -> bool:
+    """The card says its backend model cannot be built tied (a condition on tie_word_embeddings)."""
+    return any("tie_word_embeddings" in condition for condition, _ in PYTORCH.rows(get_card(architecture)).refused)
+
+
 def heads(tensor: torch.Tensor, *indices: int) -> torch.Tensor:
     return torch.cat([tensor[h * HD : (h + 1) * HD] for h in indices])
 
@@ -111,6 +116,11 @@ def test_round_trip_is_bit_exact_at_every_layout(architecture, tmp_path):
             **GQA, "num_attention_heads": 8, "hidden_size": 8 * HD, "tie_word_embeddings": tied,
             **switches(architecture)})
         source = load_checkpoint(src)
+        if tied and refuses_ties(architecture):
+            with pytest.raises(ShardproofError, match="tie_word_embeddings.*cannot be laid out"):
+                convert(src, tmp_path / "refused", dtype="float32", target=TARGET)
+            assert not (tmp_path / "refused").exists()
+            continue
         for tp in (1, 2, 4, 8):
             for pp in (1, 2):
                 out, back = tmp_path / f"pt{tied}{tp}{pp}", tmp_path / f"hf{tied}{tp}{pp}"
@@ -126,11 +136,12 @@ def test_round_trip_is_bit_exact_at_every_layout(architecture, tmp_path):
 @pytest.mark.parametrize("architecture", SUPPORTED)
 def test_runtime_view_is_the_checkpoint_targets_rank_files_bit_for_bit(architecture, tmp_path):
     """The view derived from the two plans gives each rank exactly the tensors the checkpoint target writes for
-    that rank (a vocab-parallel embedding, as the backend's), whatever fusing and reordering lies between."""
+    that rank (with the embedding as the target holds it), whatever fusing and reordering lies between."""
     src = random_checkpoint(tmp_path / "src", architecture, seed=4, **{**GQA, **switches(architecture)})
     convert(src, tmp_path / "pt", dtype="float32", tp_size=4, pp_size=2, target=TARGET)
-    convert(src, tmp_path / "trt", dtype="float32", tp_size=4, pp_size=2, use_parallel_embedding=True)
     view = open_sharded(tmp_path / "pt", TARGET)
+    convert(src, tmp_path / "trt", dtype="float32", tp_size=4, pp_size=2,
+            use_parallel_embedding=view.config.use_parallel_embedding)
     for rank in range(8):
         want = load_file(tmp_path / "trt" / f"rank{rank}.safetensors")
         got = view.tensors(rank)
@@ -194,3 +205,28 @@ def test_pre_fused_phi3_sources_are_re_fused_per_rank_in_hf_order(tmp_path):
         assert torch.equal(got[p + "self_attn.qkv_proj.weight"], want), rank
         rows = slice(2 * rank, 2 * rank + 2)
         assert torch.equal(got[p + "mlp.gate_up_proj.weight"], torch.cat([gate[rows], up[rows]])), rank
+
+
+def test_mixtral_experts_are_stacked_per_expert_rank_and_the_router_kept_in_the_model_dtype(tmp_path):
+    """The fused MoE's VANILLA load (quantization.py FusedMoEMethodBase): rank r holds experts of its expert rank
+    (r % moe_ep), each [w3_r; w1_r] and w2_r split by its expert-TP rank (r // moe_ep); the router and the
+    embedding are whole on every rank, the router in the model's dtype (modeling_mixtral.py)."""
+    src = random_checkpoint(tmp_path / "src", "MixtralForCausalLM", seed=6, dtype="bfloat16",
+                            **{**GQA, "num_local_experts": 4, "num_experts_per_tok": 2})
+    hf = load_file(src / "model.safetensors")
+    out = tmp_path / "pt"
+    convert(src, out, dtype="bfloat16", tp_size=4, moe_ep_size=2, target=TARGET)
+    moe = p = "model.layers.2.block_sparse_moe."
+    for rank in range(4):
+        got = load_file(out / f"rank{rank}.safetensors")
+        experts, half = (2 * (rank % 2), 2 * (rank % 2) + 1), slice(4 * (rank // 2), 4 * (rank // 2) + 4)
+        w3_w1 = torch.stack([torch.cat([hf[f"{moe}experts.{e}.w3.weight"][half], hf[f"{moe}experts.{e}.w1.weight"][half]])
+                             for e in experts])
+        w2 = torch.stack([hf[f"{moe}experts.{e}.w2.weight"][:, half] for e in experts])
+        assert torch.equal(got[p + "experts.w3_w1_weight"], w3_w1), rank
+        assert torch.equal(got[p + "experts.w2_weight"], w2), rank
+        assert got[p + "gate.weight"].dtype == torch.bfloat16
+        assert torch.equal(got[p + "gate.weight"], hf[moe + "gate.weight"])
+        assert torch.equal(got["model.embed_tokens.weight"], hf["model.embed_tokens.weight"])
+    report = sharded_check(src, out, target=TARGET)
+    assert report.passed, report.failures

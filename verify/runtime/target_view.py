@@ -35,13 +35,20 @@ Segment = tuple[str, int, int]  # (target tensor name, first row, rows) on dim 0
 Piece = tuple[Segment, ...]  # a checkpoint-target tensor: its segments concatenated on dim 0
 
 
-def checkpoint_plan(target_checkpoint: MetadataCheckpoint) -> Plan:
-    """The checkpoint target's plan for the same model, dtype and mapping (its card's layout rule applied to a
-    vocab-parallel embedding, as the PyTorch backend's)."""
+# The checkpoint target's embedding layouts the view tries, in order: replicated (so that a target holding the whole
+# table runs all of it), then vocab-parallel (what most of the PyTorch backend's decoders hold).
+EMBEDDINGS = (dict(use_parallel_embedding=False), dict(use_parallel_embedding=True, embedding_sharding_dim=0))
+
+
+def checkpoint_plans(target_checkpoint: MetadataCheckpoint) -> list[Plan]:
+    """The checkpoint target's plans for the same model, dtype and mapping, one per embedding layout (the card's
+    layout rule applied)."""
     ckpt = target_checkpoint
-    layout = ckpt.card.layout(Layout(dtype=ckpt.layout.dtype, mapping=ckpt.layout.mapping,
-                                     use_parallel_embedding=True, embedding_sharding_dim=0), ckpt.dims)
-    return build_plan(ckpt.card, ckpt.dims, layout, ckpt.source_shapes, str(ckpt.directory))
+    return [build_plan(ckpt.card, ckpt.dims,
+                       ckpt.card.layout(Layout(dtype=ckpt.layout.dtype, mapping=ckpt.layout.mapping, **switches),
+                                        ckpt.dims),
+                       ckpt.source_shapes, str(ckpt.directory))
+            for switches in EMBEDDINGS]
 
 
 def _tagged(tensor: PlannedTensor, tp: int, numbering: dict[str, Tensor]) -> Tensor:
@@ -66,9 +73,9 @@ def _rounding(tensor: PlannedTensor) -> list:
 
 def _piece(wanted: PlannedTensor, held: list[PlannedTensor], tp: int) -> Piece | None:
     """`wanted` as runs of consecutive dim-0 rows of the `held` tensors of its rank (those sharing a source with it,
-    in the same dtype, rounded by the same ops), found by matching tags row by row; None when it is not."""
-    held = [h for h in held if h.dtype == wanted.dtype and _rounding(h) == _rounding(wanted)
-            and tuple(h.shape[1:]) == tuple(wanted.shape[1:])]
+    rounded by the same ops), found by matching tags row by row; None when it is not. A held tensor stored in
+    another dtype (a router the target keeps in the model's dtype) is read in the wanted one."""
+    held = [h for h in held if _rounding(h) == _rounding(wanted) and tuple(h.shape[1:]) == tuple(wanted.shape[1:])]
     for h in held:
         if (h.sources, h.ops, h.shard, h.shape) == (wanted.sources, wanted.ops, wanted.shard, wanted.shape):
             return ((h.name, 0, -1),)
@@ -105,15 +112,15 @@ def _structure(t: PlannedTensor) -> tuple:
     return (t.source_shapes, t.ops, t.shard, t.dtype, t.shape)
 
 
-def _pieces(wanted: list[PlannedTensor], held: list[PlannedTensor], tp: int) -> dict[str, Piece]:
+def _pieces(wanted: list[PlannedTensor], held: list[PlannedTensor], tp: int, known: dict) -> dict[str, Piece]:
     """Where each checkpoint-target tensor of one rank lies among the target tensors of that rank. Layers repeat
-    the same structure, so each structure is derived once (tags take one int64 per source element)."""
+    the same structure, so each structure is derived once, remembered in `known` (tags take one int64 per source
+    element)."""
     holding: dict[str, list[PlannedTensor]] = {}
     for h in held:
         for name in dict.fromkeys(h.sources):
             holding.setdefault(name, []).append(h)
     out: dict[str, Piece] = {}
-    known: dict[tuple, tuple | None] = {}
     for w in wanted:
         candidates = list({id(h): h for s in w.sources for h in holding.get(s, [])}.values())
         key = (_structure(w), tuple(_structure(h) for h in candidates),
@@ -122,11 +129,9 @@ def _pieces(wanted: list[PlannedTensor], held: list[PlannedTensor], tp: int) -> 
             piece = _piece(w, candidates, tp)
             known[key] = None if piece is None else tuple(
                 (next(i for i, h in enumerate(candidates) if h.name == name), first, rows) for name, first, rows in piece)
-        if known[key] is not None:
-            out[w.name] = tuple((candidates[i].name, first, rows) for i, first, rows in known[key])
-    missing = [w.name for w in wanted if w.name not in out]
-    if missing:
-        raise CheckNotRun(f"the sharded runtime cannot read {', '.join(missing[:3])} from this target's rank files")
+        if known[key] is None:
+            raise CheckNotRun(f"the sharded runtime cannot read {w.name} from this target's rank files")
+        out[w.name] = tuple((candidates[i].name, first, rows) for i, first, rows in known[key])
     return out
 
 
@@ -136,15 +141,23 @@ class TargetShardedCheckpoint(ShardedCheckpoint):
     def __init__(self, target_checkpoint: MetadataCheckpoint) -> None:
         self.path = target_checkpoint.directory
         self.source = target_checkpoint
-        plan = checkpoint_plan(target_checkpoint)
+        held = {rank.rank: list(rank.tensors) for rank in target_checkpoint.plan.ranks}
+        tp, known = target_checkpoint.layout.mapping.tp_size, {}
+        for plan in checkpoint_plans(target_checkpoint):
+            try:
+                self._pieces = {rank.rank: _pieces(list(rank.tensors), held[rank.rank], tp, known)
+                                for rank in plan.ranks}
+                break
+            except CheckNotRun as e:
+                cannot = e
+        else:
+            raise cannot
+        self._dtypes = {t.name: t.torch_dtype for rank in plan.ranks for t in rank.tensors}
         with tempfile.TemporaryDirectory(prefix="shardproof-view-") as tmp:
             config = Path(tmp) / "config.json"
             config.write_text(json.dumps(trt_config(plan, target_checkpoint.hf)))
             self.config = load_config(config)
         self.family = get_family(self.config.forward)
-        held = {rank.rank: list(rank.tensors) for rank in target_checkpoint.plan.ranks}
-        tp = plan.layout.mapping.tp_size
-        self._pieces = {rank.rank: _pieces(list(rank.tensors), held[rank.rank], tp) for rank in plan.ranks}
         self._files: dict[int, dict[str, Tensor]] = {}
 
     def tensors(self, rank: int) -> dict[str, Tensor]:
@@ -161,7 +174,7 @@ class TargetShardedCheckpoint(ShardedCheckpoint):
                     except Exception as e:  # a missing file or tensor is the structural check's to report
                         raise ValueError(f"{source.rank_path(rank)}: cannot read {held} ({e})") from None
                     parts.append(tensor if rows < 0 else tensor.narrow(0, first, rows))
-                out[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
+                out[name] = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self._dtypes[name])
             self._files[rank] = out
         return self._files[rank]
 
