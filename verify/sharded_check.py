@@ -136,11 +136,13 @@ class HFReference:
     """The HF model at `model_dir` on one batch of random tokens, in float32.
 
     `rounding` None runs the original weights; a dtype name sets every parameter to what a correct conversion
-    to that dtype stores for it, read back (`Plan.reassembled_value`). Each run is computed once and kept.
+    to that dtype, laid out in `target` (default: the TensorRT-LLM checkpoint), stores for it, read back
+    (`Plan.reassembled_value`: a target may store a tensor in another dtype). Each run is computed once and kept.
     """
 
-    def __init__(self, model_dir: Path | str, batch: BatchOptions = BatchOptions(num_sequences=2)) -> None:
-        self.model_dir, self.seed, self.device = Path(model_dir), batch.seed, batch.torch_device
+    def __init__(self, model_dir: Path | str, batch: BatchOptions = BatchOptions(num_sequences=2),
+                 target: str | None = None) -> None:
+        self.model_dir, self.seed, self.device, self.target = Path(model_dir), batch.seed, batch.torch_device, target
         self.vocab_size = HFCheckpoint(model_dir).hf_config.vocab_size
         self.input_ids = batch.input_ids(self.vocab_size)
         self._runs: dict[tuple[str | None, int | None], tuple[Tensor, list[Tensor]]] = {}
@@ -175,7 +177,7 @@ class HFReference:
         model = load_model(self.model_dir, torch.float32, self.device)
         if rounding is None:
             return model
-        plan, source = plan_conversion(self.model_dir, dtype=rounding)
+        plan, source = plan_conversion(self.model_dir, dtype=rounding, target=self.target)
         parameters = dict(model.named_parameters())
         sources = {plan.card.hf_name(name): name for name in source.shapes}
         if parameters.keys() <= sources.keys():
@@ -317,4 +319,4 @@ def sharded_check(model_dir: Path | str, checkpoint_dir: Path | str,
                   batch: BatchOptions = BatchOptions(num_sequences=2), target: str | None = None) -> ShardedReport:
     """Check the rank files at `checkpoint_dir` (laid out in `target`, default the TensorRT-LLM checkpoint) against
     the HF model at `model_dir` on random token batches."""
-    return check_sharded(checkpoint_dir, HFReference(model_dir, batch), target)
+    return check_sharded(checkpoint_dir, HFReference(model_dir, batch, target), target)
