@@ -107,7 +107,8 @@ def convert(
             mapping = plan.layout.mapping
             for rank in plan.ranks:
                 RankMetadata(target.name, plan.layout.dtype, mapping.tp_size, mapping.pp_size, rank.rank, rank.tp_rank,
-                             rank.pp_rank, fingerprint, source.config_dict).write(staging)
+                             rank.pp_rank, fingerprint, source.config_dict, mapping.moe_tp_size,
+                             mapping.moe_ep_size).write(staging)
         write_manifest(staging, fingerprint, written)
     for line in guard.notes():
         (note or log.warning)(line)

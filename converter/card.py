@@ -128,11 +128,14 @@ class Skip:
 class TargetRows:
     """A card's rows for a target other than the TensorRT-LLM checkpoint (`converter/target.py`), or why the card
     cannot be converted to it (`unsupported`). `next_stage` names layer rows (by target pattern) whose tensor a
-    pipeline stage that is not the last also holds for the next stage's first layer."""
+    pipeline stage that is not the last also holds for the next stage's first layer. `refused`: (row condition,
+    reason) pairs; a model or layout for which a condition holds cannot be laid out in the target (the target's
+    runtime cannot build it)."""
 
     rows: tuple[Row, ...] = ()
     next_stage: tuple[str, ...] = ()
     unsupported: str | None = None
+    refused: tuple[tuple[str, str], ...] = ()
 
 
 # A tied model may still store its lm_head copy; the embedding row makes the lm_head, so the copy is skipped.

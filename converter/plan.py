@@ -163,6 +163,9 @@ def build_plan(card: Card, dims: Dims, layout: Layout, source_shapes: dict[str, 
     mapping = layout.mapping
     expected = card.source_shapes(dims)
     held = target.rows(card) if target else TargetRows(card.rows)
+    for condition, reason in held.refused:
+        if holds(condition, dims, layout):
+            raise ShardproofError(f"{where}: {card.name} ({condition}) cannot be laid out in target {target.name}: {reason}")
     rows = [row for row in held.rows if holds(row.when, dims, layout)]
     consumed: set[str] = set()
     ranks = []

@@ -29,7 +29,8 @@ def metadata_file(rank: int) -> str:
 @dataclass(frozen=True)
 class RankMetadata:
     """One rank's `rank{N}.json`. `source`: the source's fingerprint (file -> digest), empty when not known;
-    `hf_config`: the source's config.json, None when not known."""
+    `hf_config`: the source's config.json, None when not known; `moe_tp_size` / `moe_ep_size`: the experts' split of
+    the TP group (converter/mapping.py; None: TensorRT-LLM's defaults)."""
 
     target: str
     dtype: str
@@ -40,10 +41,12 @@ class RankMetadata:
     pp_rank: int
     source: dict[str, FileDigest]
     hf_config: dict[str, Any] | None = None
+    moe_tp_size: int | None = None
+    moe_ep_size: int | None = None
     format: int = FORMAT
 
     def __post_init__(self) -> None:
-        mapping = Mapping(self.tp_size, self.pp_size)
+        mapping = self.mapping
         if not 0 <= self.rank < mapping.world_size or mapping.coords(self.rank) != (self.tp_rank, self.pp_rank):
             raise ShardproofError(f"rank {self.rank} is not (tp_rank {self.tp_rank}, pp_rank {self.pp_rank}) of "
                                   f"tp_size={self.tp_size}, pp_size={self.pp_size}")
@@ -52,7 +55,7 @@ class RankMetadata:
 
     @property
     def mapping(self) -> Mapping:
-        return Mapping(self.tp_size, self.pp_size)
+        return Mapping(self.tp_size, self.pp_size, self.moe_tp_size, self.moe_ep_size)
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / metadata_file(self.rank)
@@ -68,8 +71,8 @@ class RankMetadata:
         try:
             if unknown:
                 raise ShardproofError(f"unknown field(s) {', '.join(unknown)}")
-            for key in ("tp_size", "pp_size", "rank", "tp_rank", "pp_rank", "format"):
-                if key in data and (type(data[key]) is not int):
+            for key in ("tp_size", "pp_size", "rank", "tp_rank", "pp_rank", "format", "moe_tp_size", "moe_ep_size"):
+                if data.get(key) is not None and (type(data[key]) is not int):
                     raise ShardproofError(f"{key}={data[key]!r} must be an integer")
             if data.get("format", FORMAT) != FORMAT:
                 raise ShardproofError(f"format {data['format']!r} is not {FORMAT}")
@@ -107,7 +110,7 @@ def read_rank_metadata(directory: Path, target: str) -> list[RankMetadata]:
             raise ShardproofError(f"{path}: says rank {meta.rank}")
         if meta.target != target:
             raise ShardproofError(f"{path}: target {meta.target!r}, expected {target!r}")
-        for key in ("tp_size", "pp_size", "dtype", "source"):
+        for key in ("tp_size", "pp_size", "moe_tp_size", "moe_ep_size", "dtype", "source"):
             if getattr(meta, key) != getattr(first, key):
                 raise ShardproofError(f"{path}: {key} differs from rank0.json's")
     return found

@@ -13,10 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from shardproof.converter.api import convert
-from shardproof.converter.card import cards, supported_architectures
+from shardproof.converter.card import cards, get_card, supported_architectures
+from shardproof.converter.target import PYTORCH
 from shardproof.cli import app
 from shardproof.verify.forward import BatchOptions
-from shardproof.verify.mutations import CATALOG
+from shardproof.verify.mutations import CATALOG, PYTORCH_CATALOG, catalog_for
 from shardproof.verify.selftest import run_selftest
 from shardproof.verify.serialize import to_json
 from shardproof.verify.sharded_check import CONVERSION_REL_ERROR, HFReference, check_sharded, sharded_check
@@ -151,3 +152,35 @@ def test_a_mutant_with_nothing_to_break_is_listed_not_run() -> None:
 def test_selftest_of_an_unknown_architecture_is_bad_input() -> None:
     result = CliRunner().invoke(app, ["selftest", "--architecture", "NoSuchForCausalLM"])
     assert result.exit_code == 2 and "NoSuchForCausalLM" in result.output
+
+
+@pytest.fixture(scope="module")
+def pytorch_selftest_run(tmp_path_factory) -> tuple[int, dict]:
+    """`shardproof selftest --target trtllm-pytorch`: exit code and the parsed JSON report."""
+    path = tmp_path_factory.mktemp("selftest-pytorch") / "report.json"
+    result = CliRunner().invoke(app, ["selftest", "--device", "cpu", "--target", PYTORCH.name, "--report", str(path)])
+    assert path.is_file(), result.output
+    return result.exit_code, _no_nan(path.read_text())
+
+
+def test_selftest_in_the_pytorch_target_catches_every_mutant_that_applies_to_it(pytorch_selftest_run) -> None:
+    """Every card the target supports, every mutant of either catalog that applies to its rank files (its own and
+    the source faults): the clean conversions pass, each mutant is caught where it declares."""
+    exit_code, report = pytorch_selftest_run
+    failing = [(o["mutant"], o["setup"]) for o in report["clean"] + report["mutants"] if not o["ok"]]
+    assert exit_code == 0 and report["passed"], failing
+    supported = [a for a in supported_architectures() if PYTORCH.supports(get_card(a))]
+    assert {o["setup"].split()[0] for o in report["clean"]} == set(supported)
+    assert all(o["setup"].endswith(PYTORCH.name) for o in report["clean"] + report["mutants"])
+    ran = [(o["mutant"], o["setup"].split()[0]) for o in report["mutants"]]
+    skipped = [(m["mutant"], m["setup"].split()[0]) for m in report["not_applicable"]]
+    assert sorted(ran + skipped) == sorted((m.name, a) for m in catalog_for(PYTORCH.name) for a in supported)
+    assert {m.name for m in PYTORCH_CATALOG} <= {name for name, _ in ran}
+    for outcome in report["mutants"]:
+        assert not outcome["sharded"]["passed"] and outcome["sharded"]["located"] == outcome["sharded"]["expected_location"]
+
+
+def test_selftest_of_a_card_the_target_does_not_support_is_bad_input() -> None:
+    unsupported = next(c.name for c in cards() if not PYTORCH.supports(c))
+    result = CliRunner().invoke(app, ["selftest", "--target", PYTORCH.name, "--architecture", unsupported])
+    assert result.exit_code == 2 and "not supported" in result.output

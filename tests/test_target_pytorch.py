@@ -1,5 +1,5 @@
 """The trtllm-pytorch target: per-rank parameters as TensorRT-LLM's PyTorch backend holds them, spelled out head by
-head; bit-exact round trips and the sharded runtime over every Llama-style card it supports."""
+head; bit-exact round trips, the runtime view and the sharded runtime over every card that declares its rows."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from shardproof.converter.api import convert
-from shardproof.converter.card import cards
+from shardproof.converter.card import cards, get_card
 from shardproof.converter.errors import ShardproofError
 from shardproof.converter.reassemble import reassemble
 from shardproof.converter.target import PYTORCH, get_target
 from shardproof.converter.transforms import CeilSplit
+from shardproof.verify.runtime.target_view import open_sharded
 from shardproof.verify.sharded_check import sharded_check
 from tests.helpers import load_checkpoint, random_checkpoint
 
@@ -22,7 +23,17 @@ TARGET = PYTORCH.name
 HD = 2
 GQA = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=HD, hidden_size=8, intermediate_size=8,
            num_hidden_layers=3, vocab_size=11)
-LLAMA_STYLE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED = [card.name for card in cards() if PYTORCH.supports(card)]
+
+
+def switches(architecture: str) -> dict:
+    """The card's self-test switches (biases, ...) that are plain booleans: every optional tensor present."""
+    return {k: v for k, v in get_card(architecture).tests.selftest.items() if isinstance(v, bool)}
+
+
+def refuses_ties(architecture: str) -> bool:
+    """The card says its backend model cannot be built tied (a condition on tie_word_embeddings)."""
+    return any("tie_word_embeddings" in condition for condition, _ in PYTORCH.rows(get_card(architecture)).refused)
 
 
 def heads(tensor: torch.Tensor, *indices: int) -> torch.Tensor:
@@ -98,14 +109,18 @@ def test_pipeline_stages_hold_their_global_layers_and_the_next_input_norm(tmp_pa
     assert "model.norm.weight" in last and "model.norm.weight" not in first
 
 
-@pytest.mark.parametrize("architecture", LLAMA_STYLE)
+@pytest.mark.parametrize("architecture", SUPPORTED)
 def test_round_trip_is_bit_exact_at_every_layout(architecture, tmp_path):
-    overrides = dict(attention_bias=True, mlp_bias=True) if architecture == "LlamaForCausalLM" else {}
-    overrides |= {"attention_bias": True} if architecture == "Qwen3ForCausalLM" else {}
     for tied in (False, True):
-        src = random_checkpoint(tmp_path / f"src{tied}", architecture, seed=5,
-                                **{**GQA, "num_attention_heads": 8, "tie_word_embeddings": tied}, **overrides)
+        src = random_checkpoint(tmp_path / f"src{tied}", architecture, seed=5, **{
+            **GQA, "num_attention_heads": 8, "hidden_size": 8 * HD, "tie_word_embeddings": tied,
+            **switches(architecture)})
         source = load_checkpoint(src)
+        if tied and refuses_ties(architecture):
+            with pytest.raises(ShardproofError, match="tie_word_embeddings.*cannot be laid out"):
+                convert(src, tmp_path / "refused", dtype="float32", target=TARGET)
+            assert not (tmp_path / "refused").exists()
+            continue
         for tp in (1, 2, 4, 8):
             for pp in (1, 2):
                 out, back = tmp_path / f"pt{tied}{tp}{pp}", tmp_path / f"hf{tied}{tp}{pp}"
@@ -118,7 +133,23 @@ def test_round_trip_is_bit_exact_at_every_layout(architecture, tmp_path):
                 assert all(torch.equal(rebuilt[k], v) for k, v in expected.items()), (tp, pp)
 
 
-@pytest.mark.parametrize("architecture", LLAMA_STYLE)
+@pytest.mark.parametrize("architecture", SUPPORTED)
+def test_runtime_view_is_the_checkpoint_targets_rank_files_bit_for_bit(architecture, tmp_path):
+    """The view derived from the two plans gives each rank exactly the tensors the checkpoint target writes for
+    that rank (with the embedding as the target holds it), whatever fusing and reordering lies between."""
+    src = random_checkpoint(tmp_path / "src", architecture, seed=4, **{**GQA, **switches(architecture)})
+    convert(src, tmp_path / "pt", dtype="float32", tp_size=4, pp_size=2, target=TARGET)
+    view = open_sharded(tmp_path / "pt", TARGET)
+    convert(src, tmp_path / "trt", dtype="float32", tp_size=4, pp_size=2,
+            use_parallel_embedding=view.config.use_parallel_embedding)
+    for rank in range(8):
+        want = load_file(tmp_path / "trt" / f"rank{rank}.safetensors")
+        got = view.file(rank)
+        assert got.shapes.keys() == want.keys()
+        assert all(got.dtype(k) == want[k].dtype and torch.equal(got.read(k), want[k]) for k in want), rank
+
+
+@pytest.mark.parametrize("architecture", SUPPORTED)
 def test_sharded_runtime_runs_the_target_against_hf(architecture, tmp_path):
     src = random_checkpoint(tmp_path / "src", architecture, seed=2, **{**GQA, "vocab_size": 13})
     for tp, pp in ((4, 2), (2, 1)):
@@ -157,3 +188,45 @@ def test_cards_without_a_pytorch_backend_model_are_refused(tmp_path):
 def test_unknown_target_is_refused():
     with pytest.raises(ShardproofError, match=r"no target named .trtllm-engine. \(registered: trtllm-checkpoint, trtllm-pytorch"):
         get_target("trtllm-engine")
+
+
+def test_pre_fused_phi3_sources_are_re_fused_per_rank_in_hf_order(tmp_path):
+    """Phi-3 stores qkv_proj and gate_up_proj fused; the backend slices them and loads the parts through the fused
+    modules (modeling_phi3.py load_weights): [q_r; k_r; v_r] with whole KV heads, and [gate_r; up_r]."""
+    src = random_checkpoint(tmp_path / "src", "Phi3ForCausalLM", seed=9, **GQA)
+    hf = load_file(src / "model.safetensors")
+    convert(src, tmp_path / "pt", dtype="float32", tp_size=4, target=TARGET)
+    p = "model.layers.1."
+    q, k, v = hf[p + "self_attn.qkv_proj.weight"].split([4 * HD, 2 * HD, 2 * HD])
+    gate, up = hf[p + "mlp.gate_up_proj.weight"].chunk(2)
+    for rank in range(4):
+        got = load_file(tmp_path / "pt" / f"rank{rank}.safetensors")
+        want = torch.cat([heads(q, rank), heads(k, rank // 2), heads(v, rank // 2)])
+        assert torch.equal(got[p + "self_attn.qkv_proj.weight"], want), rank
+        rows = slice(2 * rank, 2 * rank + 2)
+        assert torch.equal(got[p + "mlp.gate_up_proj.weight"], torch.cat([gate[rows], up[rows]])), rank
+
+
+def test_mixtral_experts_are_stacked_per_expert_rank_and_the_router_kept_in_the_model_dtype(tmp_path):
+    """The fused MoE's VANILLA load (quantization.py FusedMoEMethodBase): rank r holds experts of its expert rank
+    (r % moe_ep), each [w3_r; w1_r] and w2_r split by its expert-TP rank (r // moe_ep); the router and the
+    embedding are whole on every rank, the router in the model's dtype (modeling_mixtral.py)."""
+    src = random_checkpoint(tmp_path / "src", "MixtralForCausalLM", seed=6, dtype="bfloat16",
+                            **{**GQA, "num_local_experts": 4, "num_experts_per_tok": 2})
+    hf = load_file(src / "model.safetensors")
+    out = tmp_path / "pt"
+    convert(src, out, dtype="bfloat16", tp_size=4, moe_ep_size=2, target=TARGET)
+    moe = p = "model.layers.2.block_sparse_moe."
+    for rank in range(4):
+        got = load_file(out / f"rank{rank}.safetensors")
+        experts, half = (2 * (rank % 2), 2 * (rank % 2) + 1), slice(4 * (rank // 2), 4 * (rank // 2) + 4)
+        w3_w1 = torch.stack([torch.cat([hf[f"{moe}experts.{e}.w3.weight"][half], hf[f"{moe}experts.{e}.w1.weight"][half]])
+                             for e in experts])
+        w2 = torch.stack([hf[f"{moe}experts.{e}.w2.weight"][:, half] for e in experts])
+        assert torch.equal(got[p + "experts.w3_w1_weight"], w3_w1), rank
+        assert torch.equal(got[p + "experts.w2_weight"], w2), rank
+        assert got[p + "gate.weight"].dtype == torch.bfloat16
+        assert torch.equal(got[p + "gate.weight"], hf[moe + "gate.weight"])
+        assert torch.equal(got["model.embed_tokens.weight"], hf["model.embed_tokens.weight"])
+    report = sharded_check(src, out, target=TARGET)
+    assert report.passed, report.failures

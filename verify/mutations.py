@@ -39,15 +39,18 @@ class NotApplicable(Exception):
 
 @dataclass(frozen=True)
 class Setup:
-    """A card's self-test model (its tiny config with every optional feature on) and the conversion layout."""
+    """A card's self-test model (its tiny config with every optional feature on), the conversion layout and the
+    target it is laid out in."""
 
     architecture: str
     dtype: str = "float32"
     tp_size: int = 1
     pp_size: int = 1
+    target: str = "trtllm-checkpoint"
 
     def __str__(self) -> str:
-        return f"{self.architecture} {self.dtype} tp{self.tp_size} pp{self.pp_size}"
+        where = "" if self.target == "trtllm-checkpoint" else f" {self.target}"
+        return f"{self.architecture} {self.dtype} tp{self.tp_size} pp{self.pp_size}{where}"
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,8 @@ class Layout:
     tp_size: int = 1
     pp_size: int = 1
 
-    def on(self, architecture: str) -> Setup:
-        return Setup(architecture, self.dtype, self.tp_size, self.pp_size)
+    def on(self, architecture: str, target: str = "trtllm-checkpoint") -> Setup:
+        return Setup(architecture, self.dtype, self.tp_size, self.pp_size, target)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,11 @@ class Mutant:
     diverges_at: str
     target: Literal["checkpoint", "source"] = "checkpoint"
     rank_target: str = "trtllm-checkpoint"  # the rank-file layout (converter/target.py) it is injected into
+
+    def applies_to(self, target: str) -> bool:
+        """Whether the mutant can be injected into a conversion laid out in `target`: it rewrites that target's
+        rank files, or it edits the source model (any target's conversion of it carries the fault)."""
+        return self.target == "source" or self.rank_target == target
 
 
 def _rewrite_ranks(checkpoint_dir: Path, edit: Callable[[RankFiles, RuntimeConfig], None]) -> None:
@@ -491,6 +499,11 @@ def gate_up_as_up_gate(checkpoint_dir: Path, source_dir: Path) -> None:
                 f[name] = torch.cat([up, gate])
 
     _rewrite_target_ranks(checkpoint_dir, edit)
+
+
+def catalog_for(target: str) -> tuple[Mutant, ...]:
+    """Every mutant (both catalogs) that applies to conversions laid out in `target`."""
+    return tuple(m for m in (*CATALOG, *PYTORCH_CATALOG) if m.applies_to(target))
 
 
 PYTORCH_CATALOG: tuple[Mutant, ...] = (

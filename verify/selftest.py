@@ -26,10 +26,11 @@ from rich.table import Table
 from shardproof.converter.api import convert
 from shardproof.converter.card import get_card, supported_architectures
 from shardproof.converter.errors import ShardproofError
+from shardproof.converter.target import get_target
 
 from .equivalence import EquivalenceReport, verify_equivalence
 from .forward import BatchOptions
-from .mutations import CATALOG, Mutant, NotApplicable, Setup
+from .mutations import Mutant, NotApplicable, Setup, catalog_for
 from .serialize import to_json
 from .sharded_check import CONVERSION_REL_ERROR, HFReference, ShardedReport, check_sharded
 from .tiny_models import build_tiny_model
@@ -142,10 +143,11 @@ class SelftestReport:
 
 
 class _Workspace:
-    """Source models, their HF references and clean conversions, each made once, under one directory."""
+    """Source models, their HF references (rounded as `target` stores them) and clean conversions, each made once,
+    under one directory."""
 
-    def __init__(self, root: Path, batch: BatchOptions, log: Log | None):
-        self.root, self.batch, self.log = root, batch, log
+    def __init__(self, root: Path, batch: BatchOptions, log: Log | None, target: str):
+        self.root, self.batch, self.log, self.target = root, batch, log, target
         self.models: dict[str, Path] = {}
         self.references: dict[Path, HFReference] = {}
         self.checkpoints: dict[Setup, Path | None] = {}  # None: the layout does not apply to the model
@@ -162,19 +164,20 @@ class _Workspace:
 
     def reference(self, model_dir: Path) -> HFReference:
         if model_dir not in self.references:
-            self.references[model_dir] = HFReference(model_dir, self.batch)
+            self.references[model_dir] = HFReference(model_dir, self.batch, target=self.target)
         return self.references[model_dir]
 
     def convert(self, model_dir: Path, setup: Setup, name: str, allow_nonfinite: bool = False) -> Path:
         out = self.root / "checkpoints" / name
-        convert(model_dir, out, dtype=setup.dtype, tp_size=setup.tp_size, pp_size=setup.pp_size, allow_nonfinite=allow_nonfinite)
+        convert(model_dir, out, dtype=setup.dtype, tp_size=setup.tp_size, pp_size=setup.pp_size,
+                allow_nonfinite=allow_nonfinite, target=setup.target)
         return out
 
     def check(self, setup: Setup, model_dir: Path, checkpoint_dir: Path, mutant: Mutant | None) -> Outcome:
         if self.log:
             self.log(f"{mutant.name if mutant else 'clean'} ({setup}): sharded and reassembled modes")
-        sharded = check_sharded(checkpoint_dir, self.reference(model_dir))
-        reassembled = verify_equivalence(model_dir, checkpoint_dir, self.batch)
+        sharded = check_sharded(checkpoint_dir, self.reference(model_dir), setup.target)
+        reassembled = verify_equivalence(model_dir, checkpoint_dir, self.batch, target=setup.target)
         return Outcome(setup, sharded, reassembled, mutant)
 
 
@@ -183,26 +186,30 @@ def _slug(setup: Setup) -> str:
 
 
 def run_selftest(
-    catalog: Sequence[Mutant] = CATALOG,
+    catalog: Sequence[Mutant] | None = None,
     architectures: Sequence[str] | None = None,
     batch: BatchOptions = BatchOptions(num_sequences=1),
     log: Log | None = None,
+    target: str | None = None,
 ) -> SelftestReport:
-    """For each card (default: every registered one), check every clean setup the catalog needs, then inject
-    every mutant and check again."""
-    architectures = list(architectures or supported_architectures())
+    """For each card (default: every registered one that `target` supports), check every clean setup the catalog
+    needs, laid out in `target` (default: the TensorRT-LLM checkpoint), then inject every mutant and check again.
+    The default catalog is every mutant that applies to the target (`mutations.catalog_for`)."""
+    target_ = get_target(target)
+    catalog = catalog_for(target_.name) if catalog is None else catalog
+    architectures = list(architectures or [a for a in supported_architectures() if target_.supports(get_card(a))])
     for name in architectures:
-        get_card(name)  # an unknown architecture is bad input
+        target_.rows(get_card(name))  # an unknown architecture, or one the target refuses, is bad input
     report = SelftestReport()
     # Every model freed triggers gc.collect(); freezing the libraries' objects keeps each one from scanning them.
     gc.freeze()
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(gc.unfreeze)
         tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="shardproof-selftest-"))
-        ws = _Workspace(Path(tmp), batch, log)
+        ws = _Workspace(Path(tmp), batch, log, target_.name)
         for architecture in architectures:
             for mutant in catalog:
-                _inject(ws, report, mutant, mutant.layout.on(architecture), Path(tmp))
+                _inject(ws, report, mutant, mutant.layout.on(architecture, target_.name), Path(tmp))
     return report
 
 

@@ -149,14 +149,15 @@ class HFReference:
     """The HF model at `model_dir` on one batch of random tokens, in float32.
 
     `rounding` None runs the original weights; a dtype name sets every parameter to what a correct conversion
-    to that dtype stores for it, read back (`Plan.reassembled_value`), as each source tensor is read. The model
-    streams through the device one decoder layer at a time (`verify/streaming.py`) under the batch's cap;
+    to that dtype, laid out in `target` (default: the TensorRT-LLM checkpoint), stores for it, read back
+    (`Plan.reassembled_value`: a target may store a tensor in another dtype), as each source tensor is read. The
+    model streams through the device one decoder layer at a time (`verify/streaming.py`) under the batch's cap;
     `progress` gets the bytes of source tensors read. Each run is computed once and kept.
     """
 
     def __init__(self, model_dir: Path | str, batch: BatchOptions = BatchOptions(num_sequences=2),
-                 progress: Progress | None = None) -> None:
-        self.model_dir, self.seed, self.device = Path(model_dir), batch.seed, batch.torch_device
+                 progress: Progress | None = None, target: str | None = None) -> None:
+        self.model_dir, self.seed, self.device, self.target = Path(model_dir), batch.seed, batch.torch_device, target
         self.batch, self.progress = batch, progress
         self.vocab_size = open_source(model_dir).hf_config.vocab_size
         self.input_ids = batch.input_ids(self.vocab_size)
@@ -212,7 +213,7 @@ class HFReference:
         key = (rounding, sequence)
         if key not in self._runs or hooks is not None:
             ids = self.input_ids if sequence is None else self.input_ids[sequence : sequence + 1]
-            value = plan_conversion(self.model_dir, dtype=rounding)[0].reassembled_value if rounding else None
+            value = plan_conversion(self.model_dir, dtype=rounding, target=self.target)[0].reassembled_value if rounding else None
             try:
                 with StreamedModel(self.model_dir, torch.float32, self.device, value, self.batch.resident(),
                                    self.progress) as streamed:
@@ -347,4 +348,4 @@ def sharded_check(model_dir: Path | str, checkpoint_dir: Path | str,
                   progress: Progress | None = None) -> ShardedReport:
     """Check the rank files at `checkpoint_dir` (laid out in `target`, default the TensorRT-LLM checkpoint) against
     the HF model at `model_dir` on random token batches."""
-    return check_sharded(checkpoint_dir, HFReference(model_dir, batch, progress), target)
+    return check_sharded(checkpoint_dir, HFReference(model_dir, batch, progress, target), target)

@@ -5,6 +5,12 @@ Per layer the experts are stacked: `mlp.fc` = `[w3_e; w1_e]` per expert (the plu
 linear half first, the activated half second), `mlp.proj` = `w2_e`, each split over the expert-TP ranks on the
 intermediate dim, the experts spread over the expert-parallel ranks. The router (`block_sparse_moe.gate`)
 becomes `mlp.router`, kept in float32 and replicated. Rules and sources: docs/format.md.
+
+Target `trtllm-pytorch` (`modeling_mixtral.py`; `modules/fused_moe/quantization.py` `FusedMoEMethodBase`, the
+VANILLA loading mode): the same stacked experts under `block_sparse_moe.experts.w3_w1_weight` / `w2_weight`, the
+router `block_sparse_moe.gate.weight` replicated in the model's dtype, and an embedding that is not split (a plain
+`Embedding`, no mapping), so a tied model cannot be built there (`DecoderModelForCausalLM` asserts the embedding
+and lm_head share a TP mode).
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..card import Card, ConfigMap, Shape, TestSupport, layer, register
+from ..card import Card, ConfigMap, Row, Shape, TargetRows, TestSupport, layer, register
 from ..errors import ShardproofError
-from ..transforms import REPLICATED, Experts
+from ..transforms import REPLICATED, VOCAB, Experts
 from . import llama
 
 MOE = f"{llama.HF_LAYER}.block_sparse_moe"
@@ -42,6 +48,24 @@ ROWS = tuple(row for row in llama.ROWS if ".mlp." not in row.target) + (
           shard=Experts(groups=2, dim=0), gather=EXPERTS),
     layer("mlp.proj.weight", f"{MOE}.experts.{{e}}.w2.weight", shard=Experts(groups=1, dim=1), gather=EXPERTS),
 )
+
+PT_MOE = "block_sparse_moe"
+PYTORCH_ROWS = (
+    Row("model.embed_tokens.weight", ("model.embed_tokens.weight",), REPLICATED, "first"),
+    *(row for row in llama.PYTORCH_ROWS if row.stage == "layer" and row.when is None and ".mlp." not in row.target),
+    llama.pt_layer(f"{PT_MOE}.gate.weight", f"{MOE}.gate.weight", shard=REPLICATED),
+    llama.pt_layer(f"{PT_MOE}.experts.w3_w1_weight", f"{MOE}.experts.{{e}}.w3.weight", f"{MOE}.experts.{{e}}.w1.weight",
+                   shard=Experts(groups=2, dim=0), gather=EXPERTS),
+    llama.pt_layer(f"{PT_MOE}.experts.w2_weight", f"{MOE}.experts.{{e}}.w2.weight", shard=Experts(groups=1, dim=1),
+                   gather=EXPERTS),
+    Row("model.norm.weight", ("model.norm.weight",), REPLICATED, "last"),
+    Row("lm_head.weight", ("lm_head.weight",), VOCAB, "last"),
+)
+PYTORCH_TARGETS = {llama.PYTORCH: dataclasses.replace(
+    llama.PYTORCH_TARGETS[llama.PYTORCH], rows=PYTORCH_ROWS,
+    refused=(("tie_word_embeddings", "its embedding is not split and its lm_head is (modeling_mixtral.py, "
+              "modeling_utils.py DecoderModelForCausalLM asserts a tied pair shares a TP mode)"),),
+)}
 
 
 def source_shapes(d: MixtralDims) -> dict[str, Shape]:
@@ -122,6 +146,7 @@ MIXTRAL = register(Card(
             "output_router_logits": "what a forward returns, not what it computes",
         },
     ),
+    targets=PYTORCH_TARGETS,
     tests=TestSupport(config_class="MixtralConfig", strategy=strategy,
                       tiny=dict(num_local_experts=4, num_experts_per_tok=2),
                       # every expert on every token: a tiny random router has near-ties that float16/bfloat16

@@ -5,15 +5,19 @@ re-split per rank, a swiglu MLP, and longrope carried in TensorRT-LLM's `long_ro
   [q_r; k_r; v_r], KV heads replicated when tp > num_key_value_heads.
 - `mlp.gate_up_proj` ([gate; up]) becomes `mlp.fc` with the halves swapped (`load_weights_from_hf_model`),
   because TensorRT-LLM's swiglu(t) = silu(second half) * first half; each rank keeps [up_r; gate_r].
+- target `trtllm-pytorch` (`modeling_phi3.py` `Phi3ForCausalLM.load_weights`): the backend slices the fused
+  sources into q, k, v and gate, up and loads them through the Llama-family fused modules, so each rank holds
+  `qkv_proj` `[q_r; k_r; v_r]` and `gate_up_proj` `[gate_r; up_r]` (HF's order, not the checkpoint's `mlp.fc`).
 - longrope (`su` in older configs): `position_embedding_type: long_rope` with the factors, the original length
   and the mscales (`Phi3Config.from_hugging_face` names them), whatever max_position_embeddings is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from ..card import Card, ConfigMap, Shape, TestSupport, first, last, layer, register
+from ..card import Card, ConfigMap, Shape, TargetRows, TestSupport, first, last, layer, register
 from ..errors import ShardproofError
 from ..transforms import EMBEDDING, QKV_PARTS, QKV_SPEC, REPLICATED, ROW, VOCAB, EqualChunks, FusedColumn, Reorder
 from . import llama
@@ -34,6 +38,18 @@ ROWS = (
     last("lm_head.weight", "lm_head.weight", shard=VOCAB, when="!tie_word_embeddings"),
     last("lm_head.weight", "model.embed_tokens.weight", shard=VOCAB, when="tie_word_embeddings & !share_embedding_table"),
 )
+
+
+# The PyTorch backend's rows: the Llama family's, with the fused sources chunked first (no biases, no q/k norms).
+_FUSED = {
+    f"{HF_LAYER}.self_attn.qkv_proj.weight": llama.pt_layer(
+        "self_attn.qkv_proj.weight", f"{HF_LAYER}.self_attn.qkv_proj.weight", shard=QKV_SPEC, ops=(QKV_PARTS,)),
+    f"{HF_LAYER}.mlp.gate_up_proj.weight": llama.pt_layer(
+        "mlp.gate_up_proj.weight", f"{HF_LAYER}.mlp.gate_up_proj.weight", shard=FusedColumn(2), ops=(EqualChunks(2),)),
+}
+PYTORCH_ROWS = tuple(_FUSED.get(row.target, row) for row in llama.PYTORCH_ROWS
+                     if not row.target.endswith(".bias") and "_norm." not in row.target)
+PYTORCH_TARGETS = {llama.PYTORCH: dataclasses.replace(llama.PYTORCH_TARGETS[llama.PYTORCH], rows=PYTORCH_ROWS)}
 
 
 def source_shapes(d: llama.DecoderDims) -> dict[str, Shape]:
@@ -160,6 +176,7 @@ PHI3 = register(Card(
                     "resid_pdrop": "training only (dropout is off at inference)",
                     "embd_pdrop": "training only (dropout is off at inference)"},
     ),
+    targets=PYTORCH_TARGETS,
     tests=TestSupport(config_class="Phi3Config", strategy=_model_strategy,
                       tiny=dict(pad_token_id=None, bos_token_id=None, eos_token_id=None),
                       selftest=dict(rope_parameters=LONGROPE_128K, original_max_position_embeddings=ORIGINAL)),

@@ -43,7 +43,8 @@ def dump_rank(model: torch.nn.Module, out_dir: Path | str, mapping: Any,
               source: Path | str | Mapping[str, FileDigest]) -> Path:
     """Write `model`'s parameters as this rank holds them to `out_dir/rank{N}.safetensors` with `rank{N}.json`.
 
-    `mapping` is TensorRT-LLM's `Mapping` of this rank (duck-typed: tp_size, pp_size, rank, tp_rank, pp_rank);
+    `mapping` is TensorRT-LLM's `Mapping` of this rank (duck-typed: tp_size, pp_size, rank, tp_rank, pp_rank, and
+    moe_tp_size / moe_ep_size when it splits experts);
     `source` the HF model directory the engine loaded (fingerprinted here, its config.json recorded) or that
     directory's fingerprint (`converter.manifest.source_fingerprint`). Parameters shared by two modules (a tied
     lm_head) are written once, under the first name, as `named_parameters()` gives them. Returns the rank file.
@@ -65,5 +66,7 @@ def dump_rank(model: torch.nn.Module, out_dir: Path | str, mapping: Any,
     partial = out / f".rank{rank}.safetensors.partial"
     save_file(tensors, partial, metadata={"format": "pt"})
     os.replace(partial, path)
-    RankMetadata(TARGET, dtype, tp, pp, rank, tp_rank, pp_rank, fingerprint, hf_config).write(out)
+    moe = [getattr(mapping, name, None) for name in ("moe_tp_size", "moe_ep_size")]
+    moe_tp, moe_ep = (int(v) if isinstance(v, int) and v > 0 else None for v in moe)  # TensorRT-LLM's -1: default
+    RankMetadata(TARGET, dtype, tp, pp, rank, tp_rank, pp_rank, fingerprint, hf_config, moe_tp, moe_ep).write(out)
     return path

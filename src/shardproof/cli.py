@@ -417,13 +417,15 @@ def selftest(
     seq_len: int = typer.Option(256, "--seq_len", "--seq-len", help=SEQ_LEN_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the tiny models and of the random token batches."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write every result as JSON to this file."),
+    target: str = _target_option(),
 ) -> None:
     """Inject known conversion faults into tiny models; exit 1 if the sharded mode misses one or a clean run fails."""
     from shardproof.verify.forward import BatchOptions
     from shardproof.verify.selftest import margins_line, run_selftest, selftest_table
 
     _check_report_path(report)
-    result = run_selftest(architectures=architecture, batch=BatchOptions(device, num_sequences, seq_len, seed), log=_log)
+    result = run_selftest(architectures=architecture, batch=BatchOptions(device, num_sequences, seq_len, seed), log=_log,
+                          target=target)
     console.print(selftest_table(result))
     console.print(margins_line(result), highlight=False)
     _write_report(result.to_json(), report)
