@@ -396,3 +396,20 @@ def test_bad_input_exits_2(tmp_path, llama):
         result = invoke(*args)
         assert result.exit_code == EXIT_BAD_INPUT, (args, result.output)
         assert "Traceback" not in result.output and "error:" in result.stderr
+
+
+def test_progress_counts_every_source_byte_of_each_pass(tmp_path):
+    """convert_and_check reports the bytes it writes, then those the verification reads: the weights comparison
+    and each streamed HF run read every source tensor once, so the count is at least the source size per pass."""
+    from shardproof.converter.source import open_source
+    from shardproof.verify.verification import convert_and_check
+
+    model = build_tiny_model(tmp_path / "m", "LlamaForCausalLM", seed=3)
+    source = open_source(model)
+    source_bytes = sum(source.nbytes(name) for name in source.shapes)
+    seen: list[int] = []
+    result = convert_and_check(model, tmp_path / "ckpt", "reassembled", BatchOptions("cpu", num_sequences=1, seq_len=8),
+                               progress=seen.append, dtype="float32", tp_size=2)
+    assert result.passed and all(n > 0 for n in seen)
+    written = sum(p.stat().st_size for p in (tmp_path / "ckpt").glob("rank*.safetensors"))
+    assert sum(seen) >= source_bytes * 3 + written * 0.9  # compared once, source and reassembled models run

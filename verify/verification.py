@@ -121,11 +121,13 @@ def convert_and_check(
     batch: BatchOptions = BatchOptions(),
     overwrite: bool = False,
     log: Log | None = None,
+    progress: Progress | None = None,
     **layout: Any,
 ) -> Verification:
     """Convert `model_dir` (into `output_dir`, or a temporary directory removed afterwards), then verify it.
 
-    `layout` holds `shardproof.converter.api.convert`'s keyword arguments (dtype, tp_size, pp_size, ...).
+    `layout` holds `shardproof.converter.api.convert`'s keyword arguments (dtype, tp_size, pp_size, ...);
+    `progress` gets the bytes written by the conversion, then those read by the verification.
     """
     from shardproof.converter.api import convert
 
@@ -135,9 +137,10 @@ def convert_and_check(
         if log:
             log(f"converting {model_dir} ({', '.join(f'{k}={v}' for k, v in layout.items())})")
         start = time.perf_counter()
-        convert(model_dir, out, overwrite=overwrite, note=log, **layout)
+        convert(model_dir, out, overwrite=overwrite, note=log, progress=(lambda name, nbytes: progress(nbytes)) if progress else None,
+                **layout)
         elapsed = time.perf_counter() - start
-        result = verify_checkpoint(model_dir, out, mode, batch, log, layout.get("target"))
+        result = verify_checkpoint(model_dir, out, mode, batch, log, layout.get("target"), progress)
     result.timings = {"convert": elapsed, **result.timings}
     return result
 

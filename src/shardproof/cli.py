@@ -83,9 +83,10 @@ def _error(message: str) -> NoReturn:
 
 
 @contextlib.contextmanager
-def bytes_progress_bar(description: str, total: int, quiet: bool = False) -> Iterator[Callable[[str, int], None]]:
+def bytes_progress_bar(description: str, total: int | None, quiet: bool = False) -> Iterator[Callable[[str, int], None]]:
     """A rich progress bar of bytes and bytes/s (on stderr, shown only on a terminal and not `quiet`), advanced by
-    each tensor's bytes."""
+    each tensor's bytes; `total` None when the bytes to come are not known (verification reads the model in
+    several passes): the bar then counts up."""
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                TransferSpeedColumn(), TimeElapsedColumn())
     shown = err_console.is_terminal and not quiet
@@ -330,6 +331,7 @@ def verify(
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
     target: str = _target_option(),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", "--allow_pickle", help=ALLOW_PICKLE_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Prove a checkpoint is the model: reassembly, bit-exact weights and logits, sharded run, dtype cost, first divergence.
 
@@ -342,7 +344,10 @@ def verify(
     if model_dir is None or checkpoint_dir is None:
         raise ShardproofError("--model_dir and --checkpoint_dir are required")
     batch = _batch_options(device, num_sequences, seq_len, seed, mode, report, max_device_memory)
-    _finish(verify_checkpoint(model_dir, checkpoint_dir, mode, batch, log=_log, target=get_target(target).name), report)
+    with bytes_progress_bar("verifying", None, quiet) as advance:
+        result = verify_checkpoint(model_dir, checkpoint_dir, mode, batch, log=_log, target=get_target(target).name,
+                                   progress=lambda nbytes: advance("", nbytes))
+    _finish(result, report)
 
 
 @app.command()
@@ -374,6 +379,7 @@ def check(
                                                       help=MAX_DEVICE_MEMORY_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
     target: str = _target_option(),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Convert, then verify, in one command: the same report and exit codes (0, 1, 2, 3) as `verify`."""
     import tempfile
@@ -399,12 +405,13 @@ def check(
             architecture = architecture or demo_model.default_architecture()
             model_dir = demo_model.build_demo_model(Path(tmp) / "model", architecture, seed)
             console.print(demo_model.describe(model_dir, architecture, **layout), highlight=False)
-        result = convert_and_check(
-            model_dir, output_dir, mode, batch, overwrite, _log, **layout,
-            use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
-            moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size, workers=workers, allow_nonfinite=allow_nonfinite, clamp=clamp,
-            target=get_target(target).name,
-        )
+        with bytes_progress_bar("converting and verifying", None, quiet) as advance:
+            result = convert_and_check(
+                model_dir, output_dir, mode, batch, overwrite, _log, lambda nbytes: advance("", nbytes), **layout,
+                use_parallel_embedding=use_parallel_embedding, embedding_sharding_dim=embedding_sharding_dim,
+                moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size, workers=workers, allow_nonfinite=allow_nonfinite,
+                clamp=clamp, target=get_target(target).name,
+            )
     _finish(result, report)
 
 
