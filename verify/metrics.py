@@ -90,8 +90,8 @@ class LogitMetrics:
     KL is KL(reference || candidate) of the softmax distributions, in nats; cosine is per position.
     `nonfinite` counts candidate logits that are inf or NaN where the reference's are finite.
     `top1_agreement` is over every position; `decisive_top1_agreement` over the positions that are not near-ties
-    of the reference at `noise_dtype`'s rounding (NOISE_MULTIPLE); `near_ties` counts the others (1.0 when every
-    position is a near-tie). `worst_cosine` is the position of `cosine_min`; `worst_flip` the decisive position
+    of the reference at `noise_dtype`'s rounding (NOISE_MULTIPLE), 1.0 when there are none; `near_ties` counts
+    the others. `worst_cosine` is the position of `cosine_min`; `worst_flip` the decisive position
     whose argmax changed with the largest reference gap (None when none changed).
     """
 
