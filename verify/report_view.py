@@ -10,13 +10,16 @@ from rich.text import Text
 
 from shardproof.converter.checkpoint import Violation
 from .equivalence import EquivalenceReport
-from .metrics import LogitMetrics
+from .metrics import LogitMetrics, Position
 from .outcomes import CheckOutcome, Status
 from .sharded_check import ShardedReport
 from .thresholds import Check
 from .verification import Verification
 
 MAX_ROWS = 20
+# LogitMetrics' fields in the logits table: its numbers, then what it says in words (a dtype, positions).
+WORDS = ("noise_dtype", "worst_cosine", "worst_flip")
+NUMBERS = tuple(n for n in LogitMetrics.__dataclass_fields__ if n not in WORDS and n != "positions")
 PASS, FAIL, SKIP = "[bold green]pass[/]", "[bold red]FAIL[/]", "[yellow]not run[/]"
 
 
@@ -58,7 +61,7 @@ def summary_table(report: EquivalenceReport) -> Table:
     if f is not None and not f.identical and f.metrics is not None:
         m = f.metrics
         found["forward"] = (f"sequences {f.differing_sequences} differ: max abs diff {_num(m.max_abs_diff)}, "
-                            f"KL {_num(m.kl_mean)}, top-1 {m.top1_agreement:.2%}")
+                            f"KL {_num(m.kl_mean)}, top-1 {m.top1_agreement:.2%}; worst cosine at {m.worst_cosine}")
     if p is not None:
         nonfinite = f"; first non-finite output: {p.first_nonfinite_module}" if p.first_nonfinite_module else ""
         found["precision"] = f"float32 vs {p.dtype}: {', '.join(map(_check_line, p.checks.values()))}{nonfinite}"
@@ -127,36 +130,50 @@ def metrics_table(report: EquivalenceReport) -> Table:
     table.add_column(f"source float32 vs {report.dtype}", justify="right")
     table.add_column("threshold", justify="right")
     checks = p.checks
-    for name in LogitMetrics.__dataclass_fields__:
-        if name == "positions":
-            continue
+    for name in NUMBERS:
         exact = _num(getattr(f.metrics, name)) if f.metrics else "-"
         cost = _num(getattr(p.metrics, name))
         threshold = f"{checks[name].op} {_num(checks[name].threshold)}" if name in checks else ""
         table.add_row(name, exact, cost, threshold)
+    for name in WORDS:
+        table.add_row(name, _words(getattr(f.metrics, name)) if f.metrics else "-", _words(getattr(p.metrics, name)), "")
     return table
+
+
+def _words(value: str | Position | None) -> Text:
+    return Text("-" if value is None else str(value))
+
+
+def _worst(metrics: LogitMetrics) -> Text:
+    """Near-ties, and the worst positions, of one comparison's metrics."""
+    lines = [f"{metrics.near_ties}/{metrics.positions} near-ties at {metrics.noise_dtype} noise",
+             f"worst cosine: {metrics.worst_cosine}"]
+    if metrics.worst_flip is not None:
+        lines.append(f"worst decisive flip: {metrics.worst_flip}")
+    return Text("\n".join(lines))
 
 
 def sharded_table(report: ShardedReport) -> Table:
     """The sharded mode: each logit comparison with its checks, then where it first diverged."""
     title = f"sharded runtime vs HF: {report.dtype or '?'} tp={report.tp_size} pp={report.pp_size} on {report.device}"
     table = Table(title=title)
-    for column in ("comparison", "result", "relative error", "checks"):
+    for column in ("comparison", "result", "relative error", "checks", "positions"):
         table.add_column(column)
     if report.structural:
-        table.add_row("structure", FAIL, "-", Text(report.structural))
+        table.add_row("structure", FAIL, "-", Text(report.structural), "-")
     for c in report.comparisons:
         checks = "; ".join(map(_check_line, c.checks.values()))
-        table.add_row(f"{c.name}: {c.candidate} vs {c.reference}", PASS if c.passed else FAIL, _num(c.relative_error), checks)
+        table.add_row(f"{c.name}: {c.candidate} vs {c.reference}", PASS if c.passed else FAIL, _num(c.relative_error),
+                      checks, _worst(c.metrics))
     if report.teacher_forced is not None:
         forced = report.teacher_forced
         worst = max(forced.stages, key=lambda e: (e.relative_error != e.relative_error, e.relative_error))
         beyond = f"first beyond: {forced.first_beyond}" if forced.first_beyond else f"none with {forced.criterion}"
         table.add_row("teacher-forced stages: runtime on HF's input to each, float32", "-",
-                      _num(worst.relative_error), f"largest at {worst.stage}; {beyond}")
+                      _num(worst.relative_error), f"largest at {worst.stage}; {beyond}", "-")
     if report.localization is not None and report.localization.first_diverging:
         loc = report.localization
-        table.add_row("first divergence", FAIL, "-", f"{loc.first_diverging} (sequence {loc.sequence}, {loc.criterion})")
+        table.add_row("first divergence", FAIL, "-", f"{loc.first_diverging} (sequence {loc.sequence}, {loc.criterion})", "-")
     return table
 
 

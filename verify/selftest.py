@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from rich.table import Table
 
@@ -191,13 +191,18 @@ def run_selftest(
     batch: BatchOptions = BatchOptions(num_sequences=1),
     log: Log | None = None,
     target: str | None = None,
+    models: Mapping[str, Path] | None = None,
 ) -> SelftestReport:
-    """For each card (default: every registered one that `target` supports), check every clean setup the catalog
-    needs, laid out in `target` (default: the TensorRT-LLM checkpoint), then inject every mutant and check again.
-    The default catalog is every mutant that applies to the target (`mutations.catalog_for`)."""
+    """For each card (default: every registered one that `target` supports, or the architectures of `models`),
+    check every clean setup the catalog needs, laid out in `target` (default: the TensorRT-LLM checkpoint), then
+    inject every mutant and check again. The default catalog is every mutant that applies to the target
+    (`mutations.catalog_for`). `models` maps an architecture to a source model directory to use instead of its
+    card's self-test model (a trained model, say)."""
     target_ = get_target(target)
     catalog = catalog_for(target_.name) if catalog is None else catalog
-    architectures = list(architectures or [a for a in supported_architectures() if target_.supports(get_card(a))])
+    models = dict(models or {})
+    architectures = list(architectures or models
+                         or [a for a in supported_architectures() if target_.supports(get_card(a))])
     for name in architectures:
         target_.rows(get_card(name))  # an unknown architecture, or one the target refuses, is bad input
     report = SelftestReport()
@@ -207,6 +212,7 @@ def run_selftest(
         cleanup.callback(gc.unfreeze)
         tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="shardproof-selftest-"))
         ws = _Workspace(Path(tmp), batch, log, target_.name)
+        ws.models.update(models)
         for architecture in architectures:
             for mutant in catalog:
                 _inject(ws, report, mutant, mutant.layout.on(architecture, target_.name), Path(tmp))

@@ -1,0 +1,106 @@
+"""What a reduced dtype costs the model itself, and a checkpoint's cost judged against it.
+
+A fixed limit cannot tell a model that is fragile in bfloat16 from a checkpoint that is wrong: a trained
+model's own bfloat16 forward may already miss a limit a random one meets. The model's own cost is HF's float32
+forward against HF's forward of the same model loaded by transformers in the reduced dtype, on the same
+tokens (`own_cost`). A checkpoint's cost (its logits in that dtype against HF float32) may exceed the own cost
+by at most a stated factor (`judge_cost`); a user's stated limits (`UserLimits`) fail the run only when given.
+docs/verification.md gives the measurements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from shardproof.converter.dtypes import TORCH_DTYPES
+from shardproof.converter.errors import ShardproofError
+
+from .forward import model_logits
+from .metrics import LogitMetrics, logit_metrics
+from .thresholds import PRECISION_THRESHOLDS, Check, checks_by_metric
+
+# Differences within float32's own limits never fail a relative check: a model whose own cost is zero (float32)
+# still leaves a checkpoint run with another summation order (tensor-parallel partial sums) these.
+COST_FLOOR = PRECISION_THRESHOLDS["float32"]
+
+
+@dataclass(frozen=True)
+class OwnCost:
+    """HF float32 (reference) against HF in `dtype` (candidate), on the same tokens."""
+
+    dtype: str
+    metrics: LogitMetrics
+
+
+def own_cost(model_dir: Path | str, dtype: str, input_ids: torch.Tensor, device: torch.device,
+             reference: torch.Tensor | None = None) -> OwnCost:
+    """The model's own cost of `dtype`: HF's forward of `model_dir` loaded in `dtype` against its float32 forward
+    on `input_ids`. `reference` is that float32 forward's logits when the caller has them already (it must have
+    run the same model on the same tokens); float32 costs nothing and runs the model only for the reference."""
+    if dtype not in TORCH_DTYPES:
+        raise ShardproofError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
+    if reference is None:
+        reference = model_logits(model_dir, torch.float32, device, input_ids)
+    candidate = reference if dtype == "float32" else model_logits(model_dir, TORCH_DTYPES[dtype], device, input_ids)
+    return OwnCost(dtype, logit_metrics(reference, candidate, dtype=dtype))
+
+
+def judge_cost(checkpoint: LogitMetrics, own: OwnCost, factor: float) -> dict[str, Check]:
+    """`checkpoint` (HF float32 vs the checkpoint in `own.dtype`, on the same tokens) against `factor` x the
+    model's own cost, by metric: KL mean and max, cosine distance (1 - cosine) at the worst position, and
+    disagreement on decisive positions (1 - decisive top-1 agreement); each limit is at least COST_FLOOR's.
+    Non-finite logits fail whatever the model's own run gives."""
+    if not (math.isfinite(factor) and factor >= 1):
+        raise ShardproofError(f"cost factor {factor}: must be a finite number >= 1")
+    m = own.metrics
+    floor = COST_FLOOR
+
+    def relative(metric: str, value: float, own_value: float, floor_value: float) -> Check:
+        basis = f"{factor:g} x HF {own.dtype}'s own {own_value:.3g}"
+        if factor * own_value < floor_value:
+            basis += f", raised to float32's limit {floor_value:.3g}"
+        return Check(metric, value, "<=", max(factor * own_value, floor_value), basis)
+
+    return checks_by_metric(
+        relative("kl_mean", checkpoint.kl_mean, m.kl_mean, floor.kl_mean),
+        relative("kl_max", checkpoint.kl_max, m.kl_max, floor.kl_mean),
+        relative("cosine_distance_max", 1 - checkpoint.cosine_min, 1 - m.cosine_min, 1 - floor.cosine_min),
+        relative("decisive_top1_disagreement", 1 - checkpoint.decisive_top1_agreement,
+                 1 - m.decisive_top1_agreement, 1 - floor.decisive_top1_agreement),
+        Check("nonfinite", checkpoint.nonfinite, "==", 0),
+    )
+
+
+@dataclass(frozen=True)
+class UserLimits:
+    """Limits a user states on the checkpoint's cost (HF float32 vs the checkpoint): `--max-kl` (KL mean),
+    `--max-kl-max`, `--min-top1` (decisive top-1 agreement), `--min-cosine` (worst position). None: not judged.
+    Values outside the metric's range are bad input."""
+
+    max_kl: float | None = None
+    max_kl_max: float | None = None
+    min_top1: float | None = None
+    min_cosine: float | None = None
+
+    def __post_init__(self) -> None:
+        ranges = {"max_kl": (0, math.inf), "max_kl_max": (0, math.inf), "min_top1": (0, 1), "min_cosine": (-1, 1)}
+        for f in fields(self):
+            value, (low, high) = getattr(self, f.name), ranges[f.name]
+            if value is not None and not low <= value <= high:
+                option = "--" + f.name.replace("_", "-")
+                raise ShardproofError(f"{option} {value}: must be between {low} and {high}")
+
+    def checks(self, metrics: LogitMetrics) -> dict[str, Check]:
+        """One check per limit given, by metric."""
+        given = [
+            (self.max_kl, "kl_mean", metrics.kl_mean, "<="),
+            (self.max_kl_max, "kl_max", metrics.kl_max, "<="),
+            (self.min_top1, "decisive_top1_agreement", metrics.decisive_top1_agreement, ">="),
+            (self.min_cosine, "cosine_min", metrics.cosine_min, ">="),
+        ]
+        return checks_by_metric(*(Check(metric, value, op, limit, "user limit")
+                                  for limit, metric, value, op in given if limit is not None))
