@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from shardproof.converter.errors import ShardproofError
-from shardproof.verify.dtype_cost import COST_FLOOR, OwnCost, UserLimits, judge_cost, own_cost
+from shardproof.verify.dtype_cost import COST_FLOOR, OwnCost, judge_cost, own_cost
+from shardproof.verify.thresholds import UserLimits
 from shardproof.verify.forward import BatchOptions, model_logits
 from shardproof.verify.metrics import logit_metrics
 from shardproof.verify.tiny_models import build_tiny_model

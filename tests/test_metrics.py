@@ -10,7 +10,7 @@ import torch
 
 from shardproof.verify.metrics import NOISE_MULTIPLE, logit_metrics, unit_roundoff
 from shardproof.verify.serialize import to_json
-from shardproof.verify.thresholds import PRECISION_THRESHOLDS, precision_checks
+from shardproof.verify.thresholds import UserLimits
 
 VOCAB = 64
 
@@ -45,7 +45,7 @@ def test_a_flip_at_a_near_tie_is_not_a_disagreement():
     m = logit_metrics(reference, candidate, dtype="bfloat16")
     assert m.top1_agreement == 6 / 8 and m.decisive_top1_agreement == 1.0 and m.near_ties == 2
     assert m.worst_flip is None
-    assert precision_checks(m, "bfloat16")["decisive_top1_agreement"].passed
+    assert UserLimits(min_top1=0.8).checks(m)["decisive_top1_agreement"].passed
 
 
 def test_a_flip_at_a_decisive_position_is_reported_with_its_tokens_and_gap():
@@ -56,7 +56,7 @@ def test_a_flip_at_a_decisive_position_is_reported_with_its_tokens_and_gap():
     flip = m.worst_flip  # of the two decisive flips, the one with the larger reference gap
     assert (flip.sequence, flip.position, flip.reference_token, flip.candidate_token) == (1, 2, 0, 1)
     assert flip.reference_gap == pytest.approx(5.0) and 0 < flip.noise < 1.0
-    assert not precision_checks(m, "bfloat16")["decisive_top1_agreement"].passed  # 0.67 < 0.8
+    assert not UserLimits(min_top1=0.8).checks(m)["decisive_top1_agreement"].passed  # 0.67 < 0.8
 
 
 def test_the_near_tie_bound_scales_with_the_dtype_rounding():
@@ -100,10 +100,9 @@ def test_a_nan_position_is_the_worst_and_the_metrics_serialize():
     assert data["cosine_min"] == "nan" and data["worst_cosine"]["position"] == 1
     assert data["worst_flip"]["candidate_token"] == 5  # argmax takes the NaN: a flip
     assert data["near_ties"] == 0 and data["noise_dtype"] == "float32"
-    assert not precision_checks(m, "float32")["cosine_min"].passed
+    assert not UserLimits(min_cosine=0.99999).checks(m)["cosine_min"].passed  # NaN fails every limit
 
 
-def test_precision_checks_judge_decisive_agreement_not_raw_top1():
-    checks = precision_checks(logit_metrics(with_gaps([[3.0]]), with_gaps([[3.0]])), "float16")
-    assert "top1_agreement" not in checks
-    assert checks["decisive_top1_agreement"].threshold == PRECISION_THRESHOLDS["float16"].decisive_top1_agreement
+def test_a_top1_limit_judges_decisive_agreement_not_raw_top1():
+    checks = UserLimits(min_top1=0.9).checks(logit_metrics(with_gaps([[3.0]]), with_gaps([[3.0]]), dtype="float16"))
+    assert set(checks) == {"decisive_top1_agreement"} and checks["decisive_top1_agreement"].threshold == 0.9

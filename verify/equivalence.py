@@ -33,7 +33,7 @@ from .forward import BatchOptions, first_divergence, first_nonfinite, hidden_sta
 from .inputs import check_inputs
 from .metrics import LogitMetrics, bit_identical, logit_metrics
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
-from .thresholds import PRECISION_THRESHOLDS, Check, Thresholds, precision_checks
+from .thresholds import Check, UserLimits
 from .streaming import Progress, ValueFn
 from .weights import WeightComparison, compare_weights
 
@@ -61,21 +61,20 @@ class ForwardComparison:
 
 @dataclass
 class PrecisionEffect:
-    """The float32 source against the source cast to the checkpoint dtype: what the cast costs, against thresholds."""
+    """The float32 source against the source cast to the checkpoint dtype: what the cast costs. The checkpoint's
+    logits are these bit for bit (the forward check), so this is the model's own cost of the dtype: reported, and
+    judged only for non-finite logits (the dtype overflows) and against the user's own `limits`."""
 
     JSON_PROPERTIES: ClassVar[tuple[str, ...]] = ("ok", "checks")
 
     dtype: str
     metrics: LogitMetrics
+    limits: UserLimits = UserLimits()
     first_nonfinite_module: str | None = None
 
     @property
-    def thresholds(self) -> Thresholds:
-        return PRECISION_THRESHOLDS[self.dtype]
-
-    @property
     def checks(self) -> dict[str, Check]:
-        return precision_checks(self.metrics, self.dtype)
+        return {"nonfinite": Check("nonfinite", self.metrics.nonfinite, "==", 0), **self.limits.checks(self.metrics)}
 
     @property
     def ok(self) -> bool:
@@ -135,7 +134,7 @@ class EquivalenceReport:
         f, p = self.forward, self.precision
         outcomes.append(judged(MODE, "forward", [] if f.identical else [f.problem or "logits are not bit-identical to the source's"]))
         failed = [name for name, check in p.checks.items() if not check.passed]
-        outcomes.append(judged(MODE, "precision", [f"precision effect of {self.dtype} exceeds thresholds: {', '.join(failed)}"] if failed else []))
+        outcomes.append(judged(MODE, "precision", [f"the cost of {self.dtype}: {'; '.join(str(p.checks[n]) for n in failed)}"] if failed else []))
         return outcomes
 
     @property
@@ -292,8 +291,8 @@ def _compare_models(report: EquivalenceReport, runs: _Runs, input_ids: torch.Ten
     with stage("precision", f"running the source in float32 on {dev}"):
         exact = dtype == torch.float32 and runs.rounded is None
         reference = expected if exact else runs.logits(False, torch.float32, input_ids, exact=False)
-        metrics = logit_metrics(reference, expected)
-        report.precision = PrecisionEffect(report.dtype, metrics)
+        metrics = logit_metrics(reference, expected, dtype=report.dtype)
+        report.precision = PrecisionEffect(report.dtype, metrics, runs.batch.limits)
         if metrics.nonfinite:
             sequence = int((~torch.isfinite(expected)).flatten(1).any(dim=1).nonzero()[0])
             states = runs.states(False, dtype, input_ids[sequence : sequence + 1])

@@ -19,6 +19,7 @@ import torch
 from shardproof.converter.errors import ShardproofError
 
 from .metrics import bit_identical, first_difference, max_abs_diff
+from .thresholds import UserLimits
 from .streaming import Progress, ResidentParameters, StreamedModel, ValueFn
 
 
@@ -42,7 +43,8 @@ MAX_SEED = 2**63 - 1
 class BatchOptions:
     """The random token batches every model runs on: where, how many, how long, from which seed.
 
-    `max_device_memory` (GiB, None: no cap) caps what a run may hold: on CUDA the process's share of the device
+    `limits` are the user's own limits on the dtype's cost (none by default). `max_device_memory` (GiB, None: no
+    cap) caps what a run may hold: on CUDA the process's share of the device
     (`limit_device_memory`), everywhere the parameters resident at once (`resident`).
     Checked on creation (bad values raise ShardproofError naming the option); `fit` checks seq_len against a model.
     """
@@ -52,6 +54,7 @@ class BatchOptions:
     seq_len: int = 256
     seed: int = 0
     max_device_memory: float | None = None
+    limits: UserLimits = UserLimits()
 
     def __post_init__(self) -> None:
         resolve_device(self.device)

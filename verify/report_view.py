@@ -13,6 +13,7 @@ from .equivalence import EquivalenceReport
 from .metrics import LogitMetrics, Position
 from .outcomes import CheckOutcome, Status
 from .sharded_check import ShardedReport
+from .dtype_cost import COST_FACTOR
 from .thresholds import Check
 from .verification import Verification
 
@@ -128,7 +129,7 @@ def metrics_table(report: EquivalenceReport) -> Table:
     table.add_column("metric")
     table.add_column(f"source {report.dtype} vs checkpoint", justify="right")
     table.add_column(f"source float32 vs {report.dtype}", justify="right")
-    table.add_column("threshold", justify="right")
+    table.add_column("limit (the cost is the model's own: only non-finite and your limits fail)", justify="right")
     checks = p.checks
     for name in NUMBERS:
         exact = _num(getattr(f.metrics, name)) if f.metrics else "-"
@@ -201,9 +202,12 @@ def render(result: Verification, console: Console) -> None:
         return
     claims = []
     if report is not None:
-        claims.append(f"reassembled: the checkpoint is the model, bit for bit, and {report.dtype} stays within the precision limits")
+        claims.append(f"reassembled: the checkpoint is the model, bit for bit; {report.dtype} costs the model what HF's own "
+                      f"{report.dtype} forward costs it (KL {report.precision.metrics.kl_mean:.3g})")
     if result.sharded is not None:
-        claims.append("sharded: run as TensorRT-LLM runs it, the checkpoint computes what the model computes")
+        claims.append("sharded: run as TensorRT-LLM runs it, the checkpoint computes what the model computes"
+                      + ("" if result.sharded.dtype == "float32" else
+                         f", at a {result.sharded.dtype} cost within {COST_FACTOR:g} x the model's own"))
     if result.status is Status.NOT_RUN:
         not_run = "; ".join(f"{mode} mode: {reason}" for mode, reason in result.not_run.items())
         console.print(Text.assemble(("NOT RUN", "bold yellow"), f": nothing failed, but {not_run}"

@@ -10,7 +10,8 @@ shards, and its logits are compared with HF's own forward pass of the source mod
   (max |diff| / max |reference logit|) must stay below CONVERSION_REL_ERROR. This isolates conversion faults
   from precision loss, which is what makes subtle faults visible in a float16 or bfloat16 checkpoint.
 * precision (float16 / bfloat16 only): the runtime computing in the checkpoint dtype against HF in float32
-  over the original weights, judged by the reassembled mode's thresholds (KL, top-1 agreement, cosine).
+  over the original weights: the dtype's cost as deployed, judged against the model's own cost of that dtype
+  (HF loaded in it, same tokens; verify/dtype_cost.py): at most COST_FACTOR x, and within the user's limits.
 
 Teacher-forced, in float32 over stored values: each stage (embedding, every decoder layer, final norm + lm_head)
 runs on HF's own input to it, during HF's run, and its output is compared with HF's: per-stage relative errors
@@ -42,7 +43,8 @@ from .runtime.target_view import open_sharded
 from .runtime.simulated import run_simulated
 from .runtime.teacher import StageRunner
 from .streaming import Progress, StreamedModel, decoder_layers
-from .thresholds import Check, checks_by_metric, precision_checks
+from .dtype_cost import COST_FACTOR, OwnCost, judge_cost, own_cost
+from .thresholds import Check, UserLimits, checks_by_metric
 
 # float32 on both sides over identical values; calibrated in docs/selftest.md (clean <= 5.8e-6, faults >= 6.6e-3).
 CONVERSION_REL_ERROR = 1e-4
@@ -65,6 +67,7 @@ class LogitComparison:
     metrics: LogitMetrics
     relative_error: float
     checks: dict[str, Check]
+    own: LogitMetrics | None = None  # precision: the model's own cost of the dtype (HF float32 vs HF in it)
 
     @property
     def passed(self) -> bool:
@@ -162,6 +165,7 @@ class HFReference:
         self.vocab_size = open_source(model_dir).hf_config.vocab_size
         self.input_ids = batch.input_ids(self.vocab_size)
         self._runs: dict[tuple[str | None, int | None], tuple[Tensor, list[Tensor]]] = {}
+        self._own: dict[str, OwnCost] = {}
 
     def logits(self, rounding: str | None) -> Tensor:
         """float32 logits [num_sequences, seq_len, vocab] on the CPU."""
@@ -170,6 +174,13 @@ class HFReference:
     def stages(self, rounding: str | None, sequence: int) -> tuple[Tensor, list[Tensor]]:
         """Logits and the float32 outputs [embedding, layer 0, ...] of one sequence."""
         return self._run(rounding, sequence)
+
+    def own_cost(self, dtype: str) -> OwnCost:
+        """The model's own cost of `dtype`: HF loaded in it (streamed as the other runs) against HF float32."""
+        if dtype not in self._own:
+            self._own[dtype] = own_cost(self.model_dir, dtype, self.input_ids, self.device, self.logits(None),
+                                        self.batch.resident(), self.progress)
+        return self._own[dtype]
 
     def teacher_forced(self, rounding: str, runtime: StageRunner) -> TeacherForced:
         """HF's run with `rounding` (its logits kept as `logits(rounding)`), each of `runtime`'s stages run on
@@ -259,16 +270,23 @@ def relative_error(reference: Tensor, candidate: Tensor) -> float:
     return float(diff / reference.double().abs().max())
 
 
-def _compare(name: str, reference: str, candidate: str, ref: Tensor, cand: Tensor, dtype: str) -> LogitComparison:
-    metrics = logit_metrics(ref, cand)
-    error = relative_error(ref, cand)
-    if name == "conversion":
-        checks = checks_by_metric(Check("reference_nonfinite", int((~torch.isfinite(ref)).sum()), "==", 0),
-                                  Check("nonfinite", metrics.nonfinite, "==", 0),
-                                  Check("relative_error", error, "<=", CONVERSION_REL_ERROR))
-    else:
-        checks = precision_checks(metrics, dtype)
-    return LogitComparison(name, reference, candidate, metrics, error, checks)
+def _conversion(dtype: str, ref: Tensor, cand: Tensor) -> LogitComparison:
+    """The runtime in float32 over the stored values against HF in float32 over the same values."""
+    metrics, error = logit_metrics(ref, cand), relative_error(ref, cand)
+    checks = checks_by_metric(Check("reference_nonfinite", int((~torch.isfinite(ref)).sum()), "==", 0),
+                              Check("nonfinite", metrics.nonfinite, "==", 0),
+                              Check("relative_error", error, "<=", CONVERSION_REL_ERROR))
+    return LogitComparison("conversion", f"HF, weights as stored in {dtype}, float32 math", "runtime, float32 math",
+                           metrics, error, checks)
+
+
+def _precision(dtype: str, ref: Tensor, cand: Tensor, own: OwnCost, limits: UserLimits) -> LogitComparison:
+    """The runtime in the checkpoint dtype against HF float32: its cost, judged against COST_FACTOR x the model's
+    own cost of the dtype and the user's limits."""
+    metrics = logit_metrics(ref, cand, dtype=dtype)
+    checks = {**judge_cost(metrics, own, COST_FACTOR), **limits.checks(metrics)}
+    return LogitComparison("precision", "HF float32", f"runtime, {dtype} math", metrics, relative_error(ref, cand),
+                           checks, own.metrics)
 
 
 def check_sharded(checkpoint_dir: Path | str, reference: HFReference, target: str | None = None) -> ShardedReport:
@@ -295,12 +313,11 @@ def check_sharded(checkpoint_dir: Path | str, reference: HFReference, target: st
     native = run_simulated(ckpt, ids, device).cpu()
     wide = native if dtype == "float32" else run_simulated(ckpt, ids, device, torch.float32).cpu()
     report.teacher_forced = reference.teacher_forced(dtype, StageRunner(ckpt, device, torch.float32, ids.shape[1]))
-    conversion = _compare("conversion", f"HF, weights as stored in {dtype}, float32 math", "runtime, float32 math",
-                          reference.logits(dtype), wide, dtype)
+    conversion = _conversion(dtype, reference.logits(dtype), wide)
     report.comparisons.append(conversion)
     if dtype != "float32":
-        report.comparisons.append(_compare(
-            "precision", "HF float32", f"runtime, {dtype} math", reference.logits(None), native, dtype))
+        report.comparisons.append(_precision(dtype, reference.logits(None), native, reference.own_cost(dtype),
+                                             reference.batch.limits))
     if report.passed:
         return report
     # Stage by stage in float32 over stored values, unless the reference itself is not finite (the source does

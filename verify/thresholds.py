@@ -1,27 +1,28 @@
-"""Metric limits and the one place that turns logit metrics into checks against them, for both modes."""
+"""Checks of logit metrics against limits: float32's own, and the ones a user states."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import ClassVar
+
+from shardproof.converter.errors import ShardproofError
 
 from .metrics import LogitMetrics
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Limits on the float32 model vs the checkpoint dtype's model; docs/verification.md says where they come from."""
+    """Limits on a reference's logits against a candidate's, by metric."""
 
     kl_mean: float
     decisive_top1_agreement: float  # top-1 agreement where the reference is not a near-tie (verify/metrics.py)
     cosine_min: float
 
 
-PRECISION_THRESHOLDS: dict[str, Thresholds] = {
-    "float32": Thresholds(kl_mean=1e-6, decisive_top1_agreement=0.99, cosine_min=0.99999),
-    "float16": Thresholds(kl_mean=1e-3, decisive_top1_agreement=0.90, cosine_min=0.999),
-    "bfloat16": Thresholds(kl_mean=3e-2, decisive_top1_agreement=0.80, cosine_min=0.95),
-}
+# What float32 itself leaves between two runs that differ only in summation order (tensor-parallel partial sums):
+# no cost judged against the model's own is ever held below these (verify/dtype_cost.py).
+FLOAT32_LIMITS = Thresholds(kl_mean=1e-6, decisive_top1_agreement=0.99, cosine_min=0.99999)
 
 
 @dataclass(frozen=True)
@@ -54,17 +55,32 @@ def checks_by_metric(*checks: Check) -> dict[str, Check]:
     return {c.metric: c for c in checks}
 
 
-def precision_checks(metrics: LogitMetrics, dtype: str) -> dict[str, Check]:
-    """`metrics` (float32 reference vs `dtype` candidate) judged by PRECISION_THRESHOLDS[dtype], by metric.
+@dataclass(frozen=True)
+class UserLimits:
+    """Limits a user states on the dtype's cost (HF float32 against the checkpoint in its dtype): `--max-kl` (KL
+    mean), `--max-kl-max`, `--min-top1` (decisive top-1 agreement), `--min-cosine` (worst position). None: not
+    judged. Values outside the metric's range are bad input."""
 
-    Top-1 agreement is judged on the decisive positions only: an argmax within the dtype's rounding noise of its
-    runner-up may flip in a correct checkpoint. Near-ties are those of `metrics.noise_dtype`; metrics measured
-    with a finer dtype's noise (logits handed over as float32) count more positions as decisive, never fewer.
-    """
-    t = PRECISION_THRESHOLDS[dtype]
-    return checks_by_metric(
-        Check("kl_mean", metrics.kl_mean, "<=", t.kl_mean),
-        Check("decisive_top1_agreement", metrics.decisive_top1_agreement, ">=", t.decisive_top1_agreement),
-        Check("cosine_min", metrics.cosine_min, ">=", t.cosine_min),
-        Check("nonfinite", metrics.nonfinite, "==", 0),
-    )
+    max_kl: float | None = None
+    max_kl_max: float | None = None
+    min_top1: float | None = None
+    min_cosine: float | None = None
+
+    def __post_init__(self) -> None:
+        ranges = {"max_kl": (0, math.inf), "max_kl_max": (0, math.inf), "min_top1": (0, 1), "min_cosine": (-1, 1)}
+        for f in fields(self):
+            value, (low, high) = getattr(self, f.name), ranges[f.name]
+            if value is not None and not low <= value <= high:
+                option = "--" + f.name.replace("_", "-")
+                raise ShardproofError(f"{option} {value}: must be between {low} and {high}")
+
+    def checks(self, metrics: LogitMetrics) -> dict[str, Check]:
+        """One check per limit given, by metric."""
+        given = [
+            (self.max_kl, "kl_mean", metrics.kl_mean, "<="),
+            (self.max_kl_max, "kl_max", metrics.kl_max, "<="),
+            (self.min_top1, "decisive_top1_agreement", metrics.decisive_top1_agreement, ">="),
+            (self.min_cosine, "cosine_min", metrics.cosine_min, ">="),
+        ]
+        return checks_by_metric(*(Check(metric, value, op, limit, "user limit")
+                                  for limit, metric, value, op in given if limit is not None))

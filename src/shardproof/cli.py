@@ -284,14 +284,17 @@ def _write_report(data: dict, report: Optional[Path]) -> None:
 
 
 def _batch_options(device: str, num_sequences: int, seq_len: int, seed: int, mode: str, report: Optional[Path],
-                   max_device_memory: Optional[float] = None):
-    """verify's and check's options, checked before any work: ShardproofError names the first bad one."""
+                   max_device_memory: Optional[float], limits: tuple[Optional[float], ...]):
+    """verify's and check's options, checked before any work: ShardproofError names the first bad one. `limits`:
+    --max-kl, --max-kl-max, --min-top1, --min-cosine."""
     from shardproof.verify.forward import BatchOptions
+    from shardproof.verify.thresholds import UserLimits
     from shardproof.verify.verification import check_mode
 
     check_mode(mode)
     _check_report_path(report)
-    return BatchOptions(device, num_sequences, seq_len, seed, max_device_memory)
+    return BatchOptions(device, num_sequences, seq_len, seed, max_device_memory, UserLimits(*limits))
+
 
 
 def _finish(result, report: Optional[Path]) -> None:
@@ -308,6 +311,10 @@ def _finish(result, report: Optional[Path]) -> None:
 DEVICE_HELP = "auto (cuda when available), cpu or cuda: where the models run, one at a time."
 SEQUENCES_HELP = "Random token sequences run through every model."
 SEQ_LEN_HELP = "Tokens per sequence (long enough that rotary position errors show)."
+MAX_KL_HELP = "Fail if the dtype's cost, KL divergence from float32 (mean over positions, nats), exceeds this."
+MAX_KL_MAX_HELP = "Fail if the dtype's KL divergence at the worst position exceeds this."
+MIN_TOP1_HELP = "Fail if top-1 agreement with float32 on decisive (not near-tie) positions is below this."
+MIN_COSINE_HELP = "Fail if the logits' cosine similarity to float32 at the worst position is below this."
 MAX_DEVICE_MEMORY_HELP = ("GiB the models may hold on the device (on CUDA the process's share of it; everywhere the "
                           "parameters resident at once); models stream one layer at a time, so a model larger than "
                           "this is verified; a check that needs more does not run (exit 3).")
@@ -328,6 +335,10 @@ def verify(
     mode: str = typer.Option("both", "--mode", help=MODE_HELP),
     max_device_memory: Optional[float] = typer.Option(None, "--max_device_memory", "--max-device-memory",
                                                       help=MAX_DEVICE_MEMORY_HELP),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", "--max_kl", help=MAX_KL_HELP),
+    max_kl_max: Optional[float] = typer.Option(None, "--max-kl-max", "--max_kl_max", help=MAX_KL_MAX_HELP),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", "--min_top1", help=MIN_TOP1_HELP),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", "--min_cosine", help=MIN_COSINE_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
     target: str = _target_option(),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", "--allow_pickle", help=ALLOW_PICKLE_HELP),
@@ -343,7 +354,8 @@ def verify(
 
     if model_dir is None or checkpoint_dir is None:
         raise ShardproofError("--model_dir and --checkpoint_dir are required")
-    batch = _batch_options(device, num_sequences, seq_len, seed, mode, report, max_device_memory)
+    batch = _batch_options(device, num_sequences, seq_len, seed, mode, report, max_device_memory,
+                           (max_kl, max_kl_max, min_top1, min_cosine))
     with bytes_progress_bar("verifying", None, quiet) as advance:
         result = verify_checkpoint(model_dir, checkpoint_dir, mode, batch, log=_log, target=get_target(target).name,
                                    progress=lambda nbytes: advance("", nbytes))
@@ -377,6 +389,10 @@ def check(
     mode: str = typer.Option("both", "--mode", help=MODE_HELP),
     max_device_memory: Optional[float] = typer.Option(None, "--max_device_memory", "--max-device-memory",
                                                       help=MAX_DEVICE_MEMORY_HELP),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", "--max_kl", help=MAX_KL_HELP),
+    max_kl_max: Optional[float] = typer.Option(None, "--max-kl-max", "--max_kl_max", help=MAX_KL_MAX_HELP),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", "--min_top1", help=MIN_TOP1_HELP),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", "--min_cosine", help=MIN_COSINE_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON to this file."),
     target: str = _target_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -393,7 +409,8 @@ def check(
         raise ShardproofError("pass either --model_dir or --demo")
     if architecture and not demo:
         raise ShardproofError("--architecture applies to --demo only (a model directory names its own)")
-    batch = _batch_options(device, num_sequences, seq_len, seed, mode, report, max_device_memory)
+    batch = _batch_options(device, num_sequences, seq_len, seed, mode, report, max_device_memory,
+                           (max_kl, max_kl_max, min_top1, min_cosine))
     defaults = demo_model.LAYOUT if demo else dict(dtype="auto", tp_size=1, pp_size=1)
     layout = dict(
         dtype=dtype or defaults["dtype"],
