@@ -59,7 +59,12 @@ def verify(model: str, checkpoint: str, mode: str, batch: str) -> None:
     result = verify_checkpoint(model, checkpoint, mode, options)
     device = options.torch_device
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    print(json.dumps({"status": result.status.value, "failures": result.failures, "peak_device_bytes": peak}))
+    comparisons = result.sharded.comparisons if result.sharded else []
+    checks = {c.name: [str(check) for check in c.checks.values()] for c in comparisons}
+    if result.reassembled and result.reassembled.precision:
+        checks["reassembled precision"] = [str(check) for check in result.reassembled.precision.checks.values()]
+    print(json.dumps({"status": result.status.value, "failures": result.failures, "peak_device_bytes": peak,
+                      "timings_s": result.timings, "checks": checks}))
 
 
 # ---- the parent ----
@@ -100,8 +105,8 @@ def run(args: argparse.Namespace) -> None:
             figures = measure(child("verify", model, checkpoint, mode, json.dumps(batch)))
             results.append(dict(layers=layers, run=f"verify --mode {mode}", source_bytes=source_bytes,
                                 largest_tensor_bytes=largest, floor_seconds=base["seconds"], **figures))
-    (out / "verify_memory.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                        "results": results}, indent=2) + "\n")
+            _save(out, args, results)  # after every run: a run cut short keeps what was measured
+    _save(out, args, results)
     print(f"hidden {args.hidden}, intermediate {args.intermediate}, vocab {args.vocab}, {args.source_dtype} -> "
           f"{args.dtype}, tp {args.tp}, device {args.device}, {args.num_sequences} x {args.seq_len} tokens"
           + (f", --max-device-memory {args.max_device_memory} GiB" if args.max_device_memory else "") + "\n")
@@ -115,6 +120,11 @@ def run(args: argparse.Namespace) -> None:
         print(f"| {r['layers']} | {r['source_bytes'] / GIB:.2f} | {r['run']} | {r.get('status', '-')} | "
               f"{r['seconds']:.1f} | {r['seconds'] / floor_s:.2f} | {rss:.2f} | {target:.2f} "
               f"({'met' if rss <= target else 'missed'}) | {device} |")
+
+
+def _save(out: Path, args: argparse.Namespace, results: list[dict]) -> None:
+    (out / "verify_memory.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                        "results": results}, indent=2) + "\n")
 
 
 def main() -> None:

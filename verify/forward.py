@@ -85,8 +85,9 @@ class BatchOptions:
         device = self.torch_device
         if self.max_device_memory is None or device.type != "cuda":
             return
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, self.max_device_memory * 2**30 / total), device)
+        index = torch.cuda.current_device() if device.index is None else device.index  # "cuda" names no index
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, self.max_device_memory * 2**30 / total), index)
 
     def fit(self, max_positions: int | None, model: str) -> None:
         """ShardproofError when seq_len exceeds the model's max_position_embeddings (None: unknown)."""

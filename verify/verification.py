@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
+import torch
+
 from shardproof.converter.errors import CheckNotRun, ShardproofError
 from shardproof.converter.target_checkpoint import check_readable
 from shardproof.converter.manifest import MANIFEST, check_manifest, source_differences
@@ -175,11 +177,15 @@ def check_mode(mode: str) -> None:
 
 @contextlib.contextmanager
 def _unless_not_run(result: Verification, mode: str) -> Iterator[None]:
-    """Record CheckNotRun from the block as the reason `mode` did not run."""
+    """Record CheckNotRun from the block as the reason `mode` did not run; so is the device running out of memory
+    (under --max-device-memory, or on a device too small): the check could not run, it did not fail."""
     try:
         yield
     except CheckNotRun as e:
         result.not_run[mode] = str(e)
+    except torch.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        result.not_run[mode] = f"the device ran out of memory ({str(e).splitlines()[0]})"
 
 
 @contextlib.contextmanager
