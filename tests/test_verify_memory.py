@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from shardproof.cli import EXIT_NOT_RUN, EXIT_OK, app
@@ -45,9 +46,10 @@ def test_a_quarter_of_the_model_is_enough_to_verify_it(deep) -> None:
     progress: list[int] = []
     result = verify_checkpoint(model, ckpt, "both", batch, progress=progress.append)
     assert result.status is Status.PASSED, result.failures
-    # float32 source read for the weights comparison, twice more in the reassembled mode (rounded, float32) and
-    # twice in the sharded one (rounded, original); the reassembled model's bfloat16 files once (half the bytes)
-    assert sum(progress) == 5.5 * _model_bytes(model)
+    # float32 source read for the weights comparison, twice more in the reassembled mode (rounded, float32),
+    # three times in the sharded one (rounded, original, and loaded in bfloat16 for the model's own cost of it);
+    # the reassembled model's bfloat16 files once (half the bytes)
+    assert sum(progress) == 6.5 * _model_bytes(model)
 
 
 def test_a_cap_below_one_layer_is_not_run(deep) -> None:
@@ -58,6 +60,21 @@ def test_a_cap_below_one_layer_is_not_run(deep) -> None:
                                       "--max-device-memory", cap])
     assert result.exit_code == EXIT_NOT_RUN, result.output
     assert "above the cap" in result.output
+
+
+def test_a_device_out_of_memory_is_not_run_not_failed(deep, monkeypatch) -> None:
+    """A mode the device has too little memory for could not run: exit 3, never a failure or a traceback."""
+    import shardproof.verify.verification as verification
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.96 GiB.")
+
+    monkeypatch.setattr(verification, "sharded_check", out_of_memory)
+    model, ckpt = deep
+    result = CliRunner().invoke(app, ["verify", "--model_dir", str(model), "--checkpoint_dir", str(ckpt),
+                                      "--mode", "sharded", "--device", "cpu", "--num-sequences", "1", "--seq-len", "16"])
+    assert result.exit_code == EXIT_NOT_RUN, result.output
+    assert "ran out of memory" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
