@@ -101,8 +101,9 @@ def convert(
     guard = ValueGuard(str(source.model_dir), allow_nonfinite, clamp)
     with atomic_directory(Path(output_dir), overwrite, inputs=[Path(model_dir)]) as staging:
         config = trt_config(plan, source.hf_config) if target.trt_config else None
+        read = source.record_digests()
         written = write_checkpoint(plan, source, staging, config, progress, workers, guard)
-        fingerprint = source_fingerprint(source, workers)
+        fingerprint = source_fingerprint(source, read, workers)
         if not target.trt_config:
             mapping = plan.layout.mapping
             for rank in plan.ranks:

@@ -59,7 +59,8 @@ def write_checkpoint(plan: Plan, source: Source, directory: Path, config: dict |
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     with contextlib.ExitStack() as stack:
         files = [
-            stack.enter_context(PlannedFile(directory / rank_file(r.rank), [(t.name, t.torch_dtype, t.shape) for t in r.tensors]))
+            stack.enter_context(PlannedFile(directory / rank_file(r.rank), [(t.name, t.torch_dtype, t.shape) for t in r.tensors],
+                                            hashed=True))
             for r in plan.ranks
         ]
         instances = [

@@ -77,9 +77,10 @@ class Weights(ABC):
     def load(self, name: str) -> torch.Tensor:
         """Tensor `name`'s data in its stored dtype."""
 
-    def read_digests(self) -> dict[Path, dict[str, bytes]]:
-        """Optional: the SHA-256 of each tensor's bytes as `load` read them, by safetensors file and tensor name
-        (converter/digests.py), so that the manifest need not read them again. Default: none taken."""
+    def record_digests(self) -> dict[Path, dict[str, bytes]]:
+        """Optional: from now on, record the SHA-256 of each tensor's bytes as `load` reads them from a safetensors
+        file (converter/digests.py), in the mapping returned (file -> tensor name -> digest, filled as tensors are
+        read), so that the manifest need not read them again. Default: none recorded (an empty mapping)."""
         return {}
 
 

@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from .bounded_pool import default_workers
 from .bounded_read import regular_file_size
@@ -88,10 +89,11 @@ class ManifestCheck:
         return f"{len(self.manifest.files)} file(s) match {MANIFEST} (written by shardproof {self.manifest.tool_version})"
 
 
-def source_fingerprint(source: Source, workers: int = 1) -> dict[str, FileDigest]:
+def source_fingerprint(source: Source, known: Mapping[Path, Mapping[str, bytes]] | None = None,
+                       workers: int = 1) -> dict[str, FileDigest]:
     """Digests of the files a conversion reads from the source (`Source.files`: its config's and its weights'),
-    reusing the tensor digests its weight loader took as the conversion read them."""
-    known = source.read_digests()
+    reusing `known` tensor digests (`Source.record_digests`, taken as the conversion read them)."""
+    known = known or {}
     return {str(p.relative_to(source.model_dir)): file_digest(p, known=known.get(p), workers=workers)
             for p in source.files}
 

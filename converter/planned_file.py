@@ -1,6 +1,6 @@
 """A safetensors file written from its planned header: tensors go to their planned offsets, in any order, from
-any thread (positional writes), so the bytes are those of writing them in order; each is hashed as it is written,
-so the file's digest needs no second pass."""
+any thread (positional writes), so the bytes are those of writing them in order; with `hashed`, each is hashed as
+it is written, so the file's digest needs no second pass."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from .safetensors_io import planned_header
 
 class PlannedFile:
     """Writes the header at once; `write` puts each planned tensor at its offset; `close` checks all were written;
-    `digest` is then the file's `safetensors-sha256` digest."""
+    with `hashed`, `digest` is then the file's `safetensors-sha256` digest."""
 
-    def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, Shape]]):
+    def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, Shape]], hashed: bool = False):
         self.path = path
         prefix, offsets = planned_header(entries)
         self._slots = {name: (dtype, tuple(shape), offset) for (name, dtype, shape), offset in zip(entries, offsets)}
         self._size = len(prefix) + sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in entries)
-        self._header_digest = part_digest(prefix)
+        self._header_digest = part_digest(prefix) if hashed else None
         self._digests: dict[str, bytes] = {}
         self._written: set[str] = set()
         self._lock = threading.Lock()
@@ -43,11 +43,14 @@ class PlannedFile:
             self._written.add(name)
         data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
         self._write_at(data, offset)
-        self._digests[name] = part_digest(data)
+        if self._header_digest is not None:
+            self._digests[name] = part_digest(data)
 
     @property
     def digest(self) -> FileDigest:
         """The digest of the file as planned and written (every tensor written: `close` checked it)."""
+        if self._header_digest is None:
+            raise AssertionError(f"{self.path} was not opened with hashed=True")
         return combined(self._header_digest, (self._digests[name] for name in self._slots), self._size)
 
     def _write_at(self, data: memoryview, offset: int) -> None:

@@ -29,14 +29,15 @@ def raw_tensors(path: Path) -> dict[str, tuple[str, Shape, bytes]]:
 
 
 class TensorReader:
-    """Reads single tensors of a safetensors file with plain reads (no mmap), so memory holds only what was asked;
-    `digests` holds the SHA-256 of each tensor's bytes as read (converter/digests.py)."""
+    """Reads single tensors of a safetensors file with plain reads (no mmap), so memory holds only what was asked.
+    Set `digests` to a dict to record in it the SHA-256 of each tensor's bytes as read (converter/digests.py); None
+    (the default) takes none: only a conversion needs them, for its manifest."""
 
     def __init__(self, path: Path):
         self.path = path
         header = read_safetensors_header(path)
         self.entries, self._data_start = header.tensors, header.data_start
-        self.digests: dict[str, bytes] = {}
+        self.digests: dict[str, bytes] | None = None
 
     def read(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
@@ -53,7 +54,8 @@ class TensorReader:
             raise ShardproofError(f"{self.path}: cannot read ({e.strerror})") from None
         if not complete:
             raise ShardproofError(f"{self.path}: file is truncated (tensor {name} is incomplete)")
-        self.digests[name] = part_digest(buffer)
+        if self.digests is not None:
+            self.digests[name] = part_digest(buffer)
         if not buffer:
             return torch.empty(entry.shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)

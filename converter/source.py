@@ -65,10 +65,11 @@ class Source:
         """The size of tensor `name`'s data, from its metadata."""
         return self.weights.tensors[name].nbytes
 
-    def read_digests(self) -> dict[Path, dict[str, bytes]]:
-        """The SHA-256 of every tensor read so far, by file and name, where the weight loader takes them
-        (`source_fingerprint` reuses them instead of reading the tensors again)."""
-        return self.weights.read_digests()
+    def record_digests(self) -> dict[Path, dict[str, bytes]]:
+        """From now on, the SHA-256 of every tensor read, by file and name, where the weight loader can take them
+        (`Weights.record_digests`): a conversion's `source_fingerprint` reuses them instead of reading the tensors
+        again; verification, which reads the source several times, takes none."""
+        return self.weights.record_digests()
 
     def load(self, name: str) -> torch.Tensor:
         """The tensor `name`, in its stored dtype."""

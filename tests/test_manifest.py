@@ -179,3 +179,17 @@ def test_convert_hashes_what_it_reads_and_writes_without_a_second_pass(model, tm
     manifest = Manifest.read(tmp_path / "ckpt" / MANIFEST)
     assert manifest.source == source_fingerprint(open_source(model))
     assert all(file_digest(tmp_path / "ckpt" / name) == digest for name, digest in manifest.files.items())
+
+
+def test_only_a_conversion_hashes_the_tensors_it_reads(clean, model, monkeypatch):
+    """Verification reads the source and the rebuilt model several times and needs no digest of what it reads
+    (the manifest check hashes the files itself): its tensor reads take none."""
+    import shardproof.converter.safetensors_io as safetensors_io
+    from shardproof.verify.forward import BatchOptions
+    from shardproof.verify.verification import verify_checkpoint
+
+    hashed: list[int] = []
+    original = safetensors_io.part_digest
+    monkeypatch.setattr(safetensors_io, "part_digest", lambda data: hashed.append(len(data)) or original(data))
+    assert verify_checkpoint(model, clean, "both", BatchOptions("cpu", 1, 8)).passed
+    assert hashed == []

@@ -49,7 +49,9 @@ class SafetensorsWeights(Weights):
     def load(self, name: str) -> torch.Tensor:
         return self._readers[self._files[name]].read(name)
 
-    def read_digests(self) -> dict[Path, dict[str, bytes]]:
+    def record_digests(self) -> dict[Path, dict[str, bytes]]:
+        for reader in self._readers.values():
+            reader.digests = {} if reader.digests is None else reader.digests
         return {path: reader.digests for path, reader in self._readers.items()}
 
 
