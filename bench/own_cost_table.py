@@ -60,19 +60,13 @@ def vocab_size(model: Path) -> int:
 
 
 def random_llama(directory: Path, hidden: int, layers: int) -> Path:
-    """A Llama with transformers' init (std 0.02) and norms 1 + N(0, 0.1), as bench/gpu_verify.py builds it."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """A Llama with transformers' init (std 0.02) and norms 1 + N(0, 0.1): bench/gpu_verify.py's builder, seed 0."""
+    from gpu_verify import build_model  # this folder is on sys.path when the script runs
 
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=3 * hidden,
-                         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), head_dim=64,
-                         vocab_size=32000, architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-    model.save_pretrained(directory)
+    sizes = dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=3 * hidden,
+                 num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), head_dim=64,
+                 vocab_size=32000)
+    build_model(directory, sizes, torch.device("cpu"), seed=0)
     return directory
 
 

@@ -4,7 +4,6 @@ conversion's rounding applied to the source tensors; and only one unit's paramet
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -69,8 +68,9 @@ def test_streamed_forward_is_bit_identical_to_the_whole_model(models, name, tied
     assert states.keys() == expected_states.keys()
     assert all(torch.equal(states[k], expected_states[k]) for k in states)
     assert all(p.device.type == "meta" for p in streamed.model.parameters())  # everything dropped again
-    largest = max(sum(open_source(model_dir).nbytes(k) for k in u.keys) for u in streamed.units)
-    source_bytes = sum(open_source(model_dir).nbytes(k) for k in open_source(model_dir).shapes)
+    source = streamed.source
+    largest = max(sum(source.nbytes(k) for k in u.keys) for u in streamed.units)
+    source_bytes = sum(source.nbytes(k) for k in source.shapes)
     assert streamed.resident.now == 0 and 0 < streamed.resident.peak <= largest * 4 // dtype.itemsize
     assert streamed.resident.peak < source_bytes * 4 // dtype.itemsize
 

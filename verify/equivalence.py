@@ -240,11 +240,12 @@ def verify_equivalence(
         if rebuilt.output_dir is None:
             return report
         with stage("weights", "comparing every tensor with the source"):
-            source_config, rebuilt_config = open_source(model_dir).hf_config, _hf_config(rebuilt.output_dir)
+            source = open_source(model_dir)
+            source_config, rebuilt_config = source.hf_config, _hf_config(rebuilt.output_dir)
             report.config_differences = config_differences(source_config, rebuilt_config)
             report.notes = sliding_window_note(source_config, seq_len)
             report.weights = compare_weights(model_dir, rebuilt.output_dir, ckpt, progress)
-            rounded = [name for name in ckpt.plan.rounded_sources() if name in open_source(model_dir).shapes]
+            rounded = [name for name in ckpt.plan.rounded_sources() if name in source.shapes]
         if rounded:
             report.notes.append(
                 f"{len(rounded)} source tensor(s) go through an op that rounds in {report.dtype}; "
