@@ -178,7 +178,8 @@ class StreamedModel:
         state = {}
         for key in unit.keys:
             tensor = self.source.load(key)
-            state[key] = self.value(key, tensor) if self.value else tensor
+            # on the device before transformers casts it: the cast runs there, and the bus carries stored bytes
+            state[key] = (self.value(key, tensor) if self.value else tensor).to(self.device)
         if self.progress:
             self.progress(sum(self.source.nbytes(k) for k in unit.keys))
         config = LoadStateDictConfig(dtype=None, device_map={"": self.device}, weight_mapping=self._conversions)

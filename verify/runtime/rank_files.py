@@ -102,7 +102,7 @@ class RankWeights:
             return self.file.read(full).to(device=self.device)
         if dtype != self.stored_dtype:
             raise ValueError(f"{self.path}: tensor '{full}' is {dtype}, config says {self.stored_dtype}")
-        return self.file.read(full).to(device=self.device, dtype=self.dtype)
+        return self.file.read(full).to(self.device).to(self.dtype)  # cast on the device: fewer bytes moved, faster
 
     def scope(self, prefix: str) -> RankWeights:
         """The same file with ``prefix`` prepended to every name."""
