@@ -77,6 +77,11 @@ class Weights(ABC):
     def load(self, name: str) -> torch.Tensor:
         """Tensor `name`'s data in its stored dtype."""
 
+    def load_to(self, name: str, device: torch.device) -> torch.Tensor:
+        """Optional: tensor `name` on `device`. Default: `load(name)` moved there; a loader may read straight into
+        device memory instead (the safetensors loader does, through pinned buffers)."""
+        return self.load(name).to(device)
+
     def record_digests(self) -> dict[Path, dict[str, bytes]]:
         """Optional: from now on, record the SHA-256 of each tensor's bytes as `load` reads them from a safetensors
         file (converter/digests.py), in the mapping returned (file -> tensor name -> digest, filled as tensors are

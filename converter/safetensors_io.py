@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -39,12 +40,42 @@ class TensorReader:
         self.entries, self._data_start = header.tensors, header.data_start
         self.digests: dict[str, bytes] | None = None
 
-    def read(self, name: str) -> torch.Tensor:
-        entry = self.entries[name]
+    def _dtype(self, name: str) -> torch.dtype:
         try:
-            dtype = from_safetensors_code(entry.dtype)
+            return from_safetensors_code(self.entries[name].dtype)
         except ShardproofError as e:
             raise ShardproofError(f"{self.path}: tensor {name}: {e}") from None
+
+    def read_to(self, name: str, device: torch.device) -> torch.Tensor:
+        """`read(name)` on `device`; on a GPU read through pinned staging buffers straight into device memory (no
+        pageable host copy of the tensor: its pages were faulted in and zeroed before the read could fill them).
+        Digests, when recorded, are taken on the host path."""
+        if device.type != "cuda" or self.digests is not None:
+            return self.read(name).to(device)
+        entry, dtype = self.entries[name], self._dtype(name)
+        size = entry.end - entry.begin
+        out = torch.empty(size, dtype=torch.uint8, device=device)
+        stages = _staging(device)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._data_start + entry.begin)
+                for i, start in enumerate(range(0, size, STAGE_BYTES)):
+                    buffer, copied = stages[i % len(stages)]
+                    copied.synchronize()  # its previous copy to the device is done
+                    part = buffer[: min(STAGE_BYTES, size - start)]
+                    if f.readinto(memoryview(part.numpy())) != part.numel():
+                        raise ShardproofError(f"{self.path}: file is truncated (tensor {name} is incomplete)")
+                    out[start : start + part.numel()].copy_(part, non_blocking=True)
+                    copied.record(torch.cuda.current_stream(device))
+        except OSError as e:
+            raise ShardproofError(f"{self.path}: cannot read ({e.strerror})") from None
+        finally:
+            for _, copied in stages:
+                copied.synchronize()
+        return out.view(dtype).reshape(entry.shape) if size else torch.empty(entry.shape, dtype=dtype, device=device)
+
+    def read(self, name: str) -> torch.Tensor:
+        entry, dtype = self.entries[name], self._dtype(name)
         # torch.empty, not bytearray(n): bytearray zero-fills every page before the read writes it again (the
         # largest cost of a streamed verification at 8B, measured), and torch's allocation is 64-byte aligned.
         tensor = torch.empty(entry.end - entry.begin, dtype=torch.uint8)  # bounded: the header was checked
@@ -62,6 +93,21 @@ class TensorReader:
         if not len(buffer):
             return torch.empty(entry.shape, dtype=dtype)
         return tensor.view(dtype).reshape(entry.shape)
+
+
+STAGE_BYTES = 1 << 26  # two pinned buffers of 64 MiB per reading thread: the read of one overlaps the copy of the other
+_stages = threading.local()
+
+
+def _staging(device: torch.device) -> list[tuple[torch.Tensor, "torch.cuda.Event"]]:
+    """This thread's pinned staging buffers for reads to `device`, each with the event of its last copy."""
+    key = str(device)
+    cache = _stages.__dict__.setdefault("by_device", {})
+    if key not in cache:
+        with torch.cuda.device(device):
+            cache[key] = [(torch.empty(STAGE_BYTES, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
+                          for _ in range(2)]
+    return cache[key]
 
 
 def planned_header(entries: Sequence[tuple[str, torch.dtype, Shape]]) -> tuple[bytes, list[int]]:

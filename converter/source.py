@@ -71,9 +71,10 @@ class Source:
         again; verification, which reads the source several times, takes none."""
         return self.weights.record_digests()
 
-    def load(self, name: str) -> torch.Tensor:
-        """The tensor `name`, in its stored dtype."""
-        tensor, info = self.weights.load(name), self.weights.tensors[name]
+    def load(self, name: str, device: torch.device | None = None) -> torch.Tensor:
+        """The tensor `name`, in its stored dtype, on `device` (None: the CPU, as the weight loader reads it)."""
+        tensor = self.weights.load(name) if device is None else self.weights.load_to(name, device)
+        info = self.weights.tensors[name]
         if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
             raise ShardproofError(f"{self.weights.where(name)}: tensor {name} reads as {tensor.dtype} {list(tensor.shape)}, "
                                   f"its metadata says {info.dtype} {list(info.shape)}")

@@ -177,9 +177,11 @@ class StreamedModel:
 
         state = {}
         for key in unit.keys:
-            tensor = self.source.load(key)
             # on the device before transformers casts it: the cast runs there, and the bus carries stored bytes
-            state[key] = (self.value(key, tensor) if self.value else tensor).to(self.device)
+            if self.value:
+                state[key] = self.value(key, self.source.load(key)).to(self.device)
+            else:
+                state[key] = self.source.load(key, self.device)
         if self.progress:
             self.progress(sum(self.source.nbytes(k) for k in unit.keys))
         config = LoadStateDictConfig(dtype=None, device_map={"": self.device}, weight_mapping=self._conversions)

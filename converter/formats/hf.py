@@ -49,6 +49,9 @@ class SafetensorsWeights(Weights):
     def load(self, name: str) -> torch.Tensor:
         return self._readers[self._files[name]].read(name)
 
+    def load_to(self, name: str, device: torch.device) -> torch.Tensor:
+        return self._readers[self._files[name]].read_to(name, device)
+
     def record_digests(self) -> dict[Path, dict[str, bytes]]:
         for reader in self._readers.values():
             reader.digests = {} if reader.digests is None else reader.digests

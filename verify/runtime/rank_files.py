@@ -64,10 +64,10 @@ class RankFile:
     def __contains__(self, name: str) -> bool:
         return name in self.shapes
 
-    def read(self, name: str) -> Tensor:
-        """The data of ``name``, read from the file now."""
+    def read(self, name: str, device: torch.device | str = "cpu") -> Tensor:
+        """The data of ``name`` on ``device``, read from the file now."""
         try:
-            return self._reader.read(name)
+            return self._reader.read_to(name, torch.device(device))
         except ShardproofError as e:
             raise ValueError(str(e)) from None
 
@@ -99,10 +99,10 @@ class RankWeights:
         if full in self.pinned:
             if dtype != self.pinned[full]:
                 raise ValueError(f"{self.path}: tensor '{full}' is {dtype}, expected {self.pinned[full]}")
-            return self.file.read(full).to(device=self.device)
+            return self.file.read(full, self.device)
         if dtype != self.stored_dtype:
             raise ValueError(f"{self.path}: tensor '{full}' is {dtype}, config says {self.stored_dtype}")
-        return self.file.read(full).to(self.device).to(self.dtype)  # cast on the device: fewer bytes moved, faster
+        return self.file.read(full, self.device).to(self.dtype)  # cast on the device: fewer bytes moved, faster
 
     def scope(self, prefix: str) -> RankWeights:
         """The same file with ``prefix`` prepended to every name."""
