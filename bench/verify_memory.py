@@ -63,7 +63,8 @@ def verify(model: str, checkpoint: str, mode: str, batch: str) -> None:
     checks = {c.name: [str(check) for check in c.checks.values()] for c in comparisons}
     if result.reassembled and result.reassembled.precision:
         checks["reassembled precision"] = [str(check) for check in result.reassembled.precision.checks.values()]
-    print(json.dumps({"status": result.status.value, "failures": result.failures, "peak_device_bytes": peak,
+    print(json.dumps({"status": result.status.value, "failures": result.failures, "not_run": result.not_run,
+                      "peak_device_bytes": peak,
                       "timings_s": result.timings, "checks": checks}))
 
 
