@@ -81,6 +81,11 @@ def targets() -> list[Target]:
     return list(TARGETS)
 
 
+def targets_for(card: Card) -> list[Target]:
+    """Every registered target that can lay out `card`, the default first."""
+    return [target for target in TARGETS if target.supports(card)]
+
+
 def _pytorch_layout(layout: Layout, dims: Dims, card: Card) -> Layout:
     """The PyTorch backend's decoders build their embedding and lm_head vocab-parallel (TensorParallelMode.COLUMN)
     whatever the flags say, and tie them by sharing one parameter: no layout switch applies."""

@@ -478,23 +478,28 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON instead
     console.print(table)
 
 
-golden_app = typer.Typer(no_args_is_help=True, help="The golden regression suite: every card's tiny models, converted, "
+golden_app = typer.Typer(no_args_is_help=True, help="The golden regression suite: every card's tiny models, converted into "
+                         "every target the card supports, "
                          "against the committed manifests (exit 1 on any difference).")
 app.add_typer(golden_app, name="golden")
 ARCHITECTURE_FILTER = "Only this registered architecture (repeatable; default: every one)."
-MANIFEST_DIR_HELP = "Manifest directory (default: where each card keeps its manifests: golden/manifests, or a plugin's own)."
+TARGET_FILTER = ("Only this registered target (repeatable; default: every target each card supports; a named "
+                 "architecture its card does not support is bad input).")
+MANIFEST_DIR_HELP = ("Manifest directory (default: where each card keeps its manifests: golden/manifests, or a plugin's "
+                     "own); a target other than the default keeps its manifests in a subfolder named after it.")
 
 
 @golden_app.command("check")
 @fails_cleanly
 def golden_check(
     architecture: Optional[list[str]] = typer.Option(None, "--architecture", help=ARCHITECTURE_FILTER),
+    target: Optional[list[str]] = typer.Option(None, "--target", help=TARGET_FILTER),
     manifest_dir: Optional[Path] = _option("--manifest_dir", help=MANIFEST_DIR_HELP),
 ) -> None:
     """Regenerate, convert and compare every case; exit 1 naming each changed, missing or extra tensor per rank."""
     from shardproof.golden import suite, view
 
-    report = suite.check(architecture, manifest_dir, log=_log)
+    report = suite.check(architecture, manifest_dir, log=_log, target_names=target)
     view.render(report, console, "shardproof golden check")
     if not report.passed:
         console.print("[bold red]golden check failed[/]: review the change; if it is intended, run "
@@ -506,13 +511,14 @@ def golden_check(
 @fails_cleanly
 def golden_update(
     architecture: Optional[list[str]] = typer.Option(None, "--architecture", help=ARCHITECTURE_FILTER),
+    target: Optional[list[str]] = typer.Option(None, "--target", help=TARGET_FILTER),
     manifest_dir: Optional[Path] = _option("--manifest_dir", help=MANIFEST_DIR_HELP),
 ) -> None:
     """Rewrite the manifests of the cases that changed (or have none) and print what changed; exit 1 if a case
     no longer converts."""
     from shardproof.golden import suite, view
 
-    report = suite.update(architecture, manifest_dir, log=_log)
+    report = suite.update(architecture, manifest_dir, log=_log, target_names=target)
     view.render(report, console, "shardproof golden update (status before the rewrite)")
     written = [suite.manifest_path(r.case, manifest_dir) for r in report.results if r.status in ("changed", "no manifest")]
     console.print(f"rewrote {len(written)} manifest(s)" + "".join(f"\n  {p}" for p in written), highlight=False)
