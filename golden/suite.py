@@ -82,14 +82,9 @@ def selected_cases(architectures: Sequence[str] | None, target_names: Sequence[s
     """Every case of `architectures` (default: every registered one) in `target_names` (default: every target each
     card supports). A named architecture that a named target does not support is bad input (ShardproofError);
     with no architecture named, a named target covers the cards that support it."""
-    chosen = [get_target(name) for name in dict.fromkeys(target_names or ())]
-    cases = []
-    for architecture in selected(architectures):
-        card = get_card(architecture)
-        for target in chosen or targets_for(card):
-            if architectures or target.supports(card):
-                cases += cases_for(architecture, target.name)
-    return cases
+    return [case for architecture in selected(architectures)
+            for target in targets_for(get_card(architecture), target_names, strict=bool(architectures))
+            for case in cases_for(architecture, target.name)]
 
 
 def run_cases(architectures: Sequence[str] | None, manifest_dir: Path | None, log: Log | None = None,

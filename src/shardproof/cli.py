@@ -534,12 +534,16 @@ def gate(
     architectures: Optional[list[str]] = typer.Argument(None, help="HF architecture names (e.g. as in config.json's 'architectures')."),
     all_: bool = typer.Option(False, "--all", help="Every registered architecture."),
     check: Optional[list[str]] = typer.Option(None, "--check", help="Run only this check (repeatable): coverage, properties, golden, verify, selftest."),
+    target: Optional[list[str]] = typer.Option(None, "--target", help=(
+        "Run the checks in this registered target only (repeatable; default: every target each card supports; "
+        "with --all, the cards that support it; a named architecture its card does not support is bad input).")),
     summary: Optional[Path] = typer.Option(None, "--summary", help="Also write the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)."),
-    junit_xml: Optional[Path] = _option("--junit_xml", help="Write JUnit XML (one testcase per architecture x check) to this file."),
+    junit_xml: Optional[Path] = _option("--junit_xml", help="Write JUnit XML (one testcase per architecture x target x check) to this file."),
 ) -> None:
     """The CI gate for an architecture: registry coverage, property checks, golden check, verify across layouts,
-    mutation self-test. Exit 0 only when every check passes; 1 a check failed; 2 bad input, or an architecture
-    no card maps (the unmapped parameters of its HF model listed); 3 nothing failed but a check did not run."""
+    mutation self-test, each in every target the card supports (TensorRT-LLM checkpoint, PyTorch backend). Exit 0
+    only when every check passes; 1 a check failed; 2 bad input, or an architecture no card maps (the unmapped
+    parameters of its HF model listed); 3 nothing failed but a check did not run."""
     from shardproof.ci import checks as gate_checks
     from shardproof.ci.coverage import refuse_unregistered
     from shardproof.ci.summary import junit_xml as to_junit, markdown
@@ -554,7 +558,8 @@ def gate(
     _check_report_path(junit_xml, "--junit-xml")
     names = supported_architectures() if all_ else list(dict.fromkeys(architectures))
     refuse_unregistered(names)
-    report = gate_checks.run_gate(names, check or list(gate_checks.CHECKS), log=_log)
+    report = gate_checks.run_gate(names, check or list(gate_checks.CHECKS), log=_log, target_names=target,
+                                  strict=not all_)
     text = markdown(report)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     if summary is not None:
