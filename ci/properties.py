@@ -1,7 +1,7 @@
 """The property check of one family in one target, with a fixed example budget: hypothesis draws configs from the
 card's own strategy and layouts valid by construction; each conversion's rank files must hold exactly the planned
 tensors, and reassembly must give back every source tensor as the card declares (the cast, and any op's rounding),
-bit for bit. A model the target refuses (`TargetRows.refused`: a tied Mixtral in the PyTorch backend) is not an
+bit for bit. A model the target refuses (a condition its card lists in `TargetRows.refused`) is not an
 example. Draws are derandomized, so every run checks the same examples."""
 
 from __future__ import annotations

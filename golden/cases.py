@@ -3,8 +3,8 @@ every target the card supports (converter/target.py).
 
 Every case starts from the card's tiny config with its self-test switches on (so every optional row, biases and
 all, has a golden); the tiny vocabulary (97) is divisible by no tp above 1, so every tp > 1 case pads it. A target
-runs the same cases as the default one, less a case it refuses for the model (`TargetRows.refused`: a tied
-Mixtral in the PyTorch backend).
+runs the same cases as the default one, less a case it refuses for the model (a condition the card lists in
+`TargetRows.refused`, such as tied embeddings).
 """
 
 from __future__ import annotations

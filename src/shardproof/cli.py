@@ -483,8 +483,9 @@ golden_app = typer.Typer(no_args_is_help=True, help="The golden regression suite
                          "against the committed manifests (exit 1 on any difference).")
 app.add_typer(golden_app, name="golden")
 ARCHITECTURE_FILTER = "Only this registered architecture (repeatable; default: every one)."
-TARGET_FILTER = ("Only this registered target (repeatable; default: every target each card supports; a named "
-                 "architecture its card does not support is bad input).")
+TARGET_FILTER = ("Only this registered target (repeatable; default: every target each card supports). Without "
+                 "--architecture, the cards that support it; an architecture named whose card does not support it "
+                 "is bad input.")
 MANIFEST_DIR_HELP = ("Manifest directory (default: where each card keeps its manifests: golden/manifests, or a plugin's "
                      "own); a target other than the default keeps its manifests in a subfolder named after it.")
 
@@ -535,13 +536,13 @@ def gate(
     all_: bool = typer.Option(False, "--all", help="Every registered architecture."),
     check: Optional[list[str]] = typer.Option(None, "--check", help="Run only this check (repeatable): coverage, properties, golden, verify, selftest."),
     target: Optional[list[str]] = typer.Option(None, "--target", help=(
-        "Run the checks in this registered target only (repeatable; default: every target each card supports; "
-        "with --all, the cards that support it; a named architecture its card does not support is bad input).")),
+        "Run the checks in this registered target only (repeatable; default: every target each card supports). "
+        "With --all, the cards that support it; an architecture named whose card does not support it is bad input.")),
     summary: Optional[Path] = typer.Option(None, "--summary", help="Also write the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)."),
     junit_xml: Optional[Path] = _option("--junit_xml", help="Write JUnit XML (one testcase per architecture x target x check) to this file."),
 ) -> None:
     """The CI gate for an architecture: registry coverage, property checks, golden check, verify across layouts,
-    mutation self-test, each in every target the card supports (TensorRT-LLM checkpoint, PyTorch backend). Exit 0
+    mutation self-test, each in every target the card supports (`shardproof list` shows the targets). Exit 0
     only when every check passes; 1 a check failed; 2 bad input, or an architecture no card maps (the unmapped
     parameters of its HF model listed); 3 nothing failed but a check did not run."""
     from shardproof.ci import checks as gate_checks
