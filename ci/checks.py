@@ -98,7 +98,7 @@ def run_gate(architectures: Sequence[str], checks: Sequence[str] = tuple(CHECKS)
     raised before any check runs). A check that raises fails with the error as its detail."""
     runs = [(architecture, target.name) for architecture in architectures
             for target in targets_for(get_card(architecture), target_names, strict)]
-    report = GateReport(list(architectures), list(checks))
+    report = GateReport(list(dict.fromkeys(architecture for architecture, _ in runs)), list(checks))
     for architecture, target in runs:
         for name in checks:
             if log:

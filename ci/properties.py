@@ -17,13 +17,12 @@ from shardproof.converter.api import convert
 from shardproof.converter.card import get_card
 from shardproof.converter.dtypes import safetensors_code
 from shardproof.converter.errors import ShardproofError
-from shardproof.converter.mapping import Mapping
-from shardproof.converter.plan import DEFAULT_TARGET, Layout, check_not_refused
+from shardproof.converter.plan import DEFAULT_TARGET
 from shardproof.converter.reassemble import reassemble
-from shardproof.converter.target import get_target
 from shardproof.converter.safetensors_io import read_header
+from shardproof.golden.cases import refused
 from shardproof.golden.source_model import write_source_model
-from shardproof.verify.tiny_models import tiny_config, tiny_sizes
+from shardproof.verify.tiny_models import tiny_sizes
 
 EXAMPLES = 25
 TP_SIZES = (1, 2, 4)
@@ -37,22 +36,6 @@ def valid_tp_sizes(architecture: str, overrides: dict[str, Any]) -> list[int]:
     kv = sizes.get("num_key_value_heads") or heads
     return [tp for tp in TP_SIZES
             if heads % tp == 0 and (kv % tp == 0 or tp % kv == 0) and sizes["intermediate_size"] % tp == 0]
-
-
-def refused(architecture: str, overrides: dict[str, Any], layout: dict[str, Any], target: str) -> bool:
-    """Whether `target` refuses the model and layout (its card declares why); a config the card cannot translate
-    is no refusal: converting it fails the property."""
-    card, target_ = get_card(architecture), get_target(target)
-    try:
-        dims = card.config.dims_from_hf(tiny_config(architecture, **overrides))
-    except ShardproofError:
-        return False
-    planned = Layout(layout["dtype"], Mapping(layout["tp_size"], layout["pp_size"]), layout["use_parallel_embedding"])
-    try:
-        check_not_refused(card, dims, target_.layout(planned, dims, card), target_, architecture)
-    except ShardproofError:
-        return True
-    return False
 
 
 def _round_trip(architecture: str, overrides: dict[str, Any], seed: int, layout: dict[str, Any], target: str) -> None:
@@ -98,7 +81,7 @@ def property_failures(architecture: str, examples: int = EXAMPLES, target: str =
     @given(case=cases())
     def converts_and_round_trips(case: tuple[dict, int, dict]) -> None:
         overrides, seed, layout = case
-        assume(not refused(architecture, overrides, layout, target))
+        assume(not refused(card, overrides, target, layout))
         _round_trip(architecture, overrides, seed, layout, target)
 
     try:

@@ -60,17 +60,31 @@ LAYOUTS: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
 TIED = ("tp2-float32-tied", dict(dtype="float32", tp_size=2), dict(tie_word_embeddings=True))
 
 
-def accepts(card: Card, overrides: dict[str, Any], target: Target, layout: dict[str, Any]) -> bool:
-    """Whether the card's config translation takes the tiny config with `overrides` (e.g. tied embeddings), and
-    `target` does not refuse that model in `layout`."""
+def translates(card: Card, overrides: dict[str, Any]) -> bool:
+    """Whether the card's config translation takes the tiny config with `overrides` (e.g. tied embeddings)."""
     try:
-        dims = card.config.dims_from_hf(tiny_config(card.name, **overrides))
-        planned = Layout(layout["dtype"], Mapping(layout.get("tp_size", 1), layout.get("pp_size", 1)),
-                         layout.get("use_parallel_embedding", False))
-        check_not_refused(card, dims, target.layout(planned, dims, card), target, card.name)
+        card.config.dims_from_hf(tiny_config(card.name, **overrides))
     except ShardproofError:
         return False
     return True
+
+
+def refused(card: Card, overrides: dict[str, Any], target: str | Target, layout: dict[str, Any]) -> bool:
+    """Whether `target` refuses the tiny config with `overrides` converted with `layout` (keyword arguments of
+    `convert`): a condition the card lists in its `TargetRows.refused`. A config the card cannot translate is no
+    refusal (converting it fails)."""
+    try:
+        dims = card.config.dims_from_hf(tiny_config(card.name, **overrides))
+    except ShardproofError:
+        return False
+    target_ = get_target(target)
+    planned = Layout(layout["dtype"], Mapping(layout.get("tp_size", 1), layout.get("pp_size", 1)),
+                     layout.get("use_parallel_embedding", False))
+    try:
+        check_not_refused(card, dims, target_.layout(planned, dims, card), target_, card.name)
+    except ShardproofError:
+        return True
+    return False
 
 
 def cases_for(architecture: str, target: str | None = None) -> list[GoldenCase]:
@@ -82,7 +96,8 @@ def cases_for(architecture: str, target: str | None = None) -> list[GoldenCase]:
     target_.rows(card)
     base = dict(card.tests.selftest)
     chosen = list(LAYOUTS)
-    if accepts(card, {**base, **TIED[2]}, target_, TIED[1]):
+    tied = {**base, **TIED[2]}
+    if translates(card, tied) and not refused(card, tied, target_, TIED[1]):
         chosen.append(TIED)
     return [GoldenCase(architecture, label, overrides={**base, **extra}, target=target_.name, **layout)
             for label, layout, extra in chosen]

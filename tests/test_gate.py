@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from shardproof.ci.checks import CHECKS
 from shardproof.ci.coverage import coverage_failures
-from shardproof.ci.properties import property_failures, refused
+from shardproof.ci.properties import property_failures
 from shardproof.ci.results import CheckResult, GateReport
 from shardproof.ci.summary import junit_xml, markdown
 from shardproof.cli import app
@@ -21,6 +21,7 @@ from shardproof.converter.card import cards, get_card, supported_architectures
 from shardproof.converter.plan import DEFAULT_TARGET
 from shardproof.converter.target import PYTORCH, targets_for
 from shardproof.converter.transforms import Split
+from shardproof.golden.cases import refused
 from shardproof.verify.outcomes import Status
 from shardproof.converter.registry import Entry
 
@@ -81,9 +82,10 @@ def test_junit_xml_lists_every_check_in_every_target(gate_run) -> None:
 def test_all_in_one_target_gates_the_cards_that_support_it(tmp_path) -> None:
     result = run("gate", "--all", "--target", PYTORCH.name, "--check", "golden", "--junit-xml", tmp_path / "gate.xml")
     assert result.exit_code == 0, result.output
-    classnames = [c.get("classname") for c in ET.parse(tmp_path / "gate.xml").getroot().iter("testcase")]
+    root = ET.parse(tmp_path / "gate.xml").getroot()
     supported = [name for name in supported_architectures() if PYTORCH.supports(get_card(name))]
-    assert classnames == [f"shardproof.gate.{name}.{PYTORCH.name}" for name in supported]
+    assert [c.get("classname") for c in root.iter("testcase")] == [f"shardproof.gate.{n}.{PYTORCH.name}" for n in supported]
+    assert [s.get("name") for s in root.iter("testsuite")] == supported  # no empty suite for a card left out
     assert len(supported) < len(cards())  # a card it does not support is left out, not failed
 
 
@@ -183,9 +185,9 @@ def test_a_model_the_target_refuses_is_no_property_example() -> None:
     for card in cards():
         if PYTORCH.supports(card):
             declared = any("tie_word_embeddings" in c for c, _ in PYTORCH.rows(card).refused)
-            assert refused(card.name, dict(tie_word_embeddings=True), layout, PYTORCH.name) == declared, card.name
-            assert not refused(card.name, {}, layout, PYTORCH.name)
-        assert not refused(card.name, dict(tie_word_embeddings=True), layout, DEFAULT_TARGET)
+            assert refused(card, dict(tie_word_embeddings=True), PYTORCH, layout) == declared, card.name
+            assert not refused(card, {}, PYTORCH, layout)
+        assert not refused(card, dict(tie_word_embeddings=True), DEFAULT_TARGET, layout)
     assert any(any(c for c, _ in PYTORCH.rows(card).refused) for card in cards() if PYTORCH.supports(card))
 
 
