@@ -3,6 +3,7 @@ changed mapper rule of one target fails it in that target alone, naming the tens
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,7 @@ from shardproof.converter.target import PYTORCH, targets, targets_for
 from shardproof.converter.transforms import COLUMN, ROW, VOCAB, CeilSplit
 from shardproof.golden import suite
 from shardproof.golden.cases import cases_for
+from shardproof.golden.manifest import Manifest
 from shardproof.golden.source_model import draw
 from shardproof.converter.registry import Entry
 
@@ -187,13 +189,23 @@ def test_a_target_a_card_cannot_take_is_one_line_exit_2(args, fragment) -> None:
     assert result.exit_code == 2 and fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.output
 
 
-def test_config_key_change_is_reported(monkeypatch, tmp_path: Path) -> None:
-    case = cases_for(ARCH)[0]
-    manifest = suite.MANIFESTS / f"{case.name}.json"
-    (tmp_path / manifest.name).write_text(manifest.read_text().replace('"rotary_base": 500000.0', '"rotary_base": 10000.0'))
-    report = suite.check([ARCH], tmp_path)
+@pytest.mark.parametrize("target, section, key", [
+    (DEFAULT_TARGET, None, "rotary_base"),  # config.json
+    (PYTORCH.name, "rank0.json", "tp_size"),  # a target without one: each rank's metadata
+])
+def test_a_metadata_change_is_reported(tmp_path: Path, target, section, key) -> None:
+    case = cases_for(ARCH, target)[0]
+    manifest = Manifest.load(suite.manifest_path(case))
+    config = copy.deepcopy(manifest.config)
+    holder = config[section] if section else config
+    actual, holder[key] = holder[key], "edited"
+    path = suite.manifest_path(case, tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dataclasses.replace(manifest, config=config).dumps())
+    report = suite.check([ARCH], tmp_path, target_names=[target])
     changed = [r for r in report.results if r.status == "changed"]
-    assert [(c.key, c.expected, c.actual) for c in changed[0].config] == [("rotary_base", 10000.0, 500000.0)]
+    assert [r.case for r in changed] == [case] and not changed[0].tensors
+    assert [(c.key, c.expected, c.actual) for c in changed[0].config] == [(".".join(filter(None, (section, key))), "edited", actual)]
 
 
 def test_values_are_exact_multiples_of_the_spacing() -> None:
