@@ -1,9 +1,11 @@
 """Run the self-test over every registered card and print docs/selftest.md's results table and margins.
 
-    python bench/selftest_table.py [--device cpu] [--report selftest.json]
+    python bench/selftest_table.py [--device cpu] [--target trtllm-pytorch] [--report selftest.json]
 
 Every row comes from one `run_selftest` call: the clean conversion of each card's self-test model in each layout
-the catalog needs, then every mutant injected into it (not applicable where the card has nothing of its kind).
+the catalog needs, laid out in `--target` (default: the TensorRT-LLM checkpoint; another target covers the cards
+that support it, with the mutants that apply to it), then every mutant injected into it (not applicable where the
+card has nothing of its kind).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from shardproof.converter.plan import DEFAULT_TARGET
 from shardproof.verify.forward import BatchOptions
 from shardproof.verify.selftest import Outcome, margins_line, reassembled_evidence, run_selftest, sharded_located
 
@@ -47,10 +50,11 @@ def rows(report) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--report", type=Path)
     args = parser.parse_args()
     start = time.perf_counter()
-    report = run_selftest(batch=BatchOptions(args.device, num_sequences=1))
+    report = run_selftest(batch=BatchOptions(args.device, num_sequences=1), target=args.target)
     elapsed = time.perf_counter() - start
     print("\n".join(rows(report)))
     print()

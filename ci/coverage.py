@@ -1,5 +1,5 @@
-"""Registry coverage: every tensor transformers would save for a card's tiny configs is mapped by a row or skipped
-by a named rule (the plan fails closed), and every config field is read or ignored with a reason; for an
+"""Registry coverage: every tensor transformers would save for a card's tiny configs is mapped by a row of the target
+or skipped by a named rule (the plan fails closed), and every config field is read or ignored with a reason; for an
 architecture no card maps, the saved parameters that no registered card maps."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Any
 from shardproof.converter.card import cards, get_card, supported_architectures
 from shardproof.converter.errors import ShardproofError
 from shardproof.converter.mapping import Mapping
-from shardproof.converter.plan import Layout, build_plan
+from shardproof.converter.plan import DEFAULT_TARGET, Layout, build_plan
+from shardproof.converter.target import get_target
 from shardproof.golden.cases import cases_for
 from shardproof.verify.tiny_models import TINY, saved_shapes, saved_tensor_shapes, tiny_config
 
@@ -18,10 +19,12 @@ LAYER_INDEX = re.compile(r"\.\d+\.")
 PLACEHOLDER = re.compile(r"\\\{\w+\\\}")  # an escaped `{i}`, `{e}` index of a row's source pattern
 
 
-def coverage_failures(architecture: str) -> tuple[list[str], int]:
-    """(what is not covered, how many configs were checked) over the card's tiny config and its golden cases'."""
+def coverage_failures(architecture: str, target: str = DEFAULT_TARGET) -> tuple[list[str], int]:
+    """(what is not covered, how many configs were checked) over the card's tiny config and its golden cases' in
+    `target`, each planned in that target."""
     card = get_card(architecture)
-    variants = {repr(sorted(o.items())): o for o in [{}, *(case.overrides for case in cases_for(architecture))]}
+    target_ = get_target(target)
+    variants = {repr(sorted(o.items())): o for o in [{}, *(case.overrides for case in cases_for(architecture, target))]}
     failures = []
     for overrides in variants.values():
         config = tiny_config(architecture, **overrides)
@@ -29,7 +32,8 @@ def coverage_failures(architecture: str) -> tuple[list[str], int]:
         try:
             card.config.ignored(config.to_diff_dict())
             dims = card.config.dims_from_hf(config)
-            build_plan(card, dims, Layout("float32", Mapping()), saved_shapes(architecture, **overrides), where)
+            layout = target_.layout(Layout("float32", Mapping()), dims, card)
+            build_plan(card, dims, layout, saved_shapes(architecture, **overrides), where, target_)
         except ShardproofError as e:
             failures.append(f"{where}: {e}")
     return failures, len(variants)

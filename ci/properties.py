@@ -1,7 +1,8 @@
-"""The property check of one family, with a fixed example budget: hypothesis draws configs from the card's own
-strategy and layouts valid by construction; each conversion's rank files must hold exactly the planned tensors,
-and reassembly must give back every source tensor as the card declares (the cast, and any op's rounding), bit for
-bit. Draws are derandomized, so every run checks the same examples."""
+"""The property check of one family in one target, with a fixed example budget: hypothesis draws configs from the
+card's own strategy and layouts valid by construction; each conversion's rank files must hold exactly the planned
+tensors, and reassembly must give back every source tensor as the card declares (the cast, and any op's rounding),
+bit for bit. A model the target refuses (a condition its card lists in `TargetRows.refused`) is not an
+example. Draws are derandomized, so every run checks the same examples."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from shardproof.converter.api import convert
 from shardproof.converter.card import get_card
 from shardproof.converter.dtypes import safetensors_code
 from shardproof.converter.errors import ShardproofError
+from shardproof.converter.plan import DEFAULT_TARGET
 from shardproof.converter.reassemble import reassemble
 from shardproof.converter.safetensors_io import read_header
+from shardproof.golden.cases import refused
 from shardproof.golden.source_model import write_source_model
 from shardproof.verify.tiny_models import tiny_sizes
 
@@ -35,16 +38,16 @@ def valid_tp_sizes(architecture: str, overrides: dict[str, Any]) -> list[int]:
             if heads % tp == 0 and (kv % tp == 0 or tp % kv == 0) and sizes["intermediate_size"] % tp == 0]
 
 
-def _round_trip(architecture: str, overrides: dict[str, Any], seed: int, layout: dict[str, Any]) -> None:
+def _round_trip(architecture: str, overrides: dict[str, Any], seed: int, layout: dict[str, Any], target: str) -> None:
     with tempfile.TemporaryDirectory(prefix="shardproof-gate-") as tmp:
         tmp = Path(tmp)
         source = write_source_model(tmp / "hf", architecture, seed, **overrides)
-        plan = convert(source, tmp / "trt", **layout)
+        plan = convert(source, tmp / "trt", **layout, target=target)
         for rank in plan.ranks:
             written = read_header(tmp / "trt" / f"rank{rank.rank}.safetensors")
             planned = {t.name: (safetensors_code(t.torch_dtype), t.shape) for t in rank.tensors}
             assert written == planned, f"rank {rank.rank}: the file's tensors differ from the plan's"
-        result = reassemble(tmp / "trt", tmp / "back")
+        result = reassemble(tmp / "trt", tmp / "back", target=target)
         assert result.ok, f"reassembly: {result.violations[:3]}"
         original, back = load_file(source / "model.safetensors"), load_file(tmp / "back" / "model.safetensors")
         assert back.keys() == original.keys(), f"reassembled tensors differ: {sorted(back.keys() ^ original.keys())}"
@@ -52,10 +55,10 @@ def _round_trip(architecture: str, overrides: dict[str, Any], seed: int, layout:
             assert torch.equal(back[name], plan.reassembled_value(name, tensor)), f"{name} does not round-trip"
 
 
-def property_failures(architecture: str, examples: int = EXAMPLES) -> list[str]:
-    """Run the property over `examples` derandomized draws; the falsifying example and error, if any."""
+def property_failures(architecture: str, examples: int = EXAMPLES, target: str = DEFAULT_TARGET) -> list[str]:
+    """Run the property in `target` over `examples` derandomized draws; the falsifying example and error, if any."""
     try:
-        from hypothesis import HealthCheck, Phase, given, settings
+        from hypothesis import HealthCheck, Phase, assume, given, settings
         from hypothesis import strategies as st
     except ImportError:
         raise ShardproofError("the gate's property check needs hypothesis: pip install 'shardproof[gate]'") from None
@@ -77,7 +80,9 @@ def property_failures(architecture: str, examples: int = EXAMPLES) -> list[str]:
               suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
     @given(case=cases())
     def converts_and_round_trips(case: tuple[dict, int, dict]) -> None:
-        _round_trip(architecture, *case)
+        overrides, seed, layout = case
+        assume(not refused(card, overrides, target, layout))
+        _round_trip(architecture, overrides, seed, layout, target)
 
     try:
         converts_and_round_trips()

@@ -1,9 +1,10 @@
-"""What the gate found: one result per architecture and check, and the gate's overall status and exit code."""
+"""What the gate found: one result per architecture, target and check, and the gate's overall status and exit code."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shardproof.converter.plan import DEFAULT_TARGET
 from shardproof.verify.outcomes import Status
 
 EXIT_CODES = {Status.PASSED: 0, Status.FAILED: 1, Status.NOT_RUN: 3}
@@ -11,13 +12,15 @@ EXIT_CODES = {Status.PASSED: 0, Status.FAILED: 1, Status.NOT_RUN: 3}
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One check of one architecture: passed, failed or not run, with what it found (`detail`) and its time."""
+    """One check of one architecture in one target (converter/target.py): passed, failed or not run, with what it
+    found (`detail`) and its time."""
 
     architecture: str
     check: str
     status: Status
     detail: str
     seconds: float = 0.0
+    target: str = DEFAULT_TARGET
 
 
 @dataclass
@@ -37,5 +40,10 @@ class GateReport:
         """0 only when every check passed; 1 a check failed; 3 nothing failed but a check did not run."""
         return EXIT_CODES[self.status]
 
-    def result(self, architecture: str, check: str) -> CheckResult:
-        return next(r for r in self.results if r.architecture == architecture and r.check == check)
+    @property
+    def runs(self) -> list[tuple[str, str]]:
+        """Every (architecture, target) the gate checked, in order."""
+        return list(dict.fromkeys((r.architecture, r.target) for r in self.results))
+
+    def result(self, architecture: str, check: str, target: str = DEFAULT_TARGET) -> CheckResult:
+        return next(r for r in self.results if (r.architecture, r.check, r.target) == (architecture, check, target))

@@ -1,4 +1,5 @@
-"""The gate's report for CI systems: a Markdown job summary and JUnit XML (one testcase per architecture x check)."""
+"""The gate's report for CI systems: a Markdown job summary and JUnit XML (one testcase per architecture x target x
+check)."""
 
 from __future__ import annotations
 
@@ -23,22 +24,25 @@ def _cell(text: str) -> str:
 
 
 def markdown(report: GateReport) -> str:
-    """A table of architecture x check, then every check's detail and time."""
+    """A table of architecture and target x check, then every check's detail and time."""
     title = {Status.PASSED: "passed", Status.FAILED: "FAILED", Status.NOT_RUN: "incomplete (a check did not run)"}
     lines = [f"## shardproof gate: {title[report.status]}", "",
-             "| architecture | " + " | ".join(report.checks) + " |", "|---" * (len(report.checks) + 1) + "|"]
-    for arch in report.architectures:
-        lines.append(f"| {arch} | " + " | ".join(MARKS[report.result(arch, c).status] for c in report.checks) + " |")
+             "| architecture | target | " + " | ".join(report.checks) + " |", "|---" * (len(report.checks) + 2) + "|"]
+    for arch, target in report.runs:
+        marks = [MARKS[report.result(arch, c, target).status] for c in report.checks]
+        lines.append(f"| {arch} | {target} | " + " | ".join(marks) + " |")
     lines += ["", "| check | what it proves |", "|---|---|"]
     lines += [f"| {c} | {WHAT[c]} |" for c in report.checks]
-    lines += ["", "### Details", "", "| architecture | check | status | seconds | detail |", "|---|---|---|---|---|"]
-    lines += [f"| {r.architecture} | {r.check} | {MARKS[r.status]} | {r.seconds:.1f} | {_cell(r.detail)} |"
+    lines += ["", "### Details", "", "| architecture | target | check | status | seconds | detail |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r.architecture} | {r.target} | {r.check} | {MARKS[r.status]} | {r.seconds:.1f} | {_cell(r.detail)} |"
               for r in report.results]
     return "\n".join(lines) + "\n"
 
 
 def junit_xml(report: GateReport) -> str:
-    """JUnit XML: a testsuite per architecture, a testcase per check; failed -> <failure>, not run -> <skipped>."""
+    """JUnit XML: a testsuite per architecture, a testcase per target and check (classname
+    `shardproof.gate.<architecture>.<target>`, name the check); failed -> <failure>, not run -> <skipped>."""
     def counts(results: list) -> dict[str, str]:
         return {"tests": str(len(results)),
                 "failures": str(sum(r.status is Status.FAILED for r in results)),
@@ -50,7 +54,8 @@ def junit_xml(report: GateReport) -> str:
         results = [r for r in report.results if r.architecture == arch]
         suite = ET.SubElement(root, "testsuite", name=arch, **counts(results))
         for r in results:
-            case = ET.SubElement(suite, "testcase", classname=f"shardproof.gate.{arch}", name=r.check, time=f"{r.seconds:.3f}")
+            case = ET.SubElement(suite, "testcase", classname=f"shardproof.gate.{arch}.{r.target}", name=r.check,
+                                 time=f"{r.seconds:.3f}")
             first_line = r.detail.splitlines()[0] if r.detail else r.status.value
             if r.status is Status.FAILED:
                 ET.SubElement(case, "failure", message=first_line).text = r.detail

@@ -156,6 +156,13 @@ def _instances(row: Row, layers: range, dims: Dims, target: TargetLike | None, h
     return out
 
 
+def check_not_refused(card: Card, dims: Dims, layout: Layout, target: TargetLike | None, where: str) -> None:
+    """ShardproofError when `target` cannot build this model in this layout (its `TargetRows.refused`)."""
+    for condition, reason in (target.rows(card).refused if target else ()):
+        if holds(condition, dims, layout):
+            raise ShardproofError(f"{where}: {card.name} ({condition}) cannot be laid out in target {target.name}: {reason}")
+
+
 def build_plan(card: Card, dims: Dims, layout: Layout, source_shapes: dict[str, Shape], where: str,
                target: TargetLike | None = None) -> Plan:
     """Plan a conversion from the source tensors' shapes; `where` names the source in error messages. `target`
@@ -163,9 +170,7 @@ def build_plan(card: Card, dims: Dims, layout: Layout, source_shapes: dict[str, 
     mapping = layout.mapping
     expected = card.source_shapes(dims)
     held = target.rows(card) if target else TargetRows(card.rows)
-    for condition, reason in held.refused:
-        if holds(condition, dims, layout):
-            raise ShardproofError(f"{where}: {card.name} ({condition}) cannot be laid out in target {target.name}: {reason}")
+    check_not_refused(card, dims, layout, target, where)
     rows = [row for row in held.rows if holds(row.when, dims, layout)]
     consumed: set[str] = set()
     ranks = []

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from .card import Card, Dims, TargetRows
 from .errors import ShardproofError
@@ -79,6 +79,16 @@ def get_target(name: str | Target | None) -> Target:
 def targets() -> list[Target]:
     """Every registered target, the default first."""
     return list(TARGETS)
+
+
+def targets_for(card: Card, names: Sequence[str] | None = None, strict: bool = False) -> list[Target]:
+    """The targets of `names` (None: every registered one, the default first) that can lay out `card`; with
+    `strict`, a named target the card does not support is bad input (ShardproofError saying why)."""
+    chosen = [get_target(name) for name in dict.fromkeys(names)] if names else list(TARGETS)
+    if strict and names:
+        for target in chosen:
+            target.rows(card)
+    return [target for target in chosen if target.supports(card)]
 
 
 def _pytorch_layout(layout: Layout, dims: Dims, card: Card) -> Layout:

@@ -1,4 +1,5 @@
-"""A golden manifest: a conversion's config.json and, per rank, every tensor's name, shape, dtype and SHA-256.
+"""A golden manifest: a conversion's metadata (config.json, or for a target without one every rank{N}.json less what
+only describes the source) and, per rank, every tensor's name, shape, dtype and SHA-256.
 
 Manifests are small JSON text files, one tensor per line so that a review diff shows exactly what moved.
 """
@@ -12,9 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from shardproof.converter.json_files import read_json
+from shardproof.converter.rank_metadata import metadata_file
 from shardproof.converter.safetensors_io import raw_tensors
+from shardproof.converter.target import Target
 
 ABSENT = "(absent)"  # a config key on one side only
+# rank{N}.json fields that describe the source, not the conversion: its fingerprint and its config.json, both
+# carrying the transformers version that wrote the golden source model
+SOURCE_FIELDS = ("source", "hf_config")
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -30,7 +36,8 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """What one golden case's conversion wrote: `ranks[rank][tensor name]`."""
+    """What one golden case's conversion wrote: `config` its metadata (`checkpoint_metadata`),
+    `ranks[rank][tensor name]` its tensors."""
 
     case: str
     source: dict[str, Any]  # how the source model was made: architecture, seed, config overrides
@@ -39,15 +46,15 @@ class Manifest:
     ranks: dict[int, dict[str, TensorEntry]]
 
     @classmethod
-    def of_checkpoint(cls, checkpoint_dir: Path, case: str, source: dict, layout: dict) -> "Manifest":
-        """The manifest of a converted checkpoint directory (config.json and rank{N}.safetensors)."""
+    def of_checkpoint(cls, checkpoint_dir: Path, case: str, source: dict, layout: dict, target: Target) -> "Manifest":
+        """The manifest of a directory converted into `target`: its metadata and rank{N}.safetensors."""
         ranks = {}
         for path in checkpoint_dir.glob("rank*.safetensors"):
             ranks[int(path.stem.removeprefix("rank"))] = {
                 name: TensorEntry(shape, DTYPE_NAMES.get(code, code), hashlib.sha256(data).hexdigest())
                 for name, (code, shape, data) in sorted(raw_tensors(path).items())
             }
-        return cls(case, source, layout, read_json(checkpoint_dir / "config.json"), dict(sorted(ranks.items())))
+        return cls(case, source, layout, checkpoint_metadata(checkpoint_dir, target, len(ranks)), dict(sorted(ranks.items())))
 
     @classmethod
     def load(cls, path: Path) -> "Manifest":
@@ -68,6 +75,17 @@ class Manifest:
                      for name, e in tensors.items()]
             ranks.append(f'    "{rank}": {{\n' + ",\n".join(lines) + "\n    }")
         return text + ',\n  "ranks": {\n' + ",\n".join(ranks) + "\n  }\n}\n"
+
+
+def checkpoint_metadata(checkpoint_dir: Path, target: Target, world_size: int) -> dict[str, Any]:
+    """What a conversion says about itself: config.json, or for a target without one `{"rank{N}.json": ...}` less
+    the fields that describe the source (SOURCE_FIELDS)."""
+    if target.trt_config:
+        return read_json(checkpoint_dir / "config.json")
+    return {
+        name: {k: v for k, v in read_json(checkpoint_dir / name).items() if k not in SOURCE_FIELDS}
+        for name in map(metadata_file, range(world_size))
+    }
 
 
 @dataclass(frozen=True)

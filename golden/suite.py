@@ -1,5 +1,8 @@
 """`golden check` and `golden update`: regenerate every case's source model, convert it, compare with (or
-rewrite) its committed manifest."""
+rewrite) its committed manifest.
+
+A card's manifests live in one directory (golden/manifests, or the card's `golden_dir`): the default target's at
+its top, every other target's in a subfolder named after the target (`trtllm-pytorch/`)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from typing import Callable, Sequence
 from shardproof.converter.api import convert
 from shardproof.converter.card import get_card, supported_architectures
 from shardproof.converter.errors import ShardproofError
+from shardproof.converter.plan import DEFAULT_TARGET
+from shardproof.converter.target import get_target, targets, targets_for
 
 from .cases import GoldenCase, cases_for
 from .manifest import ConfigChange, Manifest, TensorChange, compare
@@ -60,6 +65,11 @@ def manifest_path(case: GoldenCase, manifest_dir: Path | None = None) -> Path:
     return (manifest_dir or manifest_dir_for(case.architecture)) / f"{case.name}.json"
 
 
+def target_dir(manifest_dir: Path, target: str) -> Path:
+    """Where a manifest directory keeps `target`'s manifests: its top for the default target, else a subfolder."""
+    return manifest_dir if target == DEFAULT_TARGET else manifest_dir / target
+
+
 def selected(architectures: Sequence[str] | None) -> list[str]:
     """The architectures asked for (each must be registered), default every registered one."""
     names = list(architectures or supported_architectures())
@@ -68,30 +78,40 @@ def selected(architectures: Sequence[str] | None) -> list[str]:
     return names
 
 
-def run_cases(architectures: Sequence[str] | None, manifest_dir: Path | None, log: Log | None = None) -> list[CaseResult]:
-    """Regenerate and convert every case of `architectures`, and compare each with its manifest (in `manifest_dir`,
-    or None: where each card keeps its manifests)."""
+def selected_cases(architectures: Sequence[str] | None, target_names: Sequence[str] | None) -> list[GoldenCase]:
+    """Every case of `architectures` (default: every registered one) in `target_names` (default: every target each
+    card supports). A named architecture that a named target does not support is bad input (ShardproofError);
+    with no architecture named, a named target covers the cards that support it."""
+    return [case for architecture in selected(architectures)
+            for target in targets_for(get_card(architecture), target_names, strict=bool(architectures))
+            for case in cases_for(architecture, target.name)]
+
+
+def run_cases(architectures: Sequence[str] | None, manifest_dir: Path | None, log: Log | None = None,
+              target_names: Sequence[str] | None = None) -> list[CaseResult]:
+    """Regenerate and convert every case of `architectures` in `target_names` (`selected_cases`), and compare each
+    with its manifest (in `manifest_dir`, or None: where each card keeps its manifests)."""
     results = []
     with tempfile.TemporaryDirectory(prefix="shardproof-golden-") as tmp:
         sources: dict[str, Path] = {}
-        for architecture in selected(architectures):
-            for case in cases_for(architecture):
-                if log:
-                    log(f"golden {case.name}")
-                key = json.dumps([architecture, case.seed, case.overrides], sort_keys=True)
-                if key not in sources:
-                    sources[key] = write_source_model(Path(tmp) / f"source{len(sources)}", architecture, case.seed, **case.overrides)
-                results.append(_compare_case(case, sources[key], Path(tmp) / case.name, manifest_dir))
+        for case in selected_cases(architectures, target_names):
+            if log:
+                log(f"golden {case.name}")
+            key = json.dumps([case.architecture, case.seed, case.overrides], sort_keys=True)
+            if key not in sources:
+                sources[key] = write_source_model(Path(tmp) / f"source{len(sources)}", case.architecture, case.seed,
+                                                  **case.overrides)
+            results.append(_compare_case(case, sources[key], Path(tmp) / f"checkpoint{len(results)}", manifest_dir))
     return results
 
 
 def _compare_case(case: GoldenCase, source: Path, out: Path, manifest_dir: Path | None) -> CaseResult:
     try:
-        convert(source, out, **case.layout)
+        convert(source, out, **case.layout, target=case.target)
     except ShardproofError as e:
         return CaseResult(case, "error", error=str(e).replace(str(source), "<source>"))
     described = dict(architecture=case.architecture, seed=case.seed, overrides=case.overrides)
-    actual = Manifest.of_checkpoint(out, case.name, described, case.layout)
+    actual = Manifest.of_checkpoint(out, case.name, described, case.layout, get_target(case.target))
     path = manifest_path(case, manifest_dir)
     if not path.exists():
         return CaseResult(case, "no manifest", manifest=actual)
@@ -99,16 +119,18 @@ def _compare_case(case: GoldenCase, source: Path, out: Path, manifest_dir: Path 
     return CaseResult(case, "changed" if tensors or config else "same", tensors, config, manifest=actual)
 
 
-def check(architectures: Sequence[str] | None = None, manifest_dir: Path | None = None, log: Log | None = None) -> GoldenReport:
+def check(architectures: Sequence[str] | None = None, manifest_dir: Path | None = None, log: Log | None = None,
+          target_names: Sequence[str] | None = None) -> GoldenReport:
     """Compare every case with its committed manifest; a missing manifest is a failure."""
-    return GoldenReport(run_cases(architectures, manifest_dir, log))
+    return GoldenReport(run_cases(architectures, manifest_dir, log, target_names))
 
 
-def update(architectures: Sequence[str] | None = None, manifest_dir: Path | None = None, log: Log | None = None) -> GoldenReport:
+def update(architectures: Sequence[str] | None = None, manifest_dir: Path | None = None, log: Log | None = None,
+           target_names: Sequence[str] | None = None) -> GoldenReport:
     """Rewrite the manifest of every case that changed or has none; with every architecture, delete manifests no
-    registered card's case produces from the directories written to. The report holds what changed before the rewrite. A case whose conversion
-    fails keeps its manifest (and fails the report)."""
-    results = run_cases(architectures, manifest_dir, log)
+    registered card's case produces from the directories of the targets written to. The report holds what changed
+    before the rewrite. A case whose conversion fails keeps its manifest (and fails the report)."""
+    results = run_cases(architectures, manifest_dir, log, target_names)
     for result in results:
         if result.status in ("changed", "no manifest"):
             path = manifest_path(result.case, manifest_dir)
@@ -117,8 +139,11 @@ def update(architectures: Sequence[str] | None = None, manifest_dir: Path | None
     removed = []
     if not architectures:
         current = {manifest_path(r.case, manifest_dir) for r in results}
-        for directory in sorted({path.parent for path in current}):
-            for stale in sorted(set(directory.glob("*.json")) - current):
-                stale.unlink()
-                removed.append(stale.name)
+        bases = {manifest_dir or manifest_dir_for(name) for name in selected(None)}
+        names = target_names or [t.name for t in targets()]
+        for base in sorted(bases):
+            for directory in sorted({target_dir(base, name) for name in names}):
+                for stale in sorted(set(directory.glob("*.json")) - current):
+                    stale.unlink()
+                    removed.append(str(stale.relative_to(base)))
     return GoldenReport(results, removed)

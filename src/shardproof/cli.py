@@ -478,23 +478,29 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON instead
     console.print(table)
 
 
-golden_app = typer.Typer(no_args_is_help=True, help="The golden regression suite: every card's tiny models, converted, "
+golden_app = typer.Typer(no_args_is_help=True, help="The golden regression suite: every card's tiny models, converted into "
+                         "every target the card supports, "
                          "against the committed manifests (exit 1 on any difference).")
 app.add_typer(golden_app, name="golden")
 ARCHITECTURE_FILTER = "Only this registered architecture (repeatable; default: every one)."
-MANIFEST_DIR_HELP = "Manifest directory (default: where each card keeps its manifests: golden/manifests, or a plugin's own)."
+TARGET_FILTER = ("Only this registered target (repeatable; default: every target each card supports). Without "
+                 "--architecture, the cards that support it; an architecture named whose card does not support it "
+                 "is bad input.")
+MANIFEST_DIR_HELP = ("Manifest directory (default: where each card keeps its manifests: golden/manifests, or a plugin's "
+                     "own); a target other than the default keeps its manifests in a subfolder named after it.")
 
 
 @golden_app.command("check")
 @fails_cleanly
 def golden_check(
     architecture: Optional[list[str]] = typer.Option(None, "--architecture", help=ARCHITECTURE_FILTER),
+    target: Optional[list[str]] = typer.Option(None, "--target", help=TARGET_FILTER),
     manifest_dir: Optional[Path] = _option("--manifest_dir", help=MANIFEST_DIR_HELP),
 ) -> None:
     """Regenerate, convert and compare every case; exit 1 naming each changed, missing or extra tensor per rank."""
     from shardproof.golden import suite, view
 
-    report = suite.check(architecture, manifest_dir, log=_log)
+    report = suite.check(architecture, manifest_dir, log=_log, target_names=target)
     view.render(report, console, "shardproof golden check")
     if not report.passed:
         console.print("[bold red]golden check failed[/]: review the change; if it is intended, run "
@@ -506,13 +512,14 @@ def golden_check(
 @fails_cleanly
 def golden_update(
     architecture: Optional[list[str]] = typer.Option(None, "--architecture", help=ARCHITECTURE_FILTER),
+    target: Optional[list[str]] = typer.Option(None, "--target", help=TARGET_FILTER),
     manifest_dir: Optional[Path] = _option("--manifest_dir", help=MANIFEST_DIR_HELP),
 ) -> None:
     """Rewrite the manifests of the cases that changed (or have none) and print what changed; exit 1 if a case
     no longer converts."""
     from shardproof.golden import suite, view
 
-    report = suite.update(architecture, manifest_dir, log=_log)
+    report = suite.update(architecture, manifest_dir, log=_log, target_names=target)
     view.render(report, console, "shardproof golden update (status before the rewrite)")
     written = [suite.manifest_path(r.case, manifest_dir) for r in report.results if r.status in ("changed", "no manifest")]
     console.print(f"rewrote {len(written)} manifest(s)" + "".join(f"\n  {p}" for p in written), highlight=False)
@@ -528,12 +535,16 @@ def gate(
     architectures: Optional[list[str]] = typer.Argument(None, help="HF architecture names (e.g. as in config.json's 'architectures')."),
     all_: bool = typer.Option(False, "--all", help="Every registered architecture."),
     check: Optional[list[str]] = typer.Option(None, "--check", help="Run only this check (repeatable): coverage, properties, golden, verify, selftest."),
+    target: Optional[list[str]] = typer.Option(None, "--target", help=(
+        "Run the checks in this registered target only (repeatable; default: every target each card supports). "
+        "With --all, the cards that support it; an architecture named whose card does not support it is bad input.")),
     summary: Optional[Path] = typer.Option(None, "--summary", help="Also write the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)."),
-    junit_xml: Optional[Path] = _option("--junit_xml", help="Write JUnit XML (one testcase per architecture x check) to this file."),
+    junit_xml: Optional[Path] = _option("--junit_xml", help="Write JUnit XML (one testcase per architecture x target x check) to this file."),
 ) -> None:
     """The CI gate for an architecture: registry coverage, property checks, golden check, verify across layouts,
-    mutation self-test. Exit 0 only when every check passes; 1 a check failed; 2 bad input, or an architecture
-    no card maps (the unmapped parameters of its HF model listed); 3 nothing failed but a check did not run."""
+    mutation self-test, each in every target the card supports (`shardproof list` shows the targets). Exit 0
+    only when every check passes; 1 a check failed; 2 bad input, or an architecture no card maps (the unmapped
+    parameters of its HF model listed); 3 nothing failed but a check did not run."""
     from shardproof.ci import checks as gate_checks
     from shardproof.ci.coverage import refuse_unregistered
     from shardproof.ci.summary import junit_xml as to_junit, markdown
@@ -548,7 +559,8 @@ def gate(
     _check_report_path(junit_xml, "--junit-xml")
     names = supported_architectures() if all_ else list(dict.fromkeys(architectures))
     refuse_unregistered(names)
-    report = gate_checks.run_gate(names, check or list(gate_checks.CHECKS), log=_log)
+    report = gate_checks.run_gate(names, check or list(gate_checks.CHECKS), log=_log, target_names=target,
+                                  strict=not all_)
     text = markdown(report)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     if summary is not None:
