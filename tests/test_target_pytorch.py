@@ -16,13 +16,17 @@ from shardproof.converter.reassemble import reassemble
 from shardproof.converter.target import PYTORCH, get_target
 from shardproof.converter.transforms import CeilSplit
 from shardproof.verify.runtime.target_view import open_sharded
+from shardproof.verify.forward import BatchOptions
+from shardproof.verify.outcomes import Status
 from shardproof.verify.sharded_check import sharded_check
+from shardproof.verify.verification import verify_checkpoint
 from tests.helpers import load_checkpoint, random_checkpoint
 
 TARGET = PYTORCH.name
 HD = 2
 GQA = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=HD, hidden_size=8, intermediate_size=8,
            num_hidden_layers=3, vocab_size=11)
+BATCH = BatchOptions(device="cpu", num_sequences=1, seq_len=16, seed=0)
 SUPPORTED = [card.name for card in cards() if PYTORCH.supports(card)]
 
 
@@ -150,13 +154,20 @@ def test_runtime_view_is_the_checkpoint_targets_rank_files_bit_for_bit(architect
 
 
 @pytest.mark.parametrize("architecture", SUPPORTED)
-def test_sharded_runtime_runs_the_target_against_hf(architecture, tmp_path):
-    src = random_checkpoint(tmp_path / "src", architecture, seed=2, **{**GQA, "vocab_size": 13})
-    for tp, pp in ((4, 2), (2, 1)):
-        out = tmp_path / f"pt{tp}{pp}"
-        convert(src, out, dtype="float32", tp_size=tp, pp_size=pp, target=TARGET)
-        report = sharded_check(src, out, target=TARGET)
-        assert report.passed, report.failures
+def test_both_verify_modes_pass_the_target_at_every_layout(architecture, tmp_path):
+    """tp 1, 2, 4, 8 (8 > the 2 KV heads: duplicated) by pp 1, 2, an odd vocabulary (ceil rows, a smaller last
+    shard), tied embeddings wherever the card's backend model can be built tied."""
+    for tied in (False, True):
+        if tied and refuses_ties(architecture):
+            continue
+        src = random_checkpoint(tmp_path / f"src{tied}", architecture, seed=2, **{
+            **GQA, "num_attention_heads": 8, "hidden_size": 8 * HD, "vocab_size": 13, "tie_word_embeddings": tied})
+        for tp in (1, 2, 4, 8):
+            for pp in (1, 2):
+                out = tmp_path / f"pt{tied}{tp}{pp}"
+                convert(src, out, dtype="float32", tp_size=tp, pp_size=pp, target=TARGET)
+                result = verify_checkpoint(src, out, "both", BATCH, target=TARGET)
+                assert result.status is Status.PASSED, (tied, tp, pp, result.failures, result.not_run)
 
 
 def test_swapped_gate_up_halves_fail_the_sharded_runtime(qwen2, tmp_path):
