@@ -430,3 +430,20 @@ def test_a_users_limit_on_the_dtypes_cost_fails_the_run_only_when_given(tmp_path
     assert not strict.passed and strict.failures == [strict.failures[0]]
     assert "kl_mean" in strict.failures[0] and "user limit" in strict.failures[0]
     assert strict.precision.checks["cosine_min"].passed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU read and compare paths run on a GPU only")
+def test_on_a_gpu_a_clean_conversion_passes_and_a_changed_tensor_is_found_as_on_the_host(tmp_path, llama):
+    """The weights stage reads and compares on the GPU (a difference there is decided on the host), the models
+    stream through it: the verdicts must be the host's."""
+    gpu = BatchOptions(device="cuda", num_sequences=2, seq_len=32)
+    ckpt = converted(llama, tmp_path / "ckpt", dtype="bfloat16", tp_size=2, pp_size=2)
+    assert verify_equivalence(llama, ckpt, gpu).passed
+    name = "transformer.layers.0.input_layernorm.weight"
+    for rank in (2, 3):
+        rewrite_rank(ckpt, rank, lambda tensors: tensors.__setitem__(name, tensors[name] * 1.01))
+    on_gpu, on_host = verify_equivalence(llama, ckpt, gpu), verify_equivalence(llama, ckpt, FAST)
+    assert [t.name for t in on_gpu.weights.mismatches] == [t.name for t in on_host.weights.mismatches] == [
+        "model.layers.2.input_layernorm.weight"]
+    assert on_gpu.weights.mismatches[0].first_diff_index == on_host.weights.mismatches[0].first_diff_index
+    assert not on_gpu.forward.identical and on_gpu.localization.module == "model.layers.2.input_layernorm"

@@ -244,7 +244,7 @@ def verify_equivalence(
             source_config, rebuilt_config = source.hf_config, _hf_config(rebuilt.output_dir)
             report.config_differences = config_differences(source_config, rebuilt_config)
             report.notes = sliding_window_note(source_config, seq_len)
-            report.weights = compare_weights(model_dir, rebuilt.output_dir, ckpt, progress)
+            report.weights = compare_weights(model_dir, rebuilt.output_dir, ckpt, progress, dev)
             rounded = [name for name in ckpt.plan.rounded_sources() if name in source.shapes]
         if rounded:
             report.notes.append(

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import torch
+
 from shardproof.converter.checkpoint import TRTCheckpoint
 from shardproof.converter.plan import holds
 from shardproof.converter.reassemble import HF_WEIGHTS
@@ -73,9 +75,14 @@ def compare_weights(
     reassembled_dir: Path | str,
     checkpoint: TRTCheckpoint,
     progress: Progress | None = None,
+    device: torch.device = torch.device("cpu"),
 ) -> WeightComparison:
     """Compare every tensor of the source at `model_dir`, cast to the checkpoint's dtype, with the reassembled one,
     one tensor at a time (memory holds one pair); `progress` gets each source tensor's bytes once compared.
+
+    On a GPU `device` the pair is read and compared there; a pair that differs there is compared again on the host,
+    whose cast is the one conversion used (a device's cast may spell a NaN otherwise), so the device only speeds up
+    the common case and never decides a difference.
 
     The expected value is `Plan.reassembled_value`: the cast, through its ops' round trip where one rounds. Source tensors the checkpoint's architecture skips (rotary frequencies, a tied lm_head) are listed, not
     compared; whether a skip applies is decided from the source's own config. Differing tensors are traced to
@@ -96,13 +103,16 @@ def compare_weights(
             else:
                 result.tensors.append(TensorComparison(name, shape, False, math.inf, None, "missing from the checkpoint"))
             continue
-        expected = checkpoint.plan.reassembled_value(name, source.load(name))
-        actual = rebuilt.read(name)
+        expected = checkpoint.plan.reassembled_value(name, source.load(name, device))
+        actual = rebuilt.read_to(name, device)
         if tuple(actual.shape) != shape or actual.dtype != expected.dtype:
             problem = f"{actual.dtype} {list(actual.shape)} in the checkpoint, {expected.dtype} {list(shape)} expected"
             result.tensors.append(TensorComparison(name, shape, False, math.inf, None, problem))
         else:
             index = first_difference(expected, actual)
+            if index is not None and device.type != "cpu":
+                expected, actual = checkpoint.plan.reassembled_value(name, source.load(name)), rebuilt.read(name)
+                index = first_difference(expected, actual)
             diff = 0.0 if index is None else max_abs_diff(expected, actual)
             result.tensors.append(TensorComparison(name, shape, index is None, diff, index))
         del expected, actual
