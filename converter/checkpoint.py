@@ -124,7 +124,9 @@ class TRTCheckpoint:
         violations += [Violation(None, name, f"rank file beyond world_size={self.mapping.world_size}") for name in extra_ranks]
         return violations
 
-    def load(self, rank: int, name: str) -> torch.Tensor:
+    def load(self, rank: int, name: str, device: torch.device | None = None) -> torch.Tensor:
+        """Tensor `name` of rank file `rank`, on `device` (None: the host)."""
         if rank not in self._readers:
             self._readers[rank] = TensorReader(self.rank_path(rank))
-        return self._readers[rank].read(name)
+        reader = self._readers[rank]
+        return reader.read(name) if device is None else reader.read_to(name, device)

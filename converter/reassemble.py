@@ -4,18 +4,22 @@ the HF checkpoint back."""
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from .atomic import atomic_directory
 from .checkpoint import TRTCheckpoint, Violation
+from .loaders import SourceConfig, TensorInfo, Weights
+from .plan import PlannedTensor
+from .planned_file import PlannedFile
+from .source import Source
 from .target import Target
 from .target_checkpoint import open_checkpoint
-from .planned_file import PlannedFile
 from .transforms import to_source
 
 HF_WEIGHTS = "model.safetensors"
@@ -46,42 +50,113 @@ def reassemble(
     TensorRT-LLM checkpoint, from its files alone; a target without its config.json takes the source's config from
     its rank metadata, or from `model_dir`).
 
-    Every inverse checks what it can: KV replicas identical across ranks, padding rows zero, replicated
-    tensors identical, tied copies identical; structural faults (missing/extra files or tensors, wrong
-    shapes or dtypes) are found from the headers first and stop the rebuild. `progress` is called with each
-    target tensor's name and the bytes of its shards read.
+    Every inverse checks what it can (`rebuild`); structural faults (missing/extra files or tensors, wrong shapes
+    or dtypes) are found from the headers first and stop the rebuild. `progress` is called with each target
+    tensor's name and the bytes of its shards read.
     """
     ckpt = open_checkpoint(checkpoint_dir, target, model_dir)
     result = Reassembly(ckpt, None, ckpt.structural_violations())
     if result.violations:
         return result
-    plan, mapping = ckpt.plan, ckpt.mapping
-    groups = plan.groups()
-    uses = Counter(name for group in groups for name in group[0].sources)
-    dtypes = {name: group[0].torch_dtype for group in groups for name in group[0].sources}
-    kept: dict[str, tuple[str, torch.Tensor]] = {}
+    dtypes = {name: group[0].torch_dtype for group in ckpt.plan.groups() for name in group[0].sources}
     with atomic_directory(Path(output_dir), overwrite, inputs=[Path(checkpoint_dir)]) as staging:
         with PlannedFile(staging / HF_WEIGHTS, [(n, d, ckpt.source_shapes[n]) for n, d in dtypes.items()]) as writer:
-            for group in groups:
-                head = group[0]
-                pp_rank = head.pp_rank
-                locals_ = [ckpt.load(mapping.rank(t.tp_rank, pp_rank), t.name) for t in group]
-                sources, problems = head.shard.inverse(locals_, head.stored_shapes)
-                sources = to_source(head.ops, sources)
-                result.violations += [Violation(mapping.rank(r, pp_rank), head.name, p) for r, p in problems]
-                for name, tensor in zip(head.sources, sources):
-                    if name in kept:
-                        first_target, first = kept[name]
-                        if not torch.equal(first, tensor):
-                            result.violations.append(
-                                Violation(mapping.rank(0, pp_rank), head.name, f"is tied to {first_target} but differs from it")
-                            )
-                        continue
-                    if uses[name] > 1:
-                        kept[name] = (head.name, tensor)
-                    writer.write(name, tensor)
-                if progress:
-                    progress(head.name, sum(t.numel() * t.element_size() for t in locals_))
+            for name, tensor, _ in rebuild(ckpt, result.violations, progress=progress):
+                writer.write(name, tensor)
         (staging / "config.json").write_text(json.dumps(ckpt.hf_config(), indent=2) + "\n")
     result.output_dir = Path(output_dir)
     return result
+
+
+def invert_group(ckpt: TRTCheckpoint, group: list[PlannedTensor], device: torch.device | None = None,
+                 ) -> tuple[list[torch.Tensor], list[Violation], int]:
+    """The source tensors one TP group's rank tensors give back (in `group[0].sources` order), the problems its
+    inverse found, and the bytes read. `device`: where to read and invert (None: the host); a group whose ops
+    round is inverted on the host, where conversion computed them, since another device may round otherwise."""
+    head = group[0]
+    where = device if device is not None and all(op.exact for op in head.ops) else None
+    locals_ = [ckpt.load(ckpt.mapping.rank(t.tp_rank, head.pp_rank), t.name, where) for t in group]
+    sources, problems = head.shard.inverse(locals_, head.stored_shapes)
+    sources = to_source(head.ops, sources)
+    violations = [Violation(ckpt.mapping.rank(r, head.pp_rank), head.name, p) for r, p in problems]
+    return sources, violations, sum(t.numel() * t.element_size() for t in locals_)
+
+
+def rebuild(
+    ckpt: TRTCheckpoint,
+    violations: list[Violation],
+    device: torch.device | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> Iterator[tuple[str, torch.Tensor, list[PlannedTensor]]]:
+    """Every source tensor the rank files give back, once each, in plan order, with the group that made it; what
+    the inverses find is appended to `violations` on the way: KV replicas identical across ranks, padding rows
+    zero, replicated tensors identical, tied copies identical (a tied tensor is kept until the pass ends).
+    `device` as `invert_group`'s; `progress` as `reassemble`'s."""
+    groups = ckpt.plan.groups()
+    uses = Counter(name for group in groups for name in group[0].sources)
+    kept: dict[str, tuple[str, torch.Tensor]] = {}
+    for group in groups:
+        head = group[0]
+        sources, problems, nbytes = invert_group(ckpt, group, device)
+        violations += problems
+        for name, tensor in zip(head.sources, sources):
+            if name in kept:
+                first_target, first = kept[name]
+                if not torch.equal(first, tensor.to(first.device)):
+                    rank = ckpt.mapping.rank(0, head.pp_rank)
+                    violations.append(Violation(rank, head.name, f"is tied to {first_target} but differs from it"))
+                continue
+            if uses[name] > 1:
+                kept[name] = (head.name, tensor)
+            yield name, tensor, group
+        if progress:
+            progress(head.name, nbytes)
+
+
+class ReassembledWeights(Weights):
+    """The source tensors reassembly gives back, inverted from the rank files when asked for, nothing written:
+    `reassemble`'s output for a reader that takes each tensor once (a streamed model run). The tensors of a group
+    are kept until each has been taken (fused q/k/v are asked for one by one). Problems the inverses find are not
+    judged here: `rebuild` reports them."""
+
+    def __init__(self, ckpt: TRTCheckpoint):
+        self._ckpt = ckpt
+        self._groups: dict[str, list[PlannedTensor]] = {}
+        for group in ckpt.plan.groups():
+            for name in group[0].sources:
+                self._groups.setdefault(name, group)
+        self.tensors = {name: TensorInfo(group[0].torch_dtype, tuple(ckpt.source_shapes[name]))
+                        for name, group in self._groups.items()}
+        self.files = tuple(ckpt.rank_path(rank.rank) for rank in ckpt.plan.ranks)
+        self._pending: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def where(self, name: str) -> Path:
+        head = self._groups[name][0]
+        return self._ckpt.rank_path(self._ckpt.mapping.rank(head.tp_rank, head.pp_rank))
+
+    def load(self, name: str) -> torch.Tensor:
+        return self._take(name, None)
+
+    def load_to(self, name: str, device: torch.device) -> torch.Tensor:
+        return self._take(name, device).to(device)
+
+    def _take(self, name: str, device: torch.device | None) -> torch.Tensor:
+        with self._lock:
+            if name not in self._pending:
+                group = self._groups[name]
+                sources, _, _ = invert_group(self._ckpt, group, device)
+                self._pending.update(zip(group[0].sources, sources))
+            return self._pending.pop(name)
+
+
+def reassembled_source(ckpt: TRTCheckpoint, config_dir: Path) -> Source:
+    """The model the rank files hold as a `Source` (config as `reassemble` writes it, into `config_dir`; tensors
+    `ReassembledWeights`): verification runs it without writing the weights back."""
+    from transformers import AutoConfig
+
+    fields = ckpt.hf_config()
+    path = Path(config_dir) / "config.json"
+    path.write_text(json.dumps(fields, indent=2) + "\n")
+    config = SourceConfig(AutoConfig.from_pretrained(str(config_dir), local_files_only=True), fields, (path,))
+    return Source(Path(config_dir), "reassembled", None, config, ReassembledWeights(ckpt))

@@ -17,9 +17,11 @@ class Source:
 
     Every tensor must be float32, float16 or bfloat16; `load` checks that each tensor read has the dtype and
     shape its metadata declared (a weight loader that breaks its contract is bad input, never a wrong
-    conversion)."""
+    conversion). `loader` is the checkpoint loader that opened the directory (None for a model built otherwise,
+    such as the one reassembly gives back)."""
 
-    def __init__(self, model_dir: Path, format_name: str, loader: CheckpointLoader, config: SourceConfig, weights: Weights):
+    def __init__(self, model_dir: Path, format_name: str, loader: CheckpointLoader | None, config: SourceConfig,
+                 weights: Weights):
         self.model_dir, self.format_name, self.loader = model_dir, format_name, loader
         self.config, self.weights = config, weights
         for name, info in weights.tensors.items():

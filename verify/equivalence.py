@@ -1,12 +1,14 @@
 """The equivalence check: is this TensorRT-LLM checkpoint exactly this HF model? And what does its dtype cost?
 
 Stages, each recorded in the report with its time:
-1. reassemble the rank files (replicas, padding, completeness checked on the way) into a temporary HF model;
-2. compare its config with the source's and every tensor with the source cast to the checkpoint dtype (bit-exact),
-   one tensor at a time;
+1. reassemble: the rank files' structure against the plan (files, tensors, shapes, dtypes), from their headers;
+2. weights: every source tensor rebuilt from the rank files by the plan's inverse (replicas, padding, ties
+   checked on the way) and compared with the source cast to the checkpoint dtype (bit-exact), one tensor at a
+   time, in one pass over both, on the device; the reassembled config compared with the source's;
 3. forward: the source cast to the checkpoint dtype (with any op's declared rounding, e.g. a norm
    stored as 1 + weight) and the reassembled model on the same token batches, each streamed through the device one
-   decoder layer at a time (`verify/streaming.py`); identical weights and kernels give bit-identical logits;
+   decoder layer at a time (`verify/streaming.py`), the reassembled model's tensors inverted from the rank files as
+   its layers run (nothing is written back); identical weights and kernels give bit-identical logits;
 4. precision effect: the float32 source against the source in the checkpoint dtype, judged by documented
    thresholds (what the dtype costs, apart from any conversion fault);
 5. localization, when anything differs: per-module outputs of both models, the first one that diverges.
@@ -26,8 +28,9 @@ import torch
 
 from shardproof.converter.checkpoint import Violation
 from shardproof.converter.dtypes import TORCH_DTYPES
-from shardproof.converter.reassemble import reassemble
-from shardproof.converter.source import open_source
+from shardproof.converter.reassemble import reassembled_source
+from shardproof.converter.source import Source, open_source
+from shardproof.converter.target_checkpoint import open_checkpoint
 
 from .forward import BatchOptions, first_divergence, first_nonfinite, hidden_states, model_logits
 from .inputs import check_inputs
@@ -163,12 +166,6 @@ def _stopwatch(timings: dict[str, float], log: Log | None) -> Callable[[str, str
     return stage
 
 
-def _hf_config(directory: Path | str):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(directory), local_files_only=True)
-
-
 def config_differences(source, rebuilt) -> list[str]:
     """The model-defining fields whose values differ between the source's and the reassembled model's HF configs."""
     missing = object()
@@ -227,24 +224,25 @@ def verify_equivalence(
     dev, seq_len = batch.torch_device, batch.seq_len
     timings: dict[str, float] = {}
     stage = _stopwatch(timings, log)
+    with stage("reassemble", "checking the rank files against the plan"):
+        ckpt = open_checkpoint(checkpoint_dir, target, model_dir)
+        violations = ckpt.structural_violations()
+    mapping = ckpt.mapping
+    report = EquivalenceReport(
+        str(model_dir), str(checkpoint_dir), ckpt.card.name, ckpt.layout.dtype, mapping.tp_size,
+        mapping.pp_size, str(dev), batch.num_sequences, seq_len, batch.seed, violations=violations,
+        timings=timings,
+    )
+    if violations:
+        return report
     with tempfile.TemporaryDirectory(prefix="shardproof-reassembled-") as tmp:
-        with stage("reassemble", "reassembling the rank files"):
-            rebuilt = reassemble(checkpoint_dir, Path(tmp) / "hf", target=target, model_dir=model_dir)
-        ckpt = rebuilt.checkpoint
-        mapping = ckpt.mapping
-        report = EquivalenceReport(
-            str(model_dir), str(checkpoint_dir), ckpt.card.name, ckpt.layout.dtype, mapping.tp_size,
-            mapping.pp_size, str(dev), batch.num_sequences, seq_len, batch.seed, violations=rebuilt.violations,
-            timings=timings,
-        )
-        if rebuilt.output_dir is None:
-            return report
-        with stage("weights", "comparing every tensor with the source"):
+        with stage("weights", "rebuilding every tensor from the rank files and comparing it with the source"):
             source = open_source(model_dir)
-            source_config, rebuilt_config = source.hf_config, _hf_config(rebuilt.output_dir)
+            source_config = source.hf_config
+            rebuilt_config = reassembled_source(ckpt, Path(tmp)).hf_config
             report.config_differences = config_differences(source_config, rebuilt_config)
             report.notes = sliding_window_note(source_config, seq_len)
-            report.weights = compare_weights(model_dir, rebuilt.output_dir, ckpt, progress, dev)
+            report.weights = compare_weights(source, ckpt, report.violations, progress, dev)
             rounded = [name for name in ckpt.plan.rounded_sources() if name in source.shapes]
         if rounded:
             report.notes.append(
@@ -252,8 +250,8 @@ def verify_equivalence(
                 "the source model is compared with that rounding applied"
             )
         vocab = min(source_config.vocab_size, rebuilt_config.vocab_size)
-        runs = _Runs(Path(model_dir), rebuilt.output_dir, ckpt.plan.reassembled_value if rounded else None,
-                     batch, progress)
+        runs = _Runs(Path(model_dir), lambda: reassembled_source(ckpt, Path(tmp)),
+                     ckpt.plan.reassembled_value if rounded else None, batch, progress)
         _compare_models(report, runs, batch.input_ids(vocab), stage)
     return report
 
@@ -261,22 +259,23 @@ def verify_equivalence(
 @dataclass(frozen=True)
 class _Runs:
     """How this check runs the two models: streamed through the device (`verify/streaming.py`) under the batch's
-    cap; `rounded` sets the source's tensors to what reassembly must give back (None: the cast alone)."""
+    cap, the checkpoint's model inverted from the rank files as it runs (`rebuilt` opens it once per run);
+    `rounded` sets the source's tensors to what reassembly must give back (None: the cast alone)."""
 
     source: Path
-    rebuilt: Path
+    rebuilt: Callable[[], Source]
     rounded: ValueFn | None
     batch: BatchOptions
     progress: Progress | None
 
     def logits(self, rebuilt: bool, dtype: torch.dtype, input_ids: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """`exact` False: the float32 source, without the checkpoint's rounding."""
-        model, value = (self.rebuilt, None) if rebuilt else (self.source, self.rounded if exact else None)
+        model, value = (self.rebuilt(), None) if rebuilt else (self.source, self.rounded if exact else None)
         return model_logits(model, dtype, self.batch.torch_device, input_ids, value, self.batch.resident(),
                             self.progress)
 
     def states(self, rebuilt: bool, dtype: torch.dtype, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        model, value = (self.rebuilt, None) if rebuilt else (self.source, self.rounded)
+        model, value = (self.rebuilt(), None) if rebuilt else (self.source, self.rounded)
         return hidden_states(model, dtype, self.batch.torch_device, input_ids, value, self.batch.resident())
 
 

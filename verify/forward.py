@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from shardproof.converter.errors import ShardproofError
+from shardproof.converter.source import Source
 
 from .metrics import bit_identical, first_difference, max_abs_diff
 from .thresholds import UserLimits
@@ -108,7 +109,7 @@ def release(device: torch.device) -> None:
 
 
 def model_logits(
-    model_dir: Path | str,
+    model_dir: Path | str | Source,
     dtype: torch.dtype,
     device: torch.device,
     input_ids: torch.Tensor,
@@ -133,7 +134,7 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
 
 
 def hidden_states(
-    model_dir: Path | str,
+    model_dir: Path | str | Source,
     dtype: torch.dtype,
     device: torch.device,
     input_ids: torch.Tensor,

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from shardproof.converter.card import get_card
 from shardproof.converter.errors import CheckNotRun, ShardproofError
-from shardproof.converter.source import open_source
+from shardproof.converter.source import Source, open_source
 
 ValueFn = Callable[[str, Tensor], Tensor]
 Progress = Callable[[int], None]
@@ -101,20 +101,22 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 class StreamedModel:
-    """The HF model at `model_dir` in `dtype` on `device`, streamed unit by unit (module docstring).
+    """The HF model at `model_dir` (or an opened `Source`) in `dtype` on `device`, streamed unit by unit (module
+    docstring).
 
     Use as a context manager: inside, `model` runs like any transformers model (hooks included); each call
     of `progress` gets the bytes of source tensors read for the unit about to run.
     """
 
-    def __init__(self, model_dir: Path | str, dtype: torch.dtype, device: torch.device,
+    def __init__(self, model_dir: Path | str | Source, dtype: torch.dtype, device: torch.device,
                  value: ValueFn | None = None, resident: ResidentParameters | None = None,
                  progress: Progress | None = None) -> None:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.utils import logging
 
         logging.disable_progress_bar()
-        self.source = open_source(model_dir)
+        self.source = model_dir if isinstance(model_dir, Source) else open_source(model_dir)
+        model_dir = self.source.model_dir
         self.device, self.value, self.progress = device, value, progress
         self.resident = resident if resident is not None else ResidentParameters()
         card = get_card(self.source.architecture)

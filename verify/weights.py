@@ -1,4 +1,4 @@
-"""Tensor-by-tensor comparison of the reassembled checkpoint with the source cast to the checkpoint's dtype.
+"""Tensor-by-tensor comparison of the tensors the rank files give back with the source cast to the checkpoint's dtype.
 
 Conversion is data movement plus one cast (and, for a tensor made through an op that rounds, such as a norm stored as
 1 + weight, that op's declared rounding); the source goes through the same here, so every tensor must be bit-identical: there
@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from shardproof.converter.checkpoint import TRTCheckpoint
+from shardproof.converter.checkpoint import TRTCheckpoint, Violation
 from shardproof.converter.plan import holds
-from shardproof.converter.reassemble import HF_WEIGHTS
-from shardproof.converter.safetensors_io import TensorReader
-from shardproof.converter.source import Source, open_source
+from shardproof.converter.reassemble import invert_group, rebuild
+from shardproof.converter.source import Source
 from shardproof.converter.transforms import to_stored
 
 from .metrics import first_difference, max_abs_diff
@@ -71,54 +69,59 @@ class WeightComparison:
 
 
 def compare_weights(
-    model_dir: Path | str,
-    reassembled_dir: Path | str,
+    source: Source,
     checkpoint: TRTCheckpoint,
+    violations: list[Violation],
     progress: Progress | None = None,
     device: torch.device = torch.device("cpu"),
 ) -> WeightComparison:
-    """Compare every tensor of the source at `model_dir`, cast to the checkpoint's dtype, with the reassembled one,
-    one tensor at a time (memory holds one pair); `progress` gets each source tensor's bytes once compared.
+    """Rebuild every source tensor from the rank files (`rebuild`: what its inverses find is appended to
+    `violations`) and compare it with the source's, cast to the checkpoint's dtype: one pass over the rank files and
+    the source, one tensor pair in memory at a time; `progress` gets each source tensor's bytes once compared.
 
-    On a GPU `device` the pair is read and compared there; a pair that differs there is compared again on the host,
-    whose cast is the one conversion used (a device's cast may spell a NaN otherwise), so the device only speeds up
-    the common case and never decides a difference.
-
-    The expected value is `Plan.reassembled_value`: the cast, through its ops' round trip where one rounds. Source tensors the checkpoint's architecture skips (rotary frequencies, a tied lm_head) are listed, not
-    compared; whether a skip applies is decided from the source's own config. Differing tensors are traced to
-    the rank files (see `locate_in_ranks`).
+    The expected value is `Plan.reassembled_value`: the cast, through its ops' round trip where one rounds. Source
+    tensors the checkpoint's architecture skips (rotary frequencies, a tied lm_head) are listed, not compared;
+    whether a skip applies is decided from the source's own config. Differing tensors are traced to the rank files
+    (see `locate_in_ranks`). On a GPU `device` the pair is read and compared there; a pair that differs there is
+    compared again on the host, whose cast is the one conversion used (a device's cast may spell a NaN otherwise),
+    so the device only speeds up the common case and never decides a difference.
     """
-    source = open_source(model_dir)
-    dtype = checkpoint.layout.dtype
-    card = checkpoint.card
-    source_dims = card.config.dims_from_hf(source.hf_config)
-    result = WeightComparison(dtype, [])
-    rebuilt = TensorReader(Path(reassembled_dir) / HF_WEIGHTS)
-    for name, shape in source.shapes.items():
-        shape = tuple(shape)
-        if name not in rebuilt.entries:
-            skip = next((s for s in card.skips if holds(s.when, source_dims, checkpoint.layout) and s.matches(name)), None)
-            if skip is not None:
-                result.skipped[name] = skip.reason
-            else:
-                result.tensors.append(TensorComparison(name, shape, False, math.inf, None, "missing from the checkpoint"))
+    plan, card = checkpoint.plan, checkpoint.card
+    result = WeightComparison(checkpoint.layout.dtype, [])
+    rounded = set(plan.rounded_sources())
+    for name, actual, group in rebuild(checkpoint, violations, device if device.type != "cpu" else None):
+        if name not in source.shapes:
+            result.extra.append(name)
             continue
-        expected = checkpoint.plan.reassembled_value(name, source.load(name, device))
-        actual = rebuilt.read_to(name, device)
+        shape = tuple(source.shapes[name])
+        here = None if name in rounded or device.type == "cpu" else device
+        expected = plan.reassembled_value(name, source.load(name, here)).to(actual.device)
         if tuple(actual.shape) != shape or actual.dtype != expected.dtype:
             problem = f"{actual.dtype} {list(actual.shape)} in the checkpoint, {expected.dtype} {list(shape)} expected"
             result.tensors.append(TensorComparison(name, shape, False, math.inf, None, problem))
         else:
             index = first_difference(expected, actual)
-            if index is not None and device.type != "cpu":
-                expected, actual = checkpoint.plan.reassembled_value(name, source.load(name)), rebuilt.read(name)
+            if index is not None and actual.device.type != "cpu":
+                sources, _, _ = invert_group(checkpoint, group)
+                actual = sources[group[0].sources.index(name)]
+                expected = plan.reassembled_value(name, source.load(name))
                 index = first_difference(expected, actual)
             diff = 0.0 if index is None else max_abs_diff(expected, actual)
             result.tensors.append(TensorComparison(name, shape, index is None, diff, index))
         del expected, actual
         if progress:
             progress(source.nbytes(name))
-    result.extra = sorted(set(rebuilt.entries) - set(source.shapes))
+    compared = {t.name for t in result.tensors}
+    source_dims = card.config.dims_from_hf(source.hf_config)
+    for name, shape in source.shapes.items():
+        if name in compared:
+            continue
+        skip = next((s for s in card.skips if holds(s.when, source_dims, checkpoint.layout) and s.matches(name)), None)
+        if skip is not None:
+            result.skipped[name] = skip.reason
+        else:
+            result.tensors.append(TensorComparison(name, tuple(shape), False, math.inf, None, "missing from the checkpoint"))
+    result.extra.sort()
     result.ranks = locate_in_ranks(source, checkpoint, {t.name for t in result.mismatches})
     return result
 
