@@ -77,10 +77,12 @@ class Weights(ABC):
     def load(self, name: str) -> torch.Tensor:
         """Tensor `name`'s data in its stored dtype."""
 
-    def load_to(self, name: str, device: torch.device) -> torch.Tensor:
-        """Optional: tensor `name` on `device`. Default: `load(name)` moved there; a loader may read straight into
-        device memory instead (the safetensors loader does, through pinned buffers)."""
-        return self.load(name).to(device)
+    def load_to(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Optional: tensor `name` on `device`, cast to `dtype` (None: as stored). Default: `load(name)` moved and
+        cast; a loader may read straight into device memory and cast as it reads instead (the safetensors loader
+        does, a pinned buffer at a time)."""
+        tensor = self.load(name).to(device)
+        return tensor if dtype is None else tensor.to(dtype)
 
     def record_digests(self) -> dict[Path, dict[str, bytes]]:
         """Optional: from now on, record the SHA-256 of each tensor's bytes as `load` reads them from a safetensors

@@ -138,8 +138,9 @@ class ReassembledWeights(Weights):
     def load(self, name: str) -> torch.Tensor:
         return self._take(name, None)
 
-    def load_to(self, name: str, device: torch.device) -> torch.Tensor:
-        return self._take(name, device).to(device)
+    def load_to(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self._take(name, device).to(device)
+        return tensor if dtype is None else tensor.to(dtype)
 
     def _take(self, name: str, device: torch.device | None) -> torch.Tensor:
         with self._lock:

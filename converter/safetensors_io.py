@@ -6,6 +6,7 @@ import json
 import math
 import struct
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -46,33 +47,45 @@ class TensorReader:
         except ShardproofError as e:
             raise ShardproofError(f"{self.path}: tensor {name}: {e}") from None
 
-    def read_to(self, name: str, device: torch.device) -> torch.Tensor:
-        """`read(name)` on `device`; on a GPU read through pinned staging buffers straight into device memory (no
-        pageable host copy of the tensor: its pages were faulted in and zeroed before the read could fill them).
-        Digests, when recorded, are taken on the host path."""
-        if device.type != "cuda" or self.digests is not None:
-            return self.read(name).to(device)
-        entry, dtype = self.entries[name], self._dtype(name)
-        size = entry.end - entry.begin
-        out = torch.empty(size, dtype=torch.uint8, device=device)
-        stages = _staging(device)
+    def read_to(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`read(name)` on `device`, cast to `dtype` (None: as stored). A cast, and any read to a GPU, goes one
+        staging buffer at a time, so memory holds the result and a buffer, never the stored copy beside it; to a GPU
+        the buffers are pinned and the copies asynchronous (a host copy of the tensor would be freshly faulted pages,
+        zeroed before the read fills them). Digests, when recorded, are taken on the plain path."""
+        entry, stored = self.entries[name], self._dtype(name)
+        dtype = dtype or stored
+        if self.digests is not None or (device.type == "cpu" and dtype == stored):
+            return self.read(name).to(device).to(dtype)
+        size, shape = entry.end - entry.begin, entry.shape
+        out = torch.empty(math.prod(shape), dtype=dtype, device=device)
+        stages, cuda = _staging(device), device.type == "cuda"
         try:
             with open(self.path, "rb") as f:
                 f.seek(self._data_start + entry.begin)
                 for i, start in enumerate(range(0, size, STAGE_BYTES)):
-                    buffer, copied = stages[i % len(stages)]
-                    copied.synchronize()  # its previous copy to the device is done
-                    part = buffer[: min(STAGE_BYTES, size - start)]
+                    stage = stages[i % len(stages)]
+                    if cuda:
+                        stage.copied.synchronize()  # its previous copy to the device is done
+                    part = stage.host[: min(STAGE_BYTES, size - start)]
                     if f.readinto(memoryview(part.numpy())) != part.numel():
                         raise ShardproofError(f"{self.path}: file is truncated (tensor {name} is incomplete)")
-                    out[start : start + part.numel()].copy_(part, non_blocking=True)
-                    copied.record(torch.cuda.current_stream(device))
+                    first = start // stored.itemsize
+                    target = out[first : first + part.numel() // stored.itemsize]
+                    if cuda and dtype != stored:  # to the device as stored, then cast there
+                        staged = stage.device[: part.numel()]
+                        staged.copy_(part, non_blocking=True)
+                        target.copy_(staged.view(stored))
+                    else:
+                        target.copy_(part.view(stored), non_blocking=cuda)
+                    if cuda:
+                        stage.copied.record(torch.cuda.current_stream(device))
         except OSError as e:
             raise ShardproofError(f"{self.path}: cannot read ({e.strerror})") from None
         finally:
-            for _, copied in stages:
-                copied.synchronize()
-        return out.view(dtype).reshape(entry.shape) if size else torch.empty(entry.shape, dtype=dtype, device=device)
+            if cuda:
+                for stage in stages:
+                    stage.copied.synchronize()
+        return out.reshape(shape)
 
     def read(self, name: str) -> torch.Tensor:
         entry, dtype = self.entries[name], self._dtype(name)
@@ -95,18 +108,32 @@ class TensorReader:
         return tensor.view(dtype).reshape(entry.shape)
 
 
-STAGE_BYTES = 1 << 26  # two pinned buffers of 64 MiB per reading thread: the read of one overlaps the copy of the other
+STAGE_BYTES = 1 << 26  # two 64 MiB staging buffers per reading thread: the read of one overlaps the copy of the other
 _stages = threading.local()
 
 
-def _staging(device: torch.device) -> list[tuple[torch.Tensor, "torch.cuda.Event"]]:
-    """This thread's pinned staging buffers for reads to `device`, each with the event of its last copy."""
+@dataclass
+class _Stage:
+    """One staging buffer: on the host (pinned for a GPU), its device twin for a cast there, and the event of its
+    last copy to the device."""
+
+    host: torch.Tensor
+    device: torch.Tensor | None = None
+    copied: "torch.cuda.Event | None" = None
+
+
+def _staging(device: torch.device) -> list[_Stage]:
+    """This thread's staging buffers for reads to `device`."""
     key = str(device)
     cache = _stages.__dict__.setdefault("by_device", {})
     if key not in cache:
-        with torch.cuda.device(device):
-            cache[key] = [(torch.empty(STAGE_BYTES, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
-                          for _ in range(2)]
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                cache[key] = [_Stage(torch.empty(STAGE_BYTES, dtype=torch.uint8, pin_memory=True),
+                                     torch.empty(STAGE_BYTES, dtype=torch.uint8, device=device), torch.cuda.Event())
+                              for _ in range(2)]
+        else:
+            cache[key] = [_Stage(torch.empty(STAGE_BYTES, dtype=torch.uint8))]
     return cache[key]
 
 

@@ -73,11 +73,15 @@ class Source:
         again; verification, which reads the source several times, takes none."""
         return self.weights.record_digests()
 
-    def load(self, name: str, device: torch.device | None = None) -> torch.Tensor:
-        """The tensor `name`, in its stored dtype, on `device` (None: the CPU, as the weight loader reads it)."""
-        tensor = self.weights.load(name) if device is None else self.weights.load_to(name, device)
+    def load(self, name: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `name` on `device` (None: the CPU, as the weight loader reads it), cast to `dtype` (None: its
+        stored dtype) as it is read."""
         info = self.weights.tensors[name]
-        if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+        if device is None and dtype is None:
+            tensor = self.weights.load(name)
+        else:
+            tensor = self.weights.load_to(name, device or torch.device("cpu"), dtype)
+        if tensor.dtype != (dtype or info.dtype) or tuple(tensor.shape) != info.shape:
             raise ShardproofError(f"{self.weights.where(name)}: tensor {name} reads as {tensor.dtype} {list(tensor.shape)}, "
                                   f"its metadata says {info.dtype} {list(info.shape)}")
         return tensor

@@ -1,5 +1,6 @@
-"""TensorReader's two read paths give the stored tensors exactly: the host read and, on a GPU, the read through
-pinned staging buffers (tensors smaller than, equal to and spanning several staging buffers; an empty one)."""
+"""TensorReader's read paths give the stored tensors exactly: the plain host read and the staged read, as stored or
+cast a buffer at a time (on the host, and on a GPU through pinned buffers), for tensors smaller than, equal to and
+spanning several staging buffers, and an empty one."""
 
 from __future__ import annotations
 
@@ -35,14 +36,20 @@ def test_reads_give_back_the_stored_bits(tmp_path, monkeypatch, device):
             assert got.device.type == where
             assert got.dtype == expected.dtype and got.shape == expected.shape
             assert torch.equal(got.cpu().view(torch.uint8), expected.view(torch.uint8)), name
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            got, want = reader.read_to(name, torch.device(device), dtype), expected.to(dtype)
+            assert got.device.type == device and got.dtype == dtype and got.shape == want.shape
+            assert torch.equal(got.cpu().view(torch.int16 if dtype.itemsize == 2 else torch.int32),
+                               want.view(torch.int16 if dtype.itemsize == 2 else torch.int32)), (name, dtype)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the staged read runs on a GPU only"))])
-def test_a_truncated_file_is_bad_input_on_both_paths(tmp_path, device):
+def test_a_truncated_file_is_bad_input_on_every_path(tmp_path, device):
     save_file({"x": torch.arange(4096, dtype=torch.float32)}, tmp_path / "t.safetensors")
     reader = TensorReader(tmp_path / "t.safetensors")
     data = (tmp_path / "t.safetensors").read_bytes()
     (tmp_path / "t.safetensors").write_bytes(data[:-100])
-    with pytest.raises(ShardproofError, match="truncated"):
-        reader.read_to("x", torch.device(device))
+    for dtype in (None, torch.bfloat16):
+        with pytest.raises(ShardproofError, match="truncated"):
+            reader.read_to("x", torch.device(device), dtype)

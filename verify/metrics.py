@@ -112,11 +112,15 @@ class LogitMetrics:
 
 
 _PARTS = ("diff_max", "diff_sum", "cos", "kl", "ref_top", "cand_top", "gap", "noise", "nonfinite")
+# Logits compared per chunk of positions holding at most this many elements: each of the chunk's float64
+# temporaries is 128 MiB, whatever the vocabulary (4096 positions of a 128k vocabulary made each 4 GiB: the
+# largest part of a verification's host memory at 8B).
+CHUNK_ELEMENTS = 1 << 24
 
 
-def logit_metrics(reference: torch.Tensor, candidate: torch.Tensor, dtype: str | None = None,
-                  chunk: int = 4096) -> LogitMetrics:
-    """Compare logits of shape [..., seq_len, vocab] position by position, in float64, `chunk` positions at a time.
+def logit_metrics(reference: torch.Tensor, candidate: torch.Tensor, dtype: str | None = None) -> LogitMetrics:
+    """Compare logits of shape [..., seq_len, vocab] position by position, in float64, a chunk of positions
+    (`CHUNK_ELEMENTS`) at a time.
 
     `dtype` is what the candidate computed in, which sets the near-tie bound; None takes the coarser dtype of
     the two tensors (float32 for float32 tensors: pass it when reduced-precision logits come back as float32).
@@ -132,6 +136,7 @@ def logit_metrics(reference: torch.Tensor, candidate: torch.Tensor, dtype: str |
     if not positions:
         raise ValueError("no logits to compare")
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in _PARTS}
+    chunk = max(1, CHUNK_ELEMENTS // vocab)
     for start in range(0, positions, chunk):
         ref = ref_all[start : start + chunk].double()
         cand = cand_all[start : start + chunk].double()

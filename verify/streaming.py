@@ -127,6 +127,7 @@ class StreamedModel:
         self._conversions = get_model_conversion_mapping(self.model, dict(card.hf_key_mapping) or None)
         self._meta = dict(self.model.named_parameters(remove_duplicate=False))
         self._tied: dict[str, str] = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
+        self._dtypes: dict[str, torch.dtype] = {}
         self.units = self._units()
         self._handles: list = []
 
@@ -141,6 +142,8 @@ class StreamedModel:
         for key in self.source.shapes:
             target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
             by_target.setdefault(target, []).append(key)
+            if target in state and state[target].is_floating_point():
+                self._dtypes[key] = state[target].dtype  # what transformers would cast it to
         layers = decoder_layers(model)
         layer_ids = {id(m) for m in layers}
         modules = dict(model.named_modules())
@@ -179,11 +182,12 @@ class StreamedModel:
 
         state = {}
         for key in unit.keys:
-            # on the device before transformers casts it: the cast runs there, and the bus carries stored bytes
+            # read to the device and cast to its parameter's dtype there, a buffer at a time: the bus carries stored
+            # bytes, and memory never holds the stored copy beside the cast one
             if self.value:
                 state[key] = self.value(key, self.source.load(key)).to(self.device)
             else:
-                state[key] = self.source.load(key, self.device)
+                state[key] = self.source.load(key, self.device, self._dtypes.get(key))
         if self.progress:
             self.progress(sum(self.source.nbytes(k) for k in unit.keys))
         config = LoadStateDictConfig(dtype=None, device_map={"": self.device}, weight_mapping=self._conversions)

@@ -49,8 +49,8 @@ class SafetensorsWeights(Weights):
     def load(self, name: str) -> torch.Tensor:
         return self._readers[self._files[name]].read(name)
 
-    def load_to(self, name: str, device: torch.device) -> torch.Tensor:
-        return self._readers[self._files[name]].read_to(name, device)
+    def load_to(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._readers[self._files[name]].read_to(name, device, dtype)
 
     def record_digests(self) -> dict[Path, dict[str, bytes]]:
         for reader in self._readers.values():

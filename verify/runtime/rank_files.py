@@ -64,10 +64,10 @@ class RankFile:
     def __contains__(self, name: str) -> bool:
         return name in self.shapes
 
-    def read(self, name: str, device: torch.device | str = "cpu") -> Tensor:
-        """The data of ``name`` on ``device``, read from the file now."""
+    def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Tensor:
+        """The data of ``name`` on ``device``, cast to ``dtype`` (None: as stored) as it is read from the file."""
         try:
-            return self._reader.read_to(name, torch.device(device))
+            return self._reader.read_to(name, torch.device(device), dtype)
         except ShardproofError as e:
             raise ValueError(str(e)) from None
 
@@ -102,7 +102,7 @@ class RankWeights:
             return self.file.read(full, self.device)
         if dtype != self.stored_dtype:
             raise ValueError(f"{self.path}: tensor '{full}' is {dtype}, config says {self.stored_dtype}")
-        return self.file.read(full, self.device).to(self.dtype)  # cast on the device: fewer bytes moved, faster
+        return self.file.read(full, self.device, self.dtype)
 
     def scope(self, prefix: str) -> RankWeights:
         """The same file with ``prefix`` prepended to every name."""

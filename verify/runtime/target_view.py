@@ -150,7 +150,7 @@ class _ViewFile:
     def __contains__(self, name: str) -> bool:
         return name in self.shapes
 
-    def read(self, name: str, device: torch.device | str = "cpu") -> Tensor:
+    def read(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Tensor:
         parts = []
         for held, first, rows in self.pieces[name]:
             try:
@@ -158,7 +158,7 @@ class _ViewFile:
             except Exception as e:  # a missing file or tensor is the structural check's to report
                 raise ValueError(f"{self.path}: cannot read {held} ({e})") from None
             parts.append(tensor if rows < 0 else tensor.narrow(0, first, rows))
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self._dtypes[name]).to(device)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self._dtypes[name]).to(device).to(dtype or self._dtypes[name])
 
 
 class TargetShardedCheckpoint(ShardedCheckpoint):
