@@ -27,6 +27,7 @@ from shardproof.converter.manifest import MANIFEST, check_manifest, source_diffe
 from .equivalence import CHECKS as REASSEMBLED_CHECKS, EquivalenceReport, verify_equivalence
 from .forward import BatchOptions
 from .inputs import check_model
+from .host_memory import return_large_frees
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
 from .sharded_check import CHECKS as SHARDED_CHECKS, ShardedReport, sharded_check
 from .streaming import Progress
@@ -97,6 +98,7 @@ def verify_checkpoint(
     """
     check_mode(mode)
     check_model(model_dir, batch)
+    return_large_frees()
     result = Verification(mode)
     if not _check_manifest(result, model_dir, checkpoint_dir, log):
         return result
