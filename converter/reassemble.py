@@ -115,9 +115,9 @@ def rebuild(
 
 class ReassembledWeights(Weights):
     """The source tensors reassembly gives back, inverted from the rank files when asked for, nothing written:
-    `reassemble`'s output for a reader that takes each tensor once (a streamed model run). The tensors of a group
-    are kept until each has been taken (fused q/k/v are asked for one by one). Problems the inverses find are not
-    judged here: `rebuild` reports them."""
+    `reassemble`'s output for readers that take each tensor once per pass (streamed model runs). The tensors of a
+    group are kept until each has been taken (fused q/k/v are asked for one by one). Problems the inverses find
+    are not judged here: `rebuild` reports them."""
 
     def __init__(self, ckpt: TRTCheckpoint):
         self._ckpt = ckpt

@@ -239,7 +239,8 @@ def verify_equivalence(
         with stage("weights", "rebuilding every tensor from the rank files and comparing it with the source"):
             source = open_source(model_dir)
             source_config = source.hf_config
-            rebuilt_config = reassembled_source(ckpt, Path(tmp)).hf_config
+            rebuilt = reassembled_source(ckpt, Path(tmp))
+            rebuilt_config = rebuilt.hf_config
             report.config_differences = config_differences(source_config, rebuilt_config)
             report.notes = sliding_window_note(source_config, seq_len)
             report.weights = compare_weights(source, ckpt, report.violations, progress, dev)
@@ -250,7 +251,7 @@ def verify_equivalence(
                 "the source model is compared with that rounding applied"
             )
         vocab = min(source_config.vocab_size, rebuilt_config.vocab_size)
-        runs = _Runs(Path(model_dir), lambda: reassembled_source(ckpt, Path(tmp)),
+        runs = _Runs(Path(model_dir), rebuilt,
                      ckpt.plan.reassembled_value if rounded else None, batch, progress)
         _compare_models(report, runs, batch.input_ids(vocab), stage)
     return report
@@ -259,23 +260,23 @@ def verify_equivalence(
 @dataclass(frozen=True)
 class _Runs:
     """How this check runs the two models: streamed through the device (`verify/streaming.py`) under the batch's
-    cap, the checkpoint's model inverted from the rank files as it runs (`rebuilt` opens it once per run);
+    cap, the checkpoint's model inverted from the rank files as it runs (`rebuilt`);
     `rounded` sets the source's tensors to what reassembly must give back (None: the cast alone)."""
 
     source: Path
-    rebuilt: Callable[[], Source]
+    rebuilt: Source
     rounded: ValueFn | None
     batch: BatchOptions
     progress: Progress | None
 
     def logits(self, rebuilt: bool, dtype: torch.dtype, input_ids: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """`exact` False: the float32 source, without the checkpoint's rounding."""
-        model, value = (self.rebuilt(), None) if rebuilt else (self.source, self.rounded if exact else None)
+        model, value = (self.rebuilt, None) if rebuilt else (self.source, self.rounded if exact else None)
         return model_logits(model, dtype, self.batch.torch_device, input_ids, value, self.batch.resident(),
                             self.progress)
 
     def states(self, rebuilt: bool, dtype: torch.dtype, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        model, value = (self.rebuilt(), None) if rebuilt else (self.source, self.rounded)
+        model, value = (self.rebuilt, None) if rebuilt else (self.source, self.rounded)
         return hidden_states(model, dtype, self.batch.torch_device, input_ids, value, self.batch.resident())
 
 
