@@ -67,8 +67,11 @@ def build(model: Path, args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.source_dtype)  # drawn in the source dtype: no float32 copy of an 8B model
 
     def draw(index: int) -> torch.Tensor:  # a generator per tensor: the same values on any number of threads
+        """N(0, 0.02) as Llama initializes its matrices; norm weights around 1 as trained ones are (around 0 they
+        scale every layer's input down so far that attention is uniform and a swapped q/k goes unseen)."""
         generator = torch.Generator().manual_seed(index)
-        return torch.empty(shapes[names[index]], dtype=dtype).normal_(0.0, 0.02, generator=generator)
+        center = 1.0 if names[index].endswith("norm.weight") else 0.0
+        return torch.empty(shapes[names[index]], dtype=dtype).normal_(center, 0.02, generator=generator)
 
     weight_map = {}
     with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # normal_ releases the GIL

@@ -70,7 +70,8 @@ def main() -> None:
     tempfile.tempdir = str(out)  # conversions and mutated copies beside the model (a RAM disk when --out is one)
     start = time.perf_counter()
     report = run_selftest(catalog, models={"LlamaForCausalLM": model},
-                          batch=BatchOptions(args.device, num_sequences=args.num_sequences, seq_len=args.seq_len))
+                          batch=BatchOptions(args.device, num_sequences=args.num_sequences, seq_len=args.seq_len),
+                          log=lambda line: print(f"{time.perf_counter() - start:7.1f} s  {line}", flush=True))
     elapsed = time.perf_counter() - start
     print(f"{args.hidden} wide, {args.layers} layers, {args.source_dtype} source, {args.device}, "
           f"{args.num_sequences} x {args.seq_len} tokens\n")
