@@ -32,11 +32,13 @@ def _conversion(outcome: Outcome) -> str:
     if outcome.sharded.structural:
         return "structural"
     conversion = outcome.sharded.comparison("conversion")
-    return "–" if conversion is None else f"{conversion.relative_error:.2g}"
+    if conversion is None:
+        return "–"
+    return f"{conversion.checks['stage_relative_error'].value:.2g} / {conversion.relative_error:.2g}"
 
 
 def rows(report) -> list[str]:
-    lines = ["| checkpoint | setup | conversion rel. error | precision: KL mean / top-1 / cos min | sharded | names | reassembled |",
+    lines = ["| checkpoint | setup | conversion rel. error: worst stage / logits | precision: KL mean / top-1 / cos min | sharded | names | reassembled |",
              "|---|---|---|---|---|---|---|"]
     for o in [*report.clean, *report.mutants]:
         name = o.mutant.name if o.mutant else "clean"

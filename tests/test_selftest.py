@@ -55,7 +55,7 @@ def test_cli_selftest_exits_0_on_the_clean_tree(selftest_run) -> None:
     failing = [o for o in report["clean"] + report["mutants"] if not o["ok"]]
     assert exit_code == 0 and report["passed"], [(o["mutant"], o["setup"], o["sharded"]["failures"],
                                                   o["reassembled"]["failures"]) for o in failing]
-    assert "fault x mode" in output and "conversion relative error threshold" in output
+    assert "fault x mode" in output and "conversion check (worst stage's relative error) threshold" in output
     ran = [(o["mutant"], o["setup"].split()[0]) for o in report["mutants"]]
     skipped = [(m["mutant"], m["setup"].split()[0]) for m in report["not_applicable"]]
     assert sorted(ran + skipped) == sorted((m.name, a) for m in CATALOG for a in supported_architectures())
@@ -93,7 +93,7 @@ def test_subtle_low_precision_faults_are_caught_by_the_conversion_comparison(sel
         assert outcomes, name
         for sharded in outcomes:
             conversion = next(c for c in sharded["comparisons"] if c["name"] == "conversion")
-            assert conversion["relative_error"] > 10 * CONVERSION_REL_ERROR
+            assert conversion["checks"]["stage_relative_error"]["value"] > 10 * CONVERSION_REL_ERROR
 
 
 def test_fp16_overflow_is_blamed_on_the_cast_and_located(selftest_run) -> None:
@@ -126,7 +126,7 @@ def test_clean_conversions_pass_the_sharded_mode(references, tmp_path: Path, arc
     assert report.localization is None
     expected = ["conversion"] if dtype == "float32" else ["conversion", "precision"]
     assert [c.name for c in report.comparisons] == expected
-    assert report.comparison("conversion").relative_error < CONVERSION_REL_ERROR / 10
+    assert report.comparison("conversion").checks["stage_relative_error"].value < CONVERSION_REL_ERROR / 10
     _no_nan(json.dumps(to_json(report)))
 
 

@@ -168,7 +168,7 @@ def sharded_table(report: ShardedReport) -> Table:
                       checks, _worst(c.metrics))
     if report.teacher_forced is not None:
         forced = report.teacher_forced
-        worst = max(forced.stages, key=lambda e: (e.relative_error != e.relative_error, e.relative_error))
+        worst = forced.worst
         beyond = f"first beyond: {forced.first_beyond}" if forced.first_beyond else f"none with {forced.criterion}"
         table.add_row("teacher-forced stages: runtime on HF's input to each, float32", "-",
                       _num(worst.relative_error), f"largest at {worst.stage}; {beyond}", "-")

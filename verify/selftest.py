@@ -43,7 +43,7 @@ def sharded_evidence(report: ShardedReport) -> str:
     if report.structural:
         return "structural: " + report.structural.replace(report.checkpoint_dir.rstrip("/") + "/", "")
     failed = [check for c in report.comparisons for check in c.failed_checks]
-    return str(failed[0] if failed else report.comparison("conversion").checks["relative_error"])
+    return str(failed[0] if failed else report.comparison("conversion").checks["stage_relative_error"])
 
 
 def sharded_located(report: ShardedReport) -> str | None:
@@ -118,10 +118,11 @@ class SelftestReport:
         return all(o.ok for o in [*self.clean, *self.mutants])
 
     def margins(self) -> dict[str, float | None]:
-        """Conversion relative error: threshold over the largest clean value, smallest finite mutant value over
-        the threshold (mutants caught structurally or through non-finite logits have no finite value)."""
-        clean = [o.sharded.comparison("conversion").relative_error for o in self.clean if not o.sharded.structural]
-        caught = [o.sharded.comparison("conversion").relative_error for o in self.mutants if not o.sharded.structural]
+        """The conversion check's worst-stage relative error: threshold over the largest clean value, smallest
+        finite mutant value over the threshold (mutants caught structurally or through non-finite outputs have no
+        finite value)."""
+        clean = [_stage_error(o) for o in self.clean if not o.sharded.structural]
+        caught = [_stage_error(o) for o in self.mutants if not o.sharded.structural]
         caught = [e for e in caught if math.isfinite(e)]
         return {
             "threshold": CONVERSION_REL_ERROR,
@@ -284,11 +285,15 @@ def selftest_table(report: SelftestReport) -> Table:
     return table
 
 
+def _stage_error(outcome: Outcome) -> float:
+    return outcome.sharded.comparison("conversion").checks["stage_relative_error"].value
+
+
 def margins_line(report: SelftestReport) -> str:
     """The calibration margins of the conversion comparison, in one line."""
     m = report.margins()
     if m["largest_clean"] is None or m["smallest_mutant"] is None:
-        return f"conversion relative error threshold {m['threshold']:g}"
-    return (f"conversion relative error threshold {m['threshold']:g}: largest clean {m['largest_clean']:.2e} "
+        return f"conversion check (worst stage's relative error) threshold {m['threshold']:g}"
+    return (f"conversion check (worst stage's relative error) threshold {m['threshold']:g}: largest clean {m['largest_clean']:.2e} "
             f"(margin {m['clean_margin']:.0f}x), smallest mutant {m['smallest_mutant']:.2e} "
             f"(margin {m['mutant_margin']:.0f}x)")

@@ -7,15 +7,19 @@ shards, and its logits are compared with HF's own forward pass of the source mod
 * conversion: both sides compute in float32 over the same values: the checkpoint's, and HF's parameters set
   to what a correct conversion stores for them, read back (the cast, and an op's rounding such as
   a norm stored as 1 + weight). Only float32 summation order separates them, so the relative error
-  (max |diff| / max |reference logit|) must stay below CONVERSION_REL_ERROR. This isolates conversion faults
-  from precision loss, which is what makes subtle faults visible in a float16 or bfloat16 checkpoint.
+  (max |diff| / max |reference output|) of every stage, run teacher-forced (below), must stay below
+  CONVERSION_REL_ERROR; the logits' own relative error is reported (it compounds every layer's rounding, so
+  its margin shrinks with depth: 3e-5 at 80 layers of Llama-3-8B width, against 3e-6 for any one stage). This
+  isolates conversion faults from precision loss, which is what makes subtle faults visible in a float16 or
+  bfloat16 checkpoint.
 * precision (float16 / bfloat16 only): the runtime computing in the checkpoint dtype against HF in float32
   over the original weights: the dtype's cost as deployed, judged against the model's own cost of that dtype
   (HF loaded in it, same tokens; verify/dtype_cost.py): at most COST_FACTOR x, and within the user's limits.
 
 Teacher-forced, in float32 over stored values: each stage (embedding, every decoder layer, final norm + lm_head)
 runs on HF's own input to it, during HF's run, and its output is compared with HF's: per-stage relative errors
-that do not include any earlier stage's, and the first stage beyond CONVERSION_REL_ERROR (reported, not judged).
+that do not include any earlier stage's (the conversion check's verdict), and the first stage beyond
+CONVERSION_REL_ERROR.
 The runtime's own runs (in float32 and in the checkpoint dtype) step through the stages with the teacher-forced
 ones (`runtime/teacher.py`), so one pass over the rank files serves all three.
 On failure the first diverging stage (embedding, decoder layer, final norm + lm_head) is named.
@@ -105,6 +109,11 @@ class TeacherForced:
     stages: list[StageError]
     first_beyond: str | None
     criterion: str = f"relative error > {CONVERSION_REL_ERROR:g} or non-finite"
+
+    @property
+    def worst(self) -> StageError:
+        """The stage with the largest relative error (a NaN one first: NaN fails every check)."""
+        return max(self.stages, key=lambda e: (math.isnan(e.relative_error), e.relative_error))
 
 
 @dataclass
@@ -271,12 +280,16 @@ def relative_error(reference: Tensor, candidate: Tensor) -> float:
     return float(diff / reference.double().abs().max())
 
 
-def _conversion(dtype: str, ref: Tensor, cand: Tensor) -> LogitComparison:
-    """The runtime in float32 over the stored values against HF in float32 over the same values."""
+def _conversion(dtype: str, ref: Tensor, cand: Tensor, forced: TeacherForced) -> LogitComparison:
+    """The runtime in float32 over the stored values against HF in float32 over the same values: judged stage by
+    stage (`forced`), each stage's error its own; the logits' relative error, which compounds the float32
+    rounding of every layer before it (3e-5 at 80 layers of Llama-3-8B width), is reported."""
     metrics, error = logit_metrics(ref, cand), relative_error(ref, cand)
+    worst = forced.worst
     checks = checks_by_metric(Check("reference_nonfinite", int((~torch.isfinite(ref)).sum()), "==", 0),
                               Check("nonfinite", metrics.nonfinite, "==", 0),
-                              Check("relative_error", error, "<=", CONVERSION_REL_ERROR))
+                              Check("stage_relative_error", worst.relative_error, "<=", CONVERSION_REL_ERROR,
+                                    f"largest at {worst.stage}"))
     return LogitComparison("conversion", f"HF, weights as stored in {dtype}, float32 math", "runtime, float32 math",
                            metrics, error, checks)
 
@@ -316,7 +329,7 @@ def check_sharded(checkpoint_dir: Path | str, reference: HFReference, target: st
     runner = StageRunner(ckpt, device, torch.float32, ids, free)
     report.teacher_forced = reference.teacher_forced(dtype, runner)
     native, wide = (runner.free_logits[0].cpu(),) * 2 if dtype == "float32" else (t.cpu() for t in runner.free_logits)
-    conversion = _conversion(dtype, reference.logits(dtype), wide)
+    conversion = _conversion(dtype, reference.logits(dtype), wide, report.teacher_forced)
     report.comparisons.append(conversion)
     if dtype != "float32":
         report.comparisons.append(_precision(dtype, reference.logits(None), native, reference.own_cost(dtype),
