@@ -223,18 +223,18 @@ def embedding(ids: Tensor, ws: list[RankWeights], cfg: RuntimeConfig, comm: Coll
               scale: float | None = None, name: str = VOCAB_EMBEDDING) -> list[Tensor]:
     """Lookup in embedding table ``name`` (default: the tokens'): replicated, vocab-parallel (masked lookup +
     all-reduce) or hidden-parallel (all-gather); then multiplied by ``scale`` in the compute dtype, if given."""
-    tables = [w[name] for w in ws]
     if not cfg.use_parallel_embedding:
-        xs = [F.embedding(ids, t) for t in tables]
+        xs = [w.rows(name, ids) for w in ws]
     elif cfg.embedding_sharding_dim == 1:
-        xs = comm.all_gather([F.embedding(ids, t) for t in tables], dim=-1)
+        xs = comm.all_gather([w.rows(name, ids) for w in ws], dim=-1)
     else:
         parts = []
-        for w, t in zip(ws, tables):
-            local = ids - w.tp_rank * t.shape[0]
-            inside = (local >= 0) & (local < t.shape[0])
-            rows = F.embedding(local.clamp(0, t.shape[0] - 1), t)
-            parts.append(torch.where(inside.unsqueeze(-1), rows, torch.zeros((), dtype=t.dtype, device=t.device)))
+        for w in ws:
+            n = w.shape(name)[0]
+            local = ids - w.tp_rank * n
+            inside = (local >= 0) & (local < n)
+            rows = w.rows(name, local.clamp(0, n - 1))
+            parts.append(torch.where(inside.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device)))
         xs = comm.all_reduce(parts)
     return xs if scale is None else [x * torch.tensor(scale, dtype=x.dtype) for x in xs]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from shardproof.converter.card import Shape
@@ -107,6 +108,21 @@ class RankWeights:
     reads: SharedReads | None = None
 
     def __getitem__(self, name: str) -> Tensor:
+        full, dtype = self._checked(name)
+        return self._read(full, dtype)
+
+    def rows(self, name: str, index: Tensor) -> Tensor:
+        """``F.embedding(index, self[name])``, the rows gathered from the stored table before the cast: the same
+        values, without the whole table in the compute dtype."""
+        full, dtype = self._checked(name)
+        rows = F.embedding(index, self._read(full, None))
+        return rows if dtype is None else rows.to(dtype)
+
+    def shape(self, name: str) -> Shape:
+        return self.file.shapes[self._checked(name)[0]]
+
+    def _checked(self, name: str) -> tuple[str, torch.dtype | None]:
+        """The full name of a tensor whose header matches the layout, and the dtype to cast it to (None: kept)."""
         full = self.prefix + name
         if full not in self.file:
             raise ValueError(f"{self.path}: missing tensor '{full}'")
@@ -117,10 +133,10 @@ class RankWeights:
         if full in self.pinned:
             if dtype != self.pinned[full]:
                 raise ValueError(f"{self.path}: tensor '{full}' is {dtype}, expected {self.pinned[full]}")
-            return self._read(full, None)
+            return full, None
         if dtype != self.stored_dtype:
             raise ValueError(f"{self.path}: tensor '{full}' is {dtype}, config says {self.stored_dtype}")
-        return self._read(full, self.dtype)
+        return full, self.dtype
 
     def _read(self, full: str, dtype: torch.dtype | None) -> Tensor:
         if self.reads is None:
