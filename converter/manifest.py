@@ -107,8 +107,9 @@ def write_manifest(directory: Path, source: dict[str, FileDigest], written: dict
     Manifest(importlib.metadata.version("shardproof"), source, dict(sorted(files.items()))).write(directory)
 
 
-def check_manifest(checkpoint_dir: Path) -> ManifestCheck:
-    """The checkpoint's files against its manifest, sizes first (a truncated file is named without hashing it)."""
+def check_manifest(checkpoint_dir: Path, contents: bool = True) -> ManifestCheck:
+    """The checkpoint's files against its manifest, sizes first (a truncated file is named without hashing it);
+    `contents` False checks presence and sizes alone, reading no data."""
     directory = Path(checkpoint_dir)
     path = directory / MANIFEST
     if not os.path.lexists(path):
@@ -123,7 +124,7 @@ def check_manifest(checkpoint_dir: Path) -> ManifestCheck:
         if size != expected.size:
             shorter = "truncated: " if size < expected.size else ""
             check.problems[name] = f"{shorter}{size} bytes, the manifest says {expected.size}"
-        elif (problem := _corruption(file, expected)) is not None:
+        elif contents and (problem := _corruption(file, expected)) is not None:
             check.problems[name] = problem
     for rank_path in sorted(directory.glob("rank*.safetensors")):
         if rank_path.name not in check.manifest.files:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
@@ -22,7 +23,7 @@ import torch
 
 from shardproof.converter.errors import CheckNotRun, ShardproofError
 from shardproof.converter.target_checkpoint import check_readable
-from shardproof.converter.manifest import MANIFEST, check_manifest, source_differences
+from shardproof.converter.manifest import MANIFEST, ManifestCheck, check_manifest, source_differences
 
 from .equivalence import CHECKS as REASSEMBLED_CHECKS, EquivalenceReport, verify_equivalence
 from .forward import BatchOptions
@@ -91,17 +92,77 @@ def verify_checkpoint(
     Models stream through the device one layer at a time, under `batch.max_device_memory` when set; `progress`
     gets the bytes of source tensors read as they are compared and run.
 
-    The checkpoint's integrity manifest is checked before anything else reads it: a file that differs from it
-    fails the verification with no mode run. A model directory that is not the checkpoint's source fails the
-    `manifest source` check, but both modes still run, so the report also says whether the weights match.
-    A checkpoint without a manifest (written by another tool) is verified all the same, with a note.
+    The checkpoint's integrity manifest is checked first: a missing, extra or resized file fails the verification
+    with no mode run. The files' and the source's digests are then computed beside the modes (a second read of
+    every byte, on other cores); a file whose digest differs fails the verification and the modes' reports are
+    dropped (not run: they read a corrupted file), whatever they found or raised. A model directory that is not the
+    checkpoint's source fails the `manifest source` check, but both modes still count, so the report also says
+    whether the weights match. A checkpoint without a manifest (written by another tool) is verified all the same,
+    with a note.
     """
     check_mode(mode)
     check_model(model_dir, batch)
     return_large_frees()
     result = Verification(mode)
-    if not _check_manifest(result, model_dir, checkpoint_dir, log):
+    if log:
+        log(f"checking the checkpoint's files against {MANIFEST}")
+    if not _manifest_outcomes(result, _Digests(check_manifest(Path(checkpoint_dir), contents=False))):
         return result
+    with ThreadPoolExecutor(1, thread_name_prefix="shardproof-manifest") as pool:
+        digests = pool.submit(_digests, model_dir, checkpoint_dir)
+        try:
+            _run_modes(result, model_dir, checkpoint_dir, mode, batch, log, target, progress)
+        except ShardproofError:
+            if _manifest_outcomes(result, digests.result()):
+                raise  # bad input, with every file as the manifest says
+            return result
+        _manifest_outcomes(result, digests.result())
+    return result
+
+
+@dataclass(frozen=True)
+class _Digests:
+    """The checkpoint's files against their digests; when they match, how the model directory differs from the
+    source (one line per file), else None; the seconds it took."""
+
+    files: ManifestCheck
+    source_reason: list[str] | None = None
+    seconds: float = 0.0
+
+
+def _digests(model_dir: Path | str, checkpoint_dir: Path | str) -> _Digests:
+    start = time.perf_counter()
+    files = check_manifest(Path(checkpoint_dir))
+    if files.manifest is None or not files.passed:
+        return _Digests(files, None, time.perf_counter() - start)
+    differences = source_differences(files.manifest, Path(model_dir))
+    reason = [f"{model_dir} is not the model the checkpoint was converted from ({'; '.join(differences)})"]
+    return _Digests(files, reason if differences else [], time.perf_counter() - start)
+
+
+def _manifest_outcomes(result: Verification, digests: _Digests) -> bool:
+    """Record the manifest's checks in `result` (replacing earlier ones); False, with the requested modes not run
+    and any report of theirs dropped, when a file differs from it."""
+    files = digests.files
+    result.notes = [files.summary()]
+    result.manifest = []
+    if files.manifest is not None and (digests.source_reason is not None or not files.passed):
+        result.manifest.append(judged("manifest", "files", [] if files.passed else [files.summary()]))
+    if digests.source_reason is not None:
+        result.manifest.append(judged("manifest", "source", digests.source_reason))
+    if digests.seconds:
+        result.timings["manifest"] = digests.seconds
+    if files.passed:
+        return True
+    result.reassembled = result.sharded = None
+    for name in ("reassembled", "sharded"):
+        if result.mode in ("both", name):
+            result.not_run[name] = f"the checkpoint's files differ from {MANIFEST}"
+    return False
+
+
+def _run_modes(result: Verification, model_dir: Path | str, checkpoint_dir: Path | str, mode: str,
+               batch: BatchOptions, log: Log | None, target: str | None, progress: Progress | None) -> None:
     check_readable(checkpoint_dir, target, model_dir)
     batch.limit_device_memory()
     if mode in ("both", "reassembled"):
@@ -115,7 +176,6 @@ def verify_checkpoint(
         with _unless_not_run(result, "sharded"):
             result.sharded = sharded_check(model_dir, checkpoint_dir, batch, target, progress)
         result.timings["sharded"] = time.perf_counter() - start
-    return result
 
 
 def convert_and_check(
@@ -147,28 +207,6 @@ def convert_and_check(
         result = verify_checkpoint(model_dir, out, mode, batch, log, layout.get("target"), progress)
     result.timings = {"convert": elapsed, **result.timings}
     return result
-
-
-def _check_manifest(result: Verification, model_dir: Path | str, checkpoint_dir: Path | str, log: Log | None) -> bool:
-    """Record the manifest's checks in `result`; False (the requested modes not run) when a file differs from it."""
-    if log:
-        log(f"checking the checkpoint's files against {MANIFEST}")
-    start = time.perf_counter()
-    files = check_manifest(Path(checkpoint_dir))
-    result.notes.append(files.summary())
-    if files.manifest is not None:
-        result.manifest.append(judged("manifest", "files", [files.summary()] if not files.passed else []))
-        if files.passed:
-            differences = source_differences(files.manifest, Path(model_dir))
-            reason = [f"{model_dir} is not the model the checkpoint was converted from ({'; '.join(differences)})"]
-            result.manifest.append(judged("manifest", "source", reason if differences else []))
-    result.timings["manifest"] = time.perf_counter() - start
-    if files.passed:
-        return True
-    for mode in ("reassembled", "sharded"):
-        if result.mode in ("both", mode):
-            result.not_run[mode] = f"the checkpoint's files differ from {MANIFEST}"
-    return False
 
 
 def check_mode(mode: str) -> None:
