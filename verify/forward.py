@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,10 +83,14 @@ class BatchOptions:
         return ResidentParameters(None if cap is None else int(cap * 2**30))
 
     def limit_device_memory(self) -> None:
-        """On CUDA, cap this process's share of the device at max_device_memory (the allocator refuses beyond it)."""
+        """On CUDA, cap this process's share of the device at max_device_memory (the allocator refuses beyond it),
+        its segments expandable unless PYTORCH_CUDA_ALLOC_CONF says otherwise: under a cap, memory reserved in
+        fixed blocks but free (2.1 GiB of a 7 GiB cap at 8B) was what refused a large tensor."""
         device = self.torch_device
         if self.max_device_memory is None or device.type != "cuda":
             return
+        if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
         index = torch.cuda.current_device() if device.index is None else device.index  # "cuda" names no index
         total = torch.cuda.get_device_properties(index).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, self.max_device_memory * 2**30 / total), index)
