@@ -9,7 +9,7 @@ shards, and its logits are compared with HF's own forward pass of the source mod
   a norm stored as 1 + weight). Only float32 summation order separates them, so the relative error
   (max |diff| / max |reference output|) of every stage, run teacher-forced (below), must stay below
   CONVERSION_REL_ERROR; the logits' own relative error is reported (it compounds every layer's rounding, so
-  its margin shrinks with depth: 3e-5 at 80 layers of Llama-3-8B width, against 3e-6 for any one stage). This
+  its margin shrinks with depth: 3e-5 at 80 layers of an 8B model's width, against 3e-6 for any one stage). This
   isolates conversion faults from precision loss, which is what makes subtle faults visible in a float16 or
   bfloat16 checkpoint.
 * precision (float16 / bfloat16 only): the runtime computing in the checkpoint dtype against HF in float32
@@ -283,7 +283,7 @@ def relative_error(reference: Tensor, candidate: Tensor) -> float:
 def _conversion(dtype: str, ref: Tensor, cand: Tensor, forced: TeacherForced) -> LogitComparison:
     """The runtime in float32 over the stored values against HF in float32 over the same values: judged stage by
     stage (`forced`), each stage's error its own; the logits' relative error, which compounds the float32
-    rounding of every layer before it (3e-5 at 80 layers of Llama-3-8B width), is reported."""
+    rounding of every layer before it (3e-5 at 80 layers of an 8B model's width), is reported."""
     metrics, error = logit_metrics(ref, cand), relative_error(ref, cand)
     worst = forced.worst
     checks = checks_by_metric(Check("reference_nonfinite", int((~torch.isfinite(ref)).sum()), "==", 0),
