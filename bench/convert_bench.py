@@ -48,7 +48,8 @@ def build(model: Path, args: argparse.Namespace) -> None:
     head_dim = args.hidden // args.heads
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                         head_dim=head_dim, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+                         head_dim=head_dim, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})  # Llama 3's
     config.dtype = args.source_dtype
     model.mkdir(parents=True)
     config.save_pretrained(model)

@@ -93,7 +93,7 @@ def cannot_run(*args, **kwargs):
 
 @pytest.mark.parametrize("mode", ["both", "sharded"])
 def test_a_check_that_cannot_run_exits_3_and_the_other_mode_still_runs(model, ckpt, tmp_path, monkeypatch, mode):
-    monkeypatch.setattr(sharded_check, "run_simulated", cannot_run)
+    monkeypatch.setattr(sharded_check, "StageRunner", cannot_run)
     code, report = verify(model, ckpt, tmp_path / "r.json", "--mode", mode)
     assert code == EXIT_NOT_RUN and report["status"] == "not run" and not report["passed"] and not report["failures"]
     ran = [("manifest", "files", "passed"), ("manifest", "source", "passed")]
@@ -107,14 +107,14 @@ def test_a_check_that_cannot_run_exits_3_and_the_other_mode_still_runs(model, ck
 def test_a_failure_outranks_a_check_that_cannot_run(model, tmp_path, monkeypatch):
     other = build_tiny_model(tmp_path / "other", "LlamaForCausalLM", seed=2, num_hidden_layers=2)
     convert(other, tmp_path / "ckpt", dtype="float16", tp_size=2)
-    monkeypatch.setattr(sharded_check, "run_simulated", cannot_run)
+    monkeypatch.setattr(sharded_check, "StageRunner", cannot_run)
     code, report = verify(model, tmp_path / "ckpt", tmp_path / "r.json")
     assert code == EXIT_FAILED and report["status"] == "failed"
     assert {c["status"] for c in report["checks"] if c["mode"] == "sharded"} == {"not run"}
 
 
 def test_check_exits_3_too(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(sharded_check, "run_simulated", cannot_run)
+    monkeypatch.setattr(sharded_check, "StageRunner", cannot_run)
     result = run("check", "--model_dir", model, "--dtype", "float16", *FAST_ARGS)
     assert result.exit_code == EXIT_NOT_RUN, result.output
     assert "NOT RUN" in result.stdout

@@ -1,5 +1,6 @@
 """The sharded mode's teacher-forced stages: each runtime stage runs on HF's own input to it, so a fault in one
-layer shows at that layer alone, and the layers after it, fed HF's correct hidden states, agree again."""
+layer shows at that layer alone, and the layers after it, fed HF's correct hidden states, agree again; and the runtime's free runs,
+stepped with it, are run_simulated's from one read of the rank files."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shardproof.converter.api import convert
+from shardproof.converter.card import supported_architectures
 from shardproof.verify.forward import BatchOptions
+from shardproof.verify.runtime.rank_files import RankFile, ShardedCheckpoint
+from shardproof.verify.runtime.simulated import run_simulated
+from shardproof.verify.runtime.teacher import StageRunner
 from shardproof.verify.sharded_check import CONVERSION_REL_ERROR, FINAL_STAGE, sharded_check
 from shardproof.verify.tiny_models import build_tiny_model
 
@@ -53,3 +58,36 @@ def test_a_fault_in_one_layer_shows_there_alone(model, tmp_path) -> None:
     assert errors["layer 2"] > 100 * CONVERSION_REL_ERROR
     assert all(errors[s] < CONVERSION_REL_ERROR / 10 for s in _labels(4) if s != "layer 2")
     assert report.localization.first_diverging == "layer 2"
+
+
+@pytest.mark.parametrize("architecture", supported_architectures())
+def test_the_free_runs_are_run_simulated_and_each_rank_tensor_is_read_once(architecture, tmp_path, monkeypatch):
+    """Stepping the runner stage by stage (teacher forced on arbitrary inputs) gives, for its free runs in the
+    checkpoint dtype and in float32, run_simulated's logits bit for bit, from one read of each rank tensor."""
+    source = build_tiny_model(tmp_path / "m", architecture, seed=5, num_hidden_layers=3)
+    ckpt_dir = tmp_path / "ckpt"
+    convert(source, ckpt_dir, dtype="bfloat16", tp_size=2, pp_size=2)
+    ckpt = ShardedCheckpoint(ckpt_dir)
+    ids = torch.randint(0, ckpt.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    expected = [run_simulated(ckpt, ids), run_simulated(ckpt, ids, compute_dtype=torch.float32)]
+    reads: list[tuple[Path, str]] = []
+    read = RankFile.read
+    monkeypatch.setattr(RankFile, "read", lambda self, name, *a, **k: reads.append((self.path, name)) or read(self, name, *a, **k))
+    runner = StageRunner(ckpt, torch.device("cpu"), torch.float32, ids, (torch.bfloat16, torch.float32))
+    x = runner.embed()
+    noise = torch.Generator().manual_seed(1)
+    for index in range(ckpt.config.num_layers):
+        runner.layer(index, x + torch.randn(x.shape, generator=noise))
+    runner.logits(x)
+    assert all(torch.equal(a, b) for a, b in zip(runner.free_logits, expected, strict=True))
+    stored = [(ckpt.rank_path(r), n) for r in range(ckpt.config.world_size) for n in ckpt.file(r).shapes]
+    assert sorted(reads) == sorted(stored)
+
+
+def test_steps_out_of_order_are_refused(model, tmp_path) -> None:
+    convert(model, tmp_path / "ckpt", dtype="float32", tp_size=2)
+    ckpt = ShardedCheckpoint(tmp_path / "ckpt")
+    runner = StageRunner(ckpt, torch.device("cpu"), torch.float32, torch.zeros(1, 4, dtype=torch.long))
+    x = runner.embed()
+    with pytest.raises(RuntimeError, match="out of order"):
+        runner.layer(1, x)

@@ -16,6 +16,8 @@ shards, and its logits are compared with HF's own forward pass of the source mod
 Teacher-forced, in float32 over stored values: each stage (embedding, every decoder layer, final norm + lm_head)
 runs on HF's own input to it, during HF's run, and its output is compared with HF's: per-stage relative errors
 that do not include any earlier stage's, and the first stage beyond CONVERSION_REL_ERROR (reported, not judged).
+The runtime's own runs (in float32 and in the checkpoint dtype) step through the stages with the teacher-forced
+ones (`runtime/teacher.py`), so one pass over the rank files serves all three.
 On failure the first diverging stage (embedding, decoder layer, final norm + lm_head) is named.
 docs/selftest.md says how the thresholds were calibrated against the mutation self-test.
 """
@@ -184,8 +186,7 @@ class HFReference:
 
     def teacher_forced(self, rounding: str, runtime: StageRunner) -> TeacherForced:
         """HF's run with `rounding` (its logits kept as `logits(rounding)`), each of `runtime`'s stages run on
-        HF's input to that stage as HF runs, and compared with HF's output."""
-        ids = self.input_ids.to(self.device)
+        HF's input to that stage as HF runs (its free runs advancing with it), and compared with HF's output."""
         errors: list[StageError] = []
         last: list[Tensor] = []
 
@@ -200,7 +201,7 @@ class HFReference:
                 def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
                     inputs[index] = (args[0] if args else kwargs["hidden_states"]).float()
                     if index == 0:
-                        compare("embedding", inputs[0], runtime.embed(ids).float())
+                        compare("embedding", inputs[0], runtime.embed().float())
                 return hook
 
             def after(index: int):
@@ -310,9 +311,11 @@ def check_sharded(checkpoint_dir: Path | str, reference: HFReference, target: st
         report.structural = f"vocab_size is {cfg.vocab_size} in config.json, {reference.vocab_size} in the source"
         return report
     dtype, device = report.dtype, reference.device
-    native = run_simulated(ckpt, ids, device).cpu()
-    wide = native if dtype == "float32" else run_simulated(ckpt, ids, device, torch.float32).cpu()
-    report.teacher_forced = reference.teacher_forced(dtype, StageRunner(ckpt, device, torch.float32, ids.shape[1]))
+    # one pass over the rank files: the teacher-forced stages, the runtime in the checkpoint dtype and in float32
+    free = (cfg.dtype,) if dtype == "float32" else (cfg.dtype, torch.float32)
+    runner = StageRunner(ckpt, device, torch.float32, ids, free)
+    report.teacher_forced = reference.teacher_forced(dtype, runner)
+    native, wide = (runner.free_logits[0].cpu(),) * 2 if dtype == "float32" else (t.cpu() for t in runner.free_logits)
     conversion = _conversion(dtype, reference.logits(dtype), wide)
     report.comparisons.append(conversion)
     if dtype != "float32":

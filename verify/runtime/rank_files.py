@@ -72,11 +72,28 @@ class RankFile:
             raise ValueError(str(e)) from None
 
 
+class SharedReads:
+    """Rank tensors read once, as stored, and kept until ``clear()``: runs stepping through the same stage together
+    (``teacher.StageRunner``) each take their own cast of one read."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[tuple[Path, str], Tensor] = {}
+
+    def get(self, file: RankFile, name: str, device: torch.device | str) -> Tensor:
+        key = (file.path, name)
+        if key not in self._tensors:
+            self._tensors[key] = file.read(name, device)
+        return self._tensors[key]
+
+    def clear(self) -> None:
+        self._tensors.clear()
+
+
 @dataclass(frozen=True, eq=False)
 class RankWeights:
     """Read-only view of one rank file: ``w[name]`` checks name, shape and dtype from the header, then reads
     the tensor and casts it (a tensor in ``pinned`` is checked against its own dtype and kept in it). Nothing is
-    cached: a tensor lives as long as the caller holds it."""
+    cached unless ``reads`` is given: then each tensor is read once into it, and cast from there."""
 
     path: Path
     file: RankFile
@@ -87,6 +104,7 @@ class RankWeights:
     dtype: torch.dtype
     prefix: str = ""
     pinned: Mapping[str, torch.dtype] = field(default_factory=dict)
+    reads: SharedReads | None = None
 
     def __getitem__(self, name: str) -> Tensor:
         full = self.prefix + name
@@ -99,10 +117,16 @@ class RankWeights:
         if full in self.pinned:
             if dtype != self.pinned[full]:
                 raise ValueError(f"{self.path}: tensor '{full}' is {dtype}, expected {self.pinned[full]}")
-            return self.file.read(full, self.device)
+            return self._read(full, None)
         if dtype != self.stored_dtype:
             raise ValueError(f"{self.path}: tensor '{full}' is {dtype}, config says {self.stored_dtype}")
-        return self.file.read(full, self.device, self.dtype)
+        return self._read(full, self.dtype)
+
+    def _read(self, full: str, dtype: torch.dtype | None) -> Tensor:
+        if self.reads is None:
+            return self.file.read(full, self.device, dtype)
+        stored = self.reads.get(self.file, full, self.device)
+        return stored if dtype is None else stored.to(dtype)
 
     def scope(self, prefix: str) -> RankWeights:
         """The same file with ``prefix`` prepended to every name."""
@@ -135,13 +159,14 @@ class ShardedCheckpoint:
             self._files[rank] = RankFile(path)
         return self._files[rank]
 
-    def weights(self, rank: int, device: torch.device | str = "cpu",
-                dtype: torch.dtype | None = None) -> RankWeights:
-        """Checked view of one rank's tensors, cast to ``dtype`` (default: checkpoint dtype)."""
+    def weights(self, rank: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                reads: SharedReads | None = None) -> RankWeights:
+        """Checked view of one rank's tensors, cast to ``dtype`` (default: checkpoint dtype), read through
+        ``reads`` when given."""
         cfg = self.config
         return RankWeights(self.rank_path(rank), self.file(rank), self.family.tensors(cfg, rank),
                            cfg.dtype, rank % cfg.tp_size, device, dtype or cfg.dtype,
-                           pinned=pinned_dtypes(self.family, cfg, rank))
+                           pinned=pinned_dtypes(self.family, cfg, rank), reads=reads)
 
     def validate(self, ranks: Sequence[int] | None = None) -> None:
         """Fail on any missing, unexpected, misshapen or wrongly typed tensor in the rank files (from their

@@ -1,46 +1,94 @@
-"""The checkpoint's stages run one at a time on inputs given from outside (teacher forcing): the embedding on
-token ids, any global decoder layer on a hidden state, the final norm + lm_head on the last layer's output.
+"""The checkpoint's stages run one at a time, in lock step with a reference model's run: each stage (the embedding
+on token ids, any global decoder layer on a hidden state, the final norm + lm_head on the last layer's output) runs
+on an input given from outside (teacher forcing) and, in the same step, carries on the runtime's own free runs from
+the token ids in their compute dtypes, exactly as ``run_simulated`` would compute them.
 
-Each call reads only the rank files' tensors of that stage (every TP rank of it, joined by ``SimulatedCollectives``)
-and returns TP rank 0's view, as ``run_simulated`` hands hidden states on.
+Each step reads the stage's tensors of every TP rank once, as stored (``SharedReads``), and every run takes its
+own cast of them; the reads are dropped when the step ends. So one pass over the rank files serves the
+teacher-forced comparison and every free run, and memory holds one stage's tensors, not the model.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from .blocks import rotary_cos_sin
 from .collectives import SimulatedCollectives
-from .rank_files import LAYER_PREFIX, RankWeights, ShardedCheckpoint
+from .rank_files import LAYER_PREFIX, RankWeights, SharedReads, ShardedCheckpoint
+from .stage import check_input_ids
 
 
 class StageRunner:
-    """``ckpt``'s stages on ``device`` computing in ``dtype``, for sequences of ``seq_len`` tokens."""
+    """``ckpt``'s stages on ``device`` for the token ids ``ids`` [B, T]: teacher-forced in ``dtype`` and, in lock
+    step, a free run in each of ``free`` (compute dtypes). Steps come in order: ``embed()``, ``layer(0)`` ..
+    ``layer(num_layers - 1)``, ``logits(x)``; then ``free_logits`` holds each free run's float32 logits."""
 
-    def __init__(self, ckpt: ShardedCheckpoint, device: torch.device, dtype: torch.dtype, seq_len: int) -> None:
+    def __init__(self, ckpt: ShardedCheckpoint, device: torch.device, dtype: torch.dtype, ids: Tensor,
+                 free: Sequence[torch.dtype] = ()) -> None:
         self.ckpt, self.cfg, self.device, self.dtype = ckpt, ckpt.config, device, dtype
-        self.rope = rotary_cos_sin(self.cfg, seq_len, device)
+        self.ids = check_input_ids(ids, self.cfg).to(device)
+        self.rope = rotary_cos_sin(self.cfg, self.ids.shape[1], device)
         self.comm = SimulatedCollectives()
+        self.free = tuple(free)
+        self.free_logits: list[Tensor] = []
+        self._streams: list[list[Tensor]] = []  # each free run's per-TP-rank hidden states
+        self._next = 0  # the step expected next: 0 embedding, 1 + i layer i, 1 + num_layers the logits
+        self._reads = SharedReads()
         self._stage_of = {layer: (p, j) for p in range(self.cfg.pp_size)
                           for j, layer in enumerate(self.cfg.stage_layers(p))}
 
-    def _weights(self, pp_rank: int) -> list[RankWeights]:
+    def _weights(self, pp_rank: int, dtype: torch.dtype, scope: str = "") -> list[RankWeights]:
         tp = self.cfg.tp_size
-        return [self.ckpt.weights(pp_rank * tp + t, self.device, self.dtype) for t in range(tp)]
+        ws = [self.ckpt.weights(pp_rank * tp + t, self.device, dtype, self._reads) for t in range(tp)]
+        return [w.scope(scope) for w in ws] if scope else ws
+
+    def _step(self, step: int) -> None:
+        if step != self._next:
+            raise RuntimeError(f"stage step {step} out of order (expected {self._next})")
+        self._next += 1
 
     def _copies(self, x: Tensor) -> list[Tensor]:
         return [x.to(self.device, self.dtype) for _ in range(self.cfg.tp_size)]
 
-    def embed(self, ids: Tensor) -> Tensor:
-        return self.ckpt.family.embed(ids.to(self.device), self._weights(0), self.cfg, self.comm)[0]
+    def embed(self) -> Tensor:
+        """The embedding of ``ids`` (TP rank 0's view); the free runs start from it in their dtypes."""
+        self._step(0)
+        family, cfg = self.ckpt.family, self.cfg
+        try:
+            out = family.embed(self.ids, self._weights(0, self.dtype), cfg, self.comm)[0]
+            self._streams = [family.embed(self.ids, self._weights(0, d), cfg, SimulatedCollectives())
+                             for d in self.free]
+        finally:
+            self._reads.clear()
+        return out
 
     def layer(self, index: int, x: Tensor) -> Tensor:
-        """Global decoder layer ``index`` on the residual stream ``x`` [B, T, H]."""
+        """Global decoder layer ``index`` on the residual stream ``x`` [B, T, H]; the free runs take the same
+        layer on their own streams."""
+        self._step(1 + index)
         pp_rank, local = self._stage_of[index]
-        ws = [w.scope(LAYER_PREFIX.format(local)) for w in self._weights(pp_rank)]
-        return self.ckpt.family.layer(self._copies(x), ws, self.cfg, self.rope, self.comm)[0]
+        family, cfg, scope = self.ckpt.family, self.cfg, LAYER_PREFIX.format(local)
+        try:
+            out = family.layer(self._copies(x), self._weights(pp_rank, self.dtype, scope), cfg, self.rope, self.comm)[0]
+            # TP rank t of stage p hands its hidden states to TP rank t of p + 1, as run_simulated does
+            self._streams = [family.layer(xs, self._weights(pp_rank, d, scope), cfg, self.rope, SimulatedCollectives())
+                             for xs, d in zip(self._streams, self.free)]
+        finally:
+            self._reads.clear()
+        return out
 
     def logits(self, x: Tensor) -> Tensor:
-        """float32 logits from the last layer's output ``x``."""
-        return self.ckpt.family.logits(self._copies(x), self._weights(self.cfg.pp_size - 1), self.cfg, self.comm)[0]
+        """float32 logits from the last layer's output ``x``; the free runs end with theirs (``free_logits``)."""
+        self._step(1 + self.cfg.num_layers)
+        family, cfg, last = self.ckpt.family, self.cfg, self.cfg.pp_size - 1
+        try:
+            out = family.logits(self._copies(x), self._weights(last, self.dtype), cfg, self.comm)[0]
+            self.free_logits = [family.logits(xs, self._weights(last, d), cfg, SimulatedCollectives())[0]
+                                for xs, d in zip(self._streams, self.free)]
+        finally:
+            self._reads.clear()
+            self._streams = []
+        return out
