@@ -77,6 +77,28 @@ def test_lockstep_logits_are_those_of_the_passes_run_one_after_another(models, n
     assert sum(progress) == sum(source.nbytes(k) * n for k, n in reads.items())
 
 
+def test_passes_take_turns_unit_by_unit(models) -> None:
+    """Every pass runs unit k before any runs unit k + 1, in the passes' order, each in a thread of its own."""
+    model_dir = models["LlamaForCausalLM"]
+    prefixes = [unit.prefix for unit in StreamedModel(model_dir, torch.float32, CPU).units]
+    ran: list[tuple[int, str]] = []
+    threads: set[str] = set()
+
+    def recording(index: int):
+        def run(model: torch.nn.Module) -> torch.Tensor:
+            threads.add(threading.current_thread().name)
+            for prefix in prefixes:
+                model.get_submodule(prefix).register_forward_pre_hook(lambda *_, p=prefix: ran.append((index, p)))
+            return model(input_ids=IDS, use_cache=False).logits
+        return run
+
+    run_passes(model_dir, [Pass(torch.float32, recording(i)) for i in range(3)], CPU)
+    order = [p for i, p in ran if i == 0]
+    assert sorted(order) == sorted(prefixes)
+    assert ran == [(i, p) for p in order for i in range(3)]
+    assert len(threads) == 3 and threading.current_thread().name not in threads
+
+
 def test_two_passes_hold_one_stored_unit_beside_one_loaded_unit(models) -> None:
     """float32 source, a float32 and a bfloat16 pass: the peak is the largest unit stored plus loaded in float32,
     never two loaded units, and far below the model."""
