@@ -19,7 +19,8 @@ import torch
 from shardproof.converter.dtypes import TORCH_DTYPES
 from shardproof.converter.errors import ShardproofError
 
-from .forward import model_logits
+from .forward import logits_pass, release
+from .lockstep import run_passes
 from .metrics import LogitMetrics, logit_metrics
 from .streaming import Progress, ResidentParameters
 from .thresholds import FLOAT32_LIMITS, Check, checks_by_metric
@@ -40,20 +41,31 @@ class OwnCost:
     dtype: str
     metrics: LogitMetrics
 
+    @classmethod
+    def measured(cls, dtype: str, reference: torch.Tensor, candidate: torch.Tensor) -> OwnCost:
+        """From HF float32's logits (`reference`) and HF's in `dtype` (`candidate`) on the same tokens."""
+        return cls(dtype, logit_metrics(reference, candidate, dtype=dtype))
+
 
 def own_cost(model_dir: Path | str, dtype: str, input_ids: torch.Tensor, device: torch.device,
              reference: torch.Tensor | None = None, resident: ResidentParameters | None = None,
              progress: Progress | None = None) -> OwnCost:
     """The model's own cost of `dtype`: HF's forward of `model_dir` loaded in `dtype` against its float32 forward
     on `input_ids`. `reference` is that float32 forward's logits when the caller has them already (it must have
-    run the same model on the same tokens); float32 costs nothing and runs the model only for the reference."""
+    run the same model on the same tokens; otherwise both run in lock step, sharing each read,
+    `verify/lockstep.py`); float32 costs nothing and runs the model only for the reference."""
     if dtype not in TORCH_DTYPES:
         raise ShardproofError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
+    passes = [] if reference is not None else [logits_pass(torch.float32, device, input_ids)]
+    if dtype != "float32":
+        passes.append(logits_pass(TORCH_DTYPES[dtype], device, input_ids))
+    try:
+        logits = run_passes(model_dir, passes, device, resident, progress) if passes else []
+    finally:
+        release(device)
     if reference is None:
-        reference = model_logits(model_dir, torch.float32, device, input_ids, resident=resident, progress=progress)
-    candidate = reference if dtype == "float32" else model_logits(model_dir, TORCH_DTYPES[dtype], device, input_ids,
-                                                                  resident=resident, progress=progress)
-    return OwnCost(dtype, logit_metrics(reference, candidate, dtype=dtype))
+        reference = logits.pop(0)
+    return OwnCost.measured(dtype, reference, logits[0] if logits else reference)
 
 
 def judge_cost(checkpoint: LogitMetrics, own: OwnCost, factor: float) -> dict[str, Check]:

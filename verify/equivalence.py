@@ -8,7 +8,9 @@ Stages, each recorded in the report with its time:
 3. forward: the source cast to the checkpoint dtype (with any op's declared rounding, e.g. a norm
    stored as 1 + weight) and the reassembled model on the same token batches, each streamed through the device one
    decoder layer at a time (`verify/streaming.py`), the reassembled model's tensors inverted from the rank files as
-   its layers run (nothing is written back); identical weights and kernels give bit-identical logits;
+   its layers run (nothing is written back); identical weights and kernels give bit-identical logits. The source
+   also runs in float32 for stage 4, in lock step with its run in the checkpoint dtype: each of its layers is read
+   once for both (`verify/lockstep.py`);
 4. precision effect: the float32 source against the source in the checkpoint dtype, judged by documented
    thresholds (what the dtype costs, apart from any conversion fault);
 5. localization, when anything differs: per-module outputs of both models, the first one that diverges.
@@ -32,7 +34,8 @@ from shardproof.converter.reassemble import reassembled_source
 from shardproof.converter.source import Source, open_source
 from shardproof.converter.target_checkpoint import open_checkpoint
 
-from .forward import BatchOptions, first_divergence, first_nonfinite, hidden_states, model_logits
+from .forward import BatchOptions, first_divergence, first_nonfinite, hidden_states, logits_pass, model_logits, release
+from .lockstep import run_passes
 from .inputs import check_inputs
 from .metrics import LogitMetrics, bit_identical, logit_metrics
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
@@ -269,10 +272,21 @@ class _Runs:
     batch: BatchOptions
     progress: Progress | None
 
-    def logits(self, rebuilt: bool, dtype: torch.dtype, input_ids: torch.Tensor, exact: bool = True) -> torch.Tensor:
-        """`exact` False: the float32 source, without the checkpoint's rounding."""
-        model, value = (self.rebuilt, None) if rebuilt else (self.source, self.rounded if exact else None)
-        return model_logits(model, dtype, self.batch.torch_device, input_ids, value, self.batch.resident(),
+    def source_logits(self, dtype: torch.dtype, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The source's logits in `dtype` with the checkpoint's rounding, and in float32 without it (None when that
+        is the same run): the two passes share each read of the source (`verify/lockstep.py`)."""
+        dev = self.batch.torch_device
+        passes = [logits_pass(dtype, dev, input_ids, self.rounded)]
+        if dtype != torch.float32 or self.rounded is not None:
+            passes.append(logits_pass(torch.float32, dev, input_ids))
+        try:
+            logits = run_passes(self.source, passes, dev, self.batch.resident(), self.progress)
+        finally:
+            release(dev)
+        return logits[0], logits[1] if len(logits) > 1 else None
+
+    def rebuilt_logits(self, dtype: torch.dtype, input_ids: torch.Tensor) -> torch.Tensor:
+        return model_logits(self.rebuilt, dtype, self.batch.torch_device, input_ids, None, self.batch.resident(),
                             self.progress)
 
     def states(self, rebuilt: bool, dtype: torch.dtype, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -283,15 +297,14 @@ class _Runs:
 def _compare_models(report: EquivalenceReport, runs: _Runs, input_ids: torch.Tensor, stage: Callable) -> None:
     """Forward, precision and localization stages."""
     dtype, dev = TORCH_DTYPES[report.dtype], runs.batch.torch_device
-    with stage("forward", f"running the source ({report.dtype}) and the checkpoint's model on {dev}"):
-        expected = runs.logits(False, dtype, input_ids)
-        actual = runs.logits(True, dtype, input_ids)
+    with stage("forward", f"running the source ({report.dtype}, and float32) and the checkpoint's model on {dev}"):
+        expected, wide = runs.source_logits(dtype, input_ids)
+        actual = runs.rebuilt_logits(dtype, input_ids)
         report.forward = _forward_comparison(expected, actual)
     # The dtype's cost is measured on the source cast to it, so that a conversion fault shows in the forward
     # comparison alone; when the conversion is exact the checkpoint's logits are these, bit for bit.
-    with stage("precision", f"running the source in float32 on {dev}"):
-        exact = dtype == torch.float32 and runs.rounded is None
-        reference = expected if exact else runs.logits(False, torch.float32, input_ids, exact=False)
+    with stage("precision", f"measuring what {report.dtype} costs the source"):
+        reference = expected if wide is None else wide
         metrics = logit_metrics(reference, expected, dtype=report.dtype)
         report.precision = PrecisionEffect(report.dtype, metrics, runs.batch.limits)
         if metrics.nonfinite:

@@ -20,6 +20,7 @@ import torch
 from shardproof.converter.errors import ShardproofError
 from shardproof.converter.source import Source
 
+from .lockstep import Pass, run_passes
 from .metrics import bit_identical, first_difference, max_abs_diff
 from .thresholds import UserLimits
 from .streaming import Progress, ResidentParameters, StreamedModel, ValueFn
@@ -113,6 +114,13 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def logits_pass(dtype: torch.dtype, device: torch.device, input_ids: torch.Tensor,
+                value: ValueFn | None = None) -> Pass[torch.Tensor]:
+    """A streamed pass giving the logits [num_sequences, seq_len, vocab] on the CPU, in the model's dtype, for the
+    whole batch at once (`verify/lockstep.py`)."""
+    return Pass(dtype, lambda model: model(input_ids=input_ids.to(device), use_cache=False).logits.to("cpu"), value)
+
+
 def model_logits(
     model_dir: Path | str | Source,
     dtype: torch.dtype,
@@ -122,11 +130,10 @@ def model_logits(
     resident: ResidentParameters | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Logits [num_sequences, seq_len, vocab] on the CPU, in the model's dtype, the model streamed through
-    `device` once for the whole batch (`value`, `resident`, `progress`: `StreamedModel`'s)."""
+    """`logits_pass`'s logits, the model streamed through `device` once (`value`, `resident`, `progress`:
+    `StreamedModel`'s)."""
     try:
-        with StreamedModel(model_dir, dtype, device, value, resident, progress) as streamed, torch.inference_mode():
-            return streamed.model(input_ids=input_ids.to(device), use_cache=False).logits.to("cpu")
+        return run_passes(model_dir, [logits_pass(dtype, device, input_ids, value)], device, resident, progress)[0]
     finally:
         release(device)
 

@@ -37,10 +37,11 @@ import torch
 from torch import Tensor
 
 from shardproof.converter.api import plan_conversion
-from shardproof.converter.dtypes import dtype_name
+from shardproof.converter.dtypes import TORCH_DTYPES, dtype_name
 from shardproof.converter.source import open_source
 
-from .forward import BatchOptions, release
+from .forward import BatchOptions, logits_pass, release
+from .lockstep import Pass, run_passes
 from .metrics import LogitMetrics, logit_metrics
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
 from .runtime.collectives import SimulatedCollectives
@@ -48,7 +49,7 @@ from .runtime.rank_files import ShardedCheckpoint
 from .runtime.target_view import open_sharded
 from .runtime.simulated import run_simulated
 from .runtime.teacher import StageRunner
-from .streaming import Progress, StreamedModel, decoder_layers
+from .streaming import Progress, decoder_layers
 from .dtype_cost import COST_FACTOR, OwnCost, judge_cost, own_cost
 from .thresholds import Check, UserLimits, checks_by_metric
 
@@ -166,7 +167,9 @@ class HFReference:
     to that dtype, laid out in `target` (default: the TensorRT-LLM checkpoint), stores for it, read back
     (`Plan.reassembled_value`: a target may store a tensor in another dtype), as each source tensor is read. The
     model streams through the device one decoder layer at a time (`verify/streaming.py`) under the batch's cap;
-    `progress` gets the bytes of source tensors read. Each run is computed once and kept.
+    `progress` gets the bytes of source tensors read. Each run is computed once and kept; the teacher-forced run
+    takes the original run and the one in the dtype (its own cost) along in lock step, each source layer read
+    once for the three (`verify/lockstep.py`).
     """
 
     def __init__(self, model_dir: Path | str, batch: BatchOptions = BatchOptions(num_sequences=2),
@@ -195,7 +198,8 @@ class HFReference:
 
     def teacher_forced(self, rounding: str, runtime: StageRunner) -> TeacherForced:
         """HF's run with `rounding` (its logits kept as `logits(rounding)`), each of `runtime`'s stages run on
-        HF's input to that stage as HF runs (its free runs advancing with it), and compared with HF's output."""
+        HF's input to that stage as HF runs (its free runs advancing with it), and compared with HF's output. Unless
+        kept already, HF's original run and its run in `rounding`'s dtype (`own_cost`) go along in lock step."""
         errors: list[StageError] = []
         last: list[Tensor] = []
 
@@ -223,30 +227,53 @@ class HFReference:
             return [h for i, layer in enumerate(layers) for h in (
                 layer.register_forward_pre_hook(before(i), with_kwargs=True), layer.register_forward_hook(after(i)))]
 
-        logits = self._run(rounding, None, hooks)[0]
+        extra: dict[str, Pass] = {}
+        if rounding != "float32":
+            if (None, None) not in self._runs:
+                extra["original"] = self._pass(None, None)
+            if rounding not in self._own:
+                extra["own"] = logits_pass(TORCH_DTYPES[rounding], self.device, self.input_ids)
+        teacher, *rest = self._passes([self._pass(rounding, None, hooks), *extra.values()])
+        ran = dict(zip(extra, rest))
+        self._runs[(rounding, None)] = teacher
+        if "original" in ran:
+            self._runs[(None, None)] = ran["original"]
+        if "own" in ran:
+            self._own[rounding] = OwnCost.measured(rounding, self.logits(None), ran["own"])
+        logits = teacher[0]
         compare(FINAL_STAGE, logits.to(self.device), runtime.logits(last[0]).float())
         first = next((e.stage for e in errors if not e.relative_error <= CONVERSION_REL_ERROR), None)
         return TeacherForced(errors, first)
 
-    def _run(self, rounding: str | None, sequence: int | None,
-             hooks: Callable[[torch.nn.Module], list] | None = None) -> tuple[Tensor, list[Tensor]]:
-        """One streamed run (cached unless `hooks(model)` adds hooks of its own, returning their handles)."""
+    def _run(self, rounding: str | None, sequence: int | None) -> tuple[Tensor, list[Tensor]]:
+        """One streamed run, computed once and kept."""
         key = (rounding, sequence)
-        if key not in self._runs or hooks is not None:
-            ids = self.input_ids if sequence is None else self.input_ids[sequence : sequence + 1]
-            value = plan_conversion(self.model_dir, dtype=rounding, target=self.target)[0].reassembled_value if rounding else None
-            try:
-                with StreamedModel(self.model_dir, torch.float32, self.device, value, self.batch.resident(),
-                                   self.progress) as streamed:
-                    handles = hooks(streamed.model) if hooks else []
-                    try:
-                        self._runs[key] = _forward(streamed.model, ids.to(self.device), capture=sequence is not None)
-                    finally:
-                        for handle in handles:
-                            handle.remove()
-            finally:
-                release(self.device)
+        if key not in self._runs:
+            self._runs[key] = self._passes([self._pass(rounding, sequence)])[0]
         return self._runs[key]
+
+    def _pass(self, rounding: str | None, sequence: int | None,
+              hooks: Callable[[torch.nn.Module], list] | None = None) -> Pass[tuple[Tensor, list[Tensor]]]:
+        """The float32 run with `rounding` on every sequence or one (capturing its stages), `hooks(model)` adding
+        hooks of its own for the run (returning their handles)."""
+        ids = self.input_ids if sequence is None else self.input_ids[sequence : sequence + 1]
+        value = plan_conversion(self.model_dir, dtype=rounding, target=self.target)[0].reassembled_value if rounding else None
+
+        def run(model: torch.nn.Module) -> tuple[Tensor, list[Tensor]]:
+            handles = hooks(model) if hooks else []
+            try:
+                return _forward(model, ids.to(self.device), capture=sequence is not None)
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        return Pass(torch.float32, run, value)
+
+    def _passes(self, passes: list[Pass]) -> list:
+        try:
+            return run_passes(self.model_dir, passes, self.device, self.batch.resident(), self.progress)
+        finally:
+            release(self.device)
 
 
 def _forward(model: torch.nn.Module, ids: Tensor, capture: bool) -> tuple[Tensor, list[Tensor]]:

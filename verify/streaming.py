@@ -11,14 +11,16 @@ So host and device memory hold one unit's parameters plus activations, whatever 
 
 `value(name, tensor)` may replace each source tensor as it is read (the rounding a conversion applies);
 `ResidentParameters` accounts the bytes of parameters resident at once and refuses a unit above its cap.
+Several passes over one source can share each unit's read (`feed`, `verify/lockstep.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import Tensor
@@ -29,6 +31,8 @@ from shardproof.converter.source import Source, open_source
 
 ValueFn = Callable[[str, Tensor], Tensor]
 Progress = Callable[[int], None]
+
+Feed = Callable[["Unit"], ContextManager[dict[str, Tensor]]]
 
 
 @dataclass
@@ -105,7 +109,9 @@ class StreamedModel:
     docstring).
 
     Use as a context manager: inside, `model` runs like any transformers model (hooks included); each call
-    of `progress` gets the bytes of source tensors read for the unit about to run.
+    of `progress` gets the bytes of source tensors read for the unit about to run. `feed`, when set, hands each
+    unit's source tensors as stored, on the device (read once for several passes, `verify/lockstep.py`), which
+    this model casts or passes through `value` itself; None: this model reads them, cast as they are read.
     """
 
     def __init__(self, model_dir: Path | str | Source, dtype: torch.dtype, device: torch.device,
@@ -129,6 +135,7 @@ class StreamedModel:
         self._tied: dict[str, str] = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
         self._dtypes: dict[str, torch.dtype] = {}
         self.units = self._units()
+        self.feed: Feed | None = None
         self._handles: list = []
 
     def _units(self) -> list[Unit]:
@@ -180,6 +187,25 @@ class StreamedModel:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
+        with self._read(unit) as state:
+            config = LoadStateDictConfig(dtype=None, device_map={"": self.device}, weight_mapping=self._conversions)
+            convert_and_load_state_dict_in_model(self.model, state, config)
+            del state
+            for name in unit.names:
+                if name in self._tied:
+                    _set(self.model, name, _get(self.model, self._tied[name]))
+            missing = [n for n in (*unit.names, *unit.loads) if _get(self.model, n).device.type == "meta"]
+            if missing:
+                raise ShardproofError(f"{self.source.model_dir}: no tensor for parameter(s) {', '.join(missing)}")
+            self.resident.add(self._bytes(unit), unit.prefix)
+
+    @contextlib.contextmanager
+    def _read(self, unit: Unit) -> Iterator[dict[str, Tensor]]:
+        """The unit's source tensors on the device, as this model loads them (its `value`, its dtypes)."""
+        if self.feed is not None:
+            with self.feed(unit) as stored:
+                yield {key: self._cast(key, stored[key]) for key in unit.keys}
+            return
         state = {}
         for key in unit.keys:
             # read to the device and cast to its parameter's dtype there, a buffer at a time: the bus carries stored
@@ -190,16 +216,18 @@ class StreamedModel:
                 state[key] = self.source.load(key, self.device, self._dtypes.get(key))
         if self.progress:
             self.progress(sum(self.source.nbytes(k) for k in unit.keys))
-        config = LoadStateDictConfig(dtype=None, device_map={"": self.device}, weight_mapping=self._conversions)
-        convert_and_load_state_dict_in_model(self.model, state, config)
-        del state
-        for name in unit.names:
-            if name in self._tied:
-                _set(self.model, name, _get(self.model, self._tied[name]))
-        missing = [n for n in (*unit.names, *unit.loads) if _get(self.model, n).device.type == "meta"]
-        if missing:
-            raise ShardproofError(f"{self.source.model_dir}: no tensor for parameter(s) {', '.join(missing)}")
-        self.resident.add(self._bytes(unit), unit.prefix)
+        yield state
+
+    def _cast(self, key: str, stored: Tensor) -> Tensor:
+        if self.value:
+            return self.value(key, stored)
+        dtype = self._dtypes.get(key)
+        return stored if dtype is None else stored.to(dtype)
+
+    def loaded_bytes(self, unit: Unit) -> int:
+        """The bytes `unit`'s parameters take once loaded by this model, from the source's metadata."""
+        tensors = self.source.tensors
+        return sum(math.prod(tensors[k].shape) * (self._dtypes.get(k) or tensors[k].dtype).itemsize for k in unit.keys)
 
     def _free(self, unit: Unit) -> None:
         nbytes = self._bytes(unit)
