@@ -1,6 +1,7 @@
 """Run the self-test over every registered card and print docs/selftest.md's results table and margins.
 
     python bench/selftest_table.py [--device cpu] [--target trtllm-pytorch] [--report selftest.json]
+        [--model DIR --tp N]
 
 Every row comes from one `run_selftest` call: the clean conversion of each card's self-test model in each layout
 the catalog needs, laid out in `--target` (default: the TensorRT-LLM checkpoint; another target covers the cards
@@ -16,7 +17,9 @@ import time
 from pathlib import Path
 
 from shardproof.converter.plan import DEFAULT_TARGET
+from shardproof.converter.source import open_source
 from shardproof.verify.forward import BatchOptions
+from shardproof.verify.mutations import catalog_for
 from shardproof.verify.selftest import Outcome, margins_line, reassembled_evidence, run_selftest, sharded_located
 
 
@@ -54,9 +57,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--report", type=Path)
+    parser.add_argument("--model", type=Path, help="Inject the catalog into conversions of this model (a trained "
+                        "one, say) instead of every card's self-test model.")
+    parser.add_argument("--tp", type=int, help="With --model: the tp size of the catalog's split layouts, for a "
+                        "model whose heads the catalog's 2 and 4 do not divide.")
     args = parser.parse_args()
+    catalog, models = None, None
+    if args.model:
+        source = open_source(args.model)
+        layers = source.hf_config.num_hidden_layers
+        catalog = [m.on_model(args.tp, layers) if args.tp else m for m in catalog_for(args.target)]
+        models = {source.architecture: args.model}
     start = time.perf_counter()
-    report = run_selftest(batch=BatchOptions(args.device, num_sequences=1), target=args.target)
+    report = run_selftest(catalog, batch=BatchOptions(args.device, num_sequences=1), target=args.target,
+                          models=models)
     elapsed = time.perf_counter() - start
     print("\n".join(rows(report)))
     print()

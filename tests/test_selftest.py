@@ -184,3 +184,14 @@ def test_selftest_of_a_card_the_target_does_not_support_is_bad_input() -> None:
     unsupported = next(c.name for c in cards() if not PYTORCH.supports(c))
     result = CliRunner().invoke(app, ["selftest", "--target", PYTORCH.name, "--architecture", unsupported])
     assert result.exit_code == 2 and "not supported" in result.output
+
+
+def test_a_mutant_moves_to_a_model_the_catalog_layouts_do_not_fit() -> None:
+    """`on_model`: split layouts take the model's tp, tp 1 stays; a stage-boundary fault is expected at the first
+    layer of the second stage (the first stages take the extra layers)."""
+    by_name = {m.name: m for m in CATALOG}
+    early = by_name["stages-one-layer-early"].on_model(3, 31)
+    assert (early.layout.tp_size, early.layout.pp_size, early.diverges_at) == (3, 2, "layer 16")
+    swapped = by_name["gate-up-swapped"].on_model(3, 31)
+    assert (swapped.layout.tp_size, swapped.diverges_at) == (1, "layer 0")
+    assert by_name["qkv-order-kqv"].on_model(3, 31).layout.tp_size == 3

@@ -8,14 +8,13 @@ a reduced dtype is what a user's checkpoint loses, so a correct conversion readi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from shardproof.verify.forward import BatchOptions
-from shardproof.verify.mutations import CATALOG, Layout, Mutant
+from shardproof.verify.mutations import CATALOG
 from shardproof.verify.selftest import SelftestReport, run_selftest
 from shardproof.verify.verification import convert_and_check
 
@@ -31,20 +30,11 @@ def test_a_correct_conversion_passes(trained_model, tmp_path, dtype, tp_size):
     assert result.passed, result.failures
 
 
-def on_trained(mutant: Mutant, layers: int) -> Mutant:
-    """The mutant in a layout the trained model takes: its 9 heads split over 3 ranks, not the catalog's 2 or 4,
-    and its 30 layers over 2 pipeline stages, the second starting at layer 15."""
-    layout = mutant.layout
-    if layout.tp_size > 1:
-        layout = Layout(layout.dtype, 3, layout.pp_size)
-    diverges_at = f"layer {layers // 2}" if mutant.name == "stages-one-layer-early" else mutant.diverges_at
-    return dataclasses.replace(mutant, layout=layout, diverges_at=diverges_at)
-
-
 @pytest.fixture(scope="module")
 def selftest(trained_model) -> SelftestReport:
     layers = json.loads((Path(trained_model) / "config.json").read_text())["num_hidden_layers"]
-    return run_selftest([on_trained(m, layers) for m in CATALOG], batch=BatchOptions(num_sequences=1),
+    # its 9 heads split over 3 ranks, not the catalog's 2 or 4; its 30 layers over 2 stages, the second from layer 15
+    return run_selftest([m.on_model(3, layers) for m in CATALOG], batch=BatchOptions(num_sequences=1),
                         models={ARCHITECTURE: trained_model})
 
 

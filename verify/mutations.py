@@ -10,6 +10,7 @@ kind to break in that card's checkpoint (no bias, no op that rounds, too few KV 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -82,6 +83,15 @@ class Mutant:
     diverges_at: str
     target: Literal["checkpoint", "source"] = "checkpoint"
     rank_target: str = "trtllm-checkpoint"  # the rank-file layout (converter/target.py) it is injected into
+    at_stage_boundary: bool = False  # diverges_at is the first layer of the second pipeline stage
+
+    def on_model(self, tp_size: int, num_layers: int) -> Mutant:
+        """This mutant for a model the catalog's layouts do not fit (a trained one's head count): split over
+        `tp_size` ranks wherever the catalog splits over several; a fault at a pipeline boundary found at the
+        first layer of the second stage of `num_layers` (the first stages take the extra layers)."""
+        layout = dataclasses.replace(self.layout, tp_size=tp_size) if self.layout.tp_size > 1 else self.layout
+        diverges_at = f"layer {-(-num_layers // layout.pp_size)}" if self.at_stage_boundary else self.diverges_at
+        return dataclasses.replace(self, layout=layout, diverges_at=diverges_at)
 
     def applies_to(self, target: str) -> bool:
         """Whether the mutant can be injected into a conversion laid out in `target`: it rewrites that target's
@@ -421,7 +431,7 @@ CATALOG: tuple[Mutant, ...] = (
     Mutant("q-heads-reversed", "each rank's q heads stored in reverse order",
            FP16_TP2_PP2, reverse_q_heads, "layer 0"),
     Mutant("stages-one-layer-early", "pipeline stages after the first start one layer early",
-           FP16_TP2_PP2, stages_start_one_layer_early, "layer 2"),
+           FP16_TP2_PP2, stages_start_one_layer_early, "layer 2", at_stage_boundary=True),
     Mutant("lm-head-from-embedding", "untied model's lm_head written from the embedding",
            FP16_TP2_PP2, lm_head_from_embedding, "final norm + lm_head"),
     Mutant("bf16-detour", "float32 source loaded as bfloat16 before the cast to float16",
