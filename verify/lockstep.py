@@ -20,6 +20,7 @@ before running), the passes run one after another instead, each reading the sour
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,9 @@ class _Baton:
             finally:
                 self._finish(index)
 
-        threads = [threading.Thread(target=body, args=(i,), name=f"lockstep-pass-{i}") for i in range(self.count)]
+        # each pass in a copy of the caller's context (context variables such as --allow-pickle's hold there too)
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(body, i), name=f"lockstep-pass-{i}")
+                   for i in range(self.count)]
         try:
             for thread in threads:
                 thread.start()
