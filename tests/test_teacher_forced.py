@@ -91,3 +91,18 @@ def test_steps_out_of_order_are_refused(model, tmp_path) -> None:
     x = runner.embed()
     with pytest.raises(RuntimeError, match="out of order"):
         runner.layer(1, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_embedding_rows_gathered_before_the_cast_are_the_cast_tables_rows(model, tmp_path, dtype) -> None:
+    """`RankWeights.rows` gathers from the stored table and casts the rows: the values of gathering from the table
+    cast whole, bit for bit, including for ids at both ends of the vocabulary."""
+    convert(model, tmp_path / "ckpt", dtype="bfloat16", tp_size=2, use_parallel_embedding=True)
+    ckpt = ShardedCheckpoint(tmp_path / "ckpt")
+    ids = torch.tensor([[0, 1, ckpt.config.vocab_size // 2, ckpt.config.vocab_size - 1]])
+    for rank in range(ckpt.config.world_size):
+        w = ckpt.weights(rank, "cpu", dtype)
+        name = "transformer.vocab_embedding.weight"
+        local = ids.clamp(0, w.shape(name)[0] - 1)
+        rows = w.rows(name, local)
+        assert rows.dtype == dtype and torch.equal(rows, torch.nn.functional.embedding(local, w[name]))
