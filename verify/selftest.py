@@ -12,7 +12,6 @@ applicable there.
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import re
 import shutil
@@ -30,6 +29,7 @@ from shardproof.converter.target import get_target
 
 from .equivalence import EquivalenceReport, verify_equivalence
 from .forward import BatchOptions
+from .host_memory import libraries_frozen
 from .mutations import Mutant, NotApplicable, Setup, catalog_for
 from .serialize import to_json
 from .sharded_check import CONVERSION_REL_ERROR, HFReference, ShardedReport, check_sharded
@@ -207,10 +207,8 @@ def run_selftest(
     for name in architectures:
         target_.rows(get_card(name))  # an unknown architecture, or one the target refuses, is bad input
     report = SelftestReport()
-    # Every model freed triggers gc.collect(); freezing the libraries' objects keeps each one from scanning them.
-    gc.freeze()
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(gc.unfreeze)
+        cleanup.enter_context(libraries_frozen())
         tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="shardproof-selftest-"))
         ws = _Workspace(Path(tmp), batch, log, target_.name)
         ws.models.update(models)

@@ -29,7 +29,7 @@ from shardproof.converter.manifest import MANIFEST, ManifestCheck, check_manifes
 from .equivalence import CHECKS as REASSEMBLED_CHECKS, EquivalenceReport, verify_equivalence
 from .forward import BatchOptions
 from .inputs import check_model
-from .host_memory import return_large_frees
+from .host_memory import libraries_frozen, return_large_frees
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
 from .sharded_check import CHECKS as SHARDED_CHECKS, ShardedReport, sharded_check
 from .streaming import Progress
@@ -101,6 +101,12 @@ def verify_checkpoint(
     whether the weights match. A checkpoint without a manifest (written by another tool) is verified all the same,
     with a note.
     """
+    with libraries_frozen():
+        return _verify(model_dir, checkpoint_dir, mode, batch, log, target, progress)
+
+
+def _verify(model_dir: Path | str, checkpoint_dir: Path | str, mode: str, batch: BatchOptions, log: Log | None,
+            target: str | None, progress: Progress | None) -> Verification:
     check_mode(mode)
     check_model(model_dir, batch)
     return_large_frees()
