@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from shardproof.converter.api import convert
 from shardproof.converter.card import supported_architectures
+from shardproof.converter.errors import CheckNotRun
 from shardproof.verify.forward import BatchOptions
 from shardproof.verify.runtime.rank_files import RankFile, ShardedCheckpoint
 from shardproof.verify.runtime.simulated import run_simulated
@@ -89,7 +90,7 @@ def test_steps_out_of_order_are_refused(model, tmp_path) -> None:
     ckpt = ShardedCheckpoint(tmp_path / "ckpt")
     runner = StageRunner(ckpt, torch.device("cpu"), torch.float32, torch.zeros(1, 4, dtype=torch.long))
     x = runner.embed()
-    with pytest.raises(RuntimeError, match="out of order"):
+    with pytest.raises(CheckNotRun, match="out of order"):
         runner.layer(1, x)
 
 

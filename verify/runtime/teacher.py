@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from shardproof.converter.errors import CheckNotRun
+
 from .blocks import rotary_cos_sin
 from .collectives import SimulatedCollectives
 from .rank_files import LAYER_PREFIX, RankWeights, SharedReads, ShardedCheckpoint
@@ -46,8 +48,9 @@ class StageRunner:
         return [w.scope(scope) for w in ws] if scope else ws
 
     def _step(self, step: int) -> None:
-        if step != self._next:
-            raise RuntimeError(f"stage step {step} out of order (expected {self._next})")
+        if step != self._next:  # the reference skipped or repeated a layer: the stages cannot be compared in step
+            raise CheckNotRun(f"the reference model ran stage {step} out of order (expected {self._next}); the "
+                              "runtime's stages step with its layers")
         self._next += 1
 
     def _copies(self, x: Tensor) -> list[Tensor]:
