@@ -28,10 +28,11 @@ from .thresholds import FLOAT32_LIMITS, Check, checks_by_metric
 # Differences within float32's own limits never fail a relative check: a model whose own cost is zero (float32)
 # still leaves a checkpoint run with another summation order (tensor-parallel partial sums) these.
 COST_FLOOR = FLOAT32_LIMITS
-# The sharded runtime's cost over the model's own: 0.8-2.1 x on correct conversions (tiny models of every card,
-# SmolLM2 at tp 3; docs/verification.md), so 20 x leaves a correct checkpoint a 10 x margin; anything beyond is
-# "far beyond what the dtype alone explains". Conversion faults are the float32 comparison's to catch.
-COST_FACTOR = 20.0
+# The sharded runtime's cost over the model's own, on correct conversions: up to 2.9 x (SmolLM2 float16 tp 3 pp 2, KL
+# at the worst of 256 positions), 2.3 x on the tiny models of every card, about 1 x at 8B width (docs/verification.md),
+# so 30 x leaves a correct checkpoint a 10 x margin; anything beyond is "far beyond what the dtype alone explains".
+# No mutant of the self-test is caught by this check alone: conversion faults are the float32 comparison's.
+COST_FACTOR = 30.0
 
 
 @dataclass(frozen=True)
