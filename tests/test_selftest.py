@@ -96,6 +96,16 @@ def test_subtle_low_precision_faults_are_caught_by_the_conversion_comparison(sel
             assert conversion["checks"]["stage_relative_error"]["value"] > 10 * CONVERSION_REL_ERROR
 
 
+def test_no_mutant_is_caught_by_the_cost_check_alone(selftest_run) -> None:
+    """COST_FACTOR is calibrated on clean runs alone (verify/dtype_cost.py): every mutant fails the float32
+    conversion check or is structural, so the factor moves no mutant."""
+    _, _, report = selftest_run
+    for outcome in report["mutants"]:
+        sharded = outcome["sharded"]
+        failed = {c["check"] for c in sharded["checks"] if c["status"] == "failed"}
+        assert sharded["structural"] or "conversion" in failed, (outcome["mutant"], outcome["setup"], failed)
+
+
 def test_fp16_overflow_is_blamed_on_the_cast_and_located(selftest_run) -> None:
     _, _, report = selftest_run
     outcomes = [o["sharded"] for o in report["mutants"] if o["mutant"] == "fp16-overflow"]
