@@ -3,7 +3,8 @@ Llama-shaped checkpoints of one width at several depths: the memory must stay fl
 
     python bench/verify_memory.py --out /tmp/verify-bench [--hidden 4096 --intermediate 14336 --layers 32,64
         --vocab 128256 --heads 32 --kv-heads 8 --source-dtype bfloat16 --dtype bfloat16 --tp 1
-        --modes reassembled,sharded --device auto --num-sequences 4 --seq-len 256 --max-device-memory GIB]
+        --modes reassembled,sharded --device auto --num-sequences 4 --seq-len 256 --max-device-memory GIB
+        --checkpoints DIR]
 
 For each depth the model (random values, `bench/convert_bench.py`'s builder, 4 shards and an index) and its
 conversion (`shardproof convert --tp_size N`) are written under --out once, then every measured command runs in a
@@ -75,8 +76,10 @@ def child(mode: str, *args: object) -> list[str]:
 
 
 def prepare(out: Path, layers: int, args: argparse.Namespace) -> tuple[Path, Path]:
-    """The model of `layers` layers and its conversion under `out`, made once."""
-    model, checkpoint = out / f"hf-{layers}", out / f"trt-{layers}-tp{args.tp}"
+    """The model of `layers` layers under `out` and its conversion under --checkpoints (default `out`), made once."""
+    checkpoints = (args.checkpoints or out).resolve()
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    model, checkpoint = out / f"hf-{layers}", checkpoints / f"trt-{layers}-tp{args.tp}"
     if not model.exists():
         sizes = dict(hidden=args.hidden, intermediate=args.intermediate, layers=layers, vocab=args.vocab,
                      heads=args.heads, kv_heads=args.kv_heads, shards=4, source_dtype=args.source_dtype)
@@ -148,6 +151,9 @@ def main() -> None:
     parser.add_argument("--num-sequences", dest="num_sequences", type=int, default=4)
     parser.add_argument("--seq-len", dest="seq_len", type=int, default=256)
     parser.add_argument("--max-device-memory", dest="max_device_memory", type=float, default=None)
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="Where the conversions go (default --out): a disk, when the source and the checkpoint "
+                        "together exceed the RAM disk holding --out (80 layers at 8B width: 2 x 34.5 GiB).")
     run(parser.parse_args())
 
 
