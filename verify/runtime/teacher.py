@@ -10,7 +10,7 @@ teacher-forced comparison and every free run, and memory holds one stage's tenso
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -42,56 +42,47 @@ class StageRunner:
         self._stage_of = {layer: (p, j) for p in range(self.cfg.pp_size)
                           for j, layer in enumerate(self.cfg.stage_layers(p))}
 
-    def _weights(self, pp_rank: int, dtype: torch.dtype, scope: str = "") -> list[RankWeights]:
+    def _weights(self, pp_rank: int, dtype: torch.dtype, scope: str) -> list[RankWeights]:
         tp = self.cfg.tp_size
-        ws = [self.ckpt.weights(pp_rank * tp + t, self.device, dtype, self._reads) for t in range(tp)]
-        return [w.scope(scope) for w in ws] if scope else ws
-
-    def _step(self, step: int) -> None:
-        if step != self._next:  # the reference skipped or repeated a layer: the stages cannot be compared in step
-            raise CheckNotRun(f"the reference model ran stage {step} out of order (expected {self._next}); the "
-                              "runtime's stages step with its layers")
-        self._next += 1
+        return [self.ckpt.weights(pp_rank * tp + t, self.device, dtype, self._reads).scope(scope) for t in range(tp)]
 
     def _copies(self, x: Tensor) -> list[Tensor]:
         return [x.to(self.device, self.dtype) for _ in range(self.cfg.tp_size)]
 
     def embed(self) -> Tensor:
         """The embedding of ``ids`` (TP rank 0's view); the free runs start from it in their dtypes."""
-        self._step(0)
         family, cfg = self.ckpt.family, self.cfg
-        try:
-            out = family.embed(self.ids, self._weights(0, self.dtype), cfg, self.comm)[0]
-            self._streams = [family.embed(self.ids, self._weights(0, d), cfg, SimulatedCollectives())
-                             for d in self.free]
-        finally:
-            self._reads.clear()
-        return out
+        return self._together(0, 0, "", self.ids, [self.ids] * len(self.free),
+                              lambda ids, ws: family.embed(ids, ws, cfg, self.comm))
 
     def layer(self, index: int, x: Tensor) -> Tensor:
         """Global decoder layer ``index`` on the residual stream ``x`` [B, T, H]; the free runs take the same
-        layer on their own streams."""
-        self._step(1 + index)
+        layer on their own streams (TP rank t of stage p hands its hidden states to TP rank t of p + 1, as
+        run_simulated does)."""
         pp_rank, local = self._stage_of[index]
-        family, cfg, scope = self.ckpt.family, self.cfg, LAYER_PREFIX.format(local)
-        try:
-            out = family.layer(self._copies(x), self._weights(pp_rank, self.dtype, scope), cfg, self.rope, self.comm)[0]
-            # TP rank t of stage p hands its hidden states to TP rank t of p + 1, as run_simulated does
-            self._streams = [family.layer(xs, self._weights(pp_rank, d, scope), cfg, self.rope, SimulatedCollectives())
-                             for xs, d in zip(self._streams, self.free)]
-        finally:
-            self._reads.clear()
-        return out
+        family, cfg = self.ckpt.family, self.cfg
+        return self._together(1 + index, pp_rank, LAYER_PREFIX.format(local), self._copies(x), self._streams,
+                              lambda xs, ws: family.layer(xs, ws, cfg, self.rope, self.comm))
 
     def logits(self, x: Tensor) -> Tensor:
         """float32 logits from the last layer's output ``x``; the free runs end with theirs (``free_logits``)."""
-        self._step(1 + self.cfg.num_layers)
-        family, cfg, last = self.ckpt.family, self.cfg, self.cfg.pp_size - 1
+        family, cfg = self.ckpt.family, self.cfg
+        out = self._together(1 + cfg.num_layers, cfg.pp_size - 1, "", self._copies(x), self._streams,
+                             lambda xs, ws: family.logits(xs, ws, cfg, self.comm))
+        self.free_logits, self._streams = [s[0] for s in self._streams], []
+        return out
+
+    def _together(self, step: int, pp_rank: int, scope: str, forced: Tensor | list[Tensor],
+                  streams: list[Tensor | list[Tensor]], run: Callable[[Any, list[RankWeights]], list[Tensor]]) -> Tensor:
+        """Step ``step``: ``run`` on the teacher's input ``forced`` in ``dtype``, then on each free run's stream in
+        its dtype (kept as the new streams), every rank tensor of the stage read once; TP rank 0's teacher output."""
+        if step != self._next:  # the reference skipped or repeated a layer: the stages cannot be compared in step
+            raise CheckNotRun(f"the reference model ran stage {step} out of order (expected {self._next}); the "
+                              "runtime's stages step with its layers")
+        self._next += 1
         try:
-            out = family.logits(self._copies(x), self._weights(last, self.dtype), cfg, self.comm)[0]
-            self.free_logits = [family.logits(xs, self._weights(last, d), cfg, SimulatedCollectives())[0]
-                                for xs, d in zip(self._streams, self.free)]
+            out = run(forced, self._weights(pp_rank, self.dtype, scope))[0]
+            self._streams = [run(xs, self._weights(pp_rank, d, scope)) for xs, d in zip(streams, self.free)]
         finally:
             self._reads.clear()
-            self._streams = []
         return out
