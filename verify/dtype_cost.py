@@ -19,7 +19,7 @@ import torch
 from shardproof.converter.dtypes import TORCH_DTYPES
 from shardproof.converter.errors import ShardproofError
 
-from .forward import logits_pass, release
+from .forward import logits_pass
 from .lockstep import run_passes
 from .metrics import LogitMetrics, logit_metrics
 from .streaming import Progress, ResidentParameters
@@ -60,10 +60,7 @@ def own_cost(model_dir: Path | str, dtype: str, input_ids: torch.Tensor, device:
     passes = [] if reference is not None else [logits_pass(torch.float32, device, input_ids)]
     if dtype != "float32":
         passes.append(logits_pass(TORCH_DTYPES[dtype], device, input_ids))
-    try:
-        logits = run_passes(model_dir, passes, device, resident, progress) if passes else []
-    finally:
-        release(device)
+    logits = run_passes(model_dir, passes, device, resident, progress) if passes else []
     if reference is None:
         reference = logits.pop(0)
     return OwnCost.measured(dtype, reference, logits[0] if logits else reference)

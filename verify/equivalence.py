@@ -34,7 +34,7 @@ from shardproof.converter.reassemble import reassembled_source
 from shardproof.converter.source import Source, open_source
 from shardproof.converter.target_checkpoint import open_checkpoint
 
-from .forward import BatchOptions, first_divergence, first_nonfinite, hidden_states, logits_pass, model_logits, release
+from .forward import BatchOptions, first_divergence, first_nonfinite, hidden_states, logits_pass, model_logits
 from .lockstep import run_passes
 from .inputs import check_inputs
 from .metrics import LogitMetrics, bit_identical, logit_metrics
@@ -279,10 +279,7 @@ class _Runs:
         passes = [logits_pass(dtype, dev, input_ids, self.rounded)]
         if dtype != torch.float32 or self.rounded is not None:
             passes.append(logits_pass(torch.float32, dev, input_ids))
-        try:
-            logits = run_passes(self.source, passes, dev, self.batch.resident(), self.progress)
-        finally:
-            release(dev)
+        logits = run_passes(self.source, passes, dev, self.batch.resident(), self.progress)
         return logits[0], logits[1] if len(logits) > 1 else None
 
     def rebuilt_logits(self, dtype: torch.dtype, input_ids: torch.Tensor) -> torch.Tensor:

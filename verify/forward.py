@@ -7,7 +7,6 @@ the activations, whatever the model's size; hidden states for localization go to
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import re
@@ -23,7 +22,7 @@ from shardproof.converter.source import Source
 from .lockstep import Pass, run_passes
 from .metrics import bit_identical, first_difference, max_abs_diff
 from .thresholds import UserLimits
-from .streaming import Progress, ResidentParameters, StreamedModel, ValueFn
+from .streaming import Progress, ResidentParameters, StreamedModel, ValueFn, release
 
 
 def resolve_device(device: str) -> torch.device:
@@ -107,13 +106,6 @@ class BatchOptions:
         return torch.randint(0, vocab_size, (self.num_sequences, self.seq_len), generator=generator)
 
 
-def release(device: torch.device) -> None:
-    """Return freed memory (a model just dropped) to the device."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def logits_pass(dtype: torch.dtype, device: torch.device, input_ids: torch.Tensor,
                 value: ValueFn | None = None) -> Pass[torch.Tensor]:
     """A streamed pass giving the logits [num_sequences, seq_len, vocab] on the CPU, in the model's dtype, for the
@@ -132,10 +124,7 @@ def model_logits(
 ) -> torch.Tensor:
     """`logits_pass`'s logits, the model streamed through `device` once (`value`, `resident`, `progress`:
     `StreamedModel`'s)."""
-    try:
-        return run_passes(model_dir, [logits_pass(dtype, device, input_ids, value)], device, resident, progress)[0]
-    finally:
-        release(device)
+    return run_passes(model_dir, [logits_pass(dtype, device, input_ids, value)], device, resident, progress)[0]
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:

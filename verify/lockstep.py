@@ -32,7 +32,7 @@ from torch import Tensor
 from shardproof.converter.errors import CheckNotRun
 from shardproof.converter.source import Source, open_source
 
-from .streaming import Progress, ResidentParameters, StreamedModel, Unit, ValueFn
+from .streaming import Progress, ResidentParameters, StreamedModel, Unit, ValueFn, release
 
 T = TypeVar("T")
 
@@ -50,7 +50,16 @@ class Pass(Generic[T]):
 def run_passes(model_dir: Path | str | Source, passes: Sequence[Pass[Any]], device: torch.device,
                resident: ResidentParameters | None = None, progress: Progress | None = None) -> list[Any]:
     """Each pass's result, in order: in lock step (module docstring) unless a single pass, or `resident`'s cap
-    cannot hold a stored unit beside a loaded one; then one after another. `progress` gets the bytes read."""
+    cannot hold a stored unit beside a loaded one; then one after another. `progress` gets the bytes read. The
+    device gets the freed memory back when they end (`release`)."""
+    try:
+        return _run_passes(model_dir, passes, device, resident, progress)
+    finally:
+        release(device)
+
+
+def _run_passes(model_dir: Path | str | Source, passes: Sequence[Pass[Any]], device: torch.device,
+                resident: ResidentParameters | None, progress: Progress | None) -> list[Any]:
     source = model_dir if isinstance(model_dir, Source) else open_source(model_dir)
     resident = resident if resident is not None else ResidentParameters()
     models = [StreamedModel(source, p.dtype, device, p.value, resident, progress) for p in passes]

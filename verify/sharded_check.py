@@ -40,7 +40,7 @@ from shardproof.converter.api import plan_conversion
 from shardproof.converter.dtypes import TORCH_DTYPES, dtype_name
 from shardproof.converter.source import open_source
 
-from .forward import BatchOptions, logits_pass, release
+from .forward import BatchOptions, logits_pass
 from .lockstep import Pass, run_passes
 from .metrics import LogitMetrics, logit_metrics
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
@@ -270,10 +270,7 @@ class HFReference:
         return Pass(torch.float32, run, value)
 
     def _passes(self, passes: list[Pass]) -> list:
-        try:
-            return run_passes(self.model_dir, passes, self.device, self.batch.resident(), self.progress)
-        finally:
-            release(self.device)
+        return run_passes(self.model_dir, passes, self.device, self.batch.resident(), self.progress)
 
 
 def _forward(model: torch.nn.Module, ids: Tensor, capture: bool) -> tuple[Tensor, list[Tensor]]:

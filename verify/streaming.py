@@ -17,6 +17,7 @@ Several passes over one source can share each unit's read (`feed`, `verify/locks
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,6 +240,13 @@ class StreamedModel:
         tensors = {id(t): t for t in (_get(self.model, n) for n in (*unit.names, *unit.loads))}
         return sum(t.numel() * t.element_size() for t in tensors.values() if t.device.type != "meta")
 
+
+
+def release(device: torch.device) -> None:
+    """Return freed memory (a model just dropped) to the device."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 def _get(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
     module, _, attr = name.rpartition(".")
