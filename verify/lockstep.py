@@ -32,7 +32,7 @@ from torch import Tensor
 from shardproof.converter.errors import CheckNotRun
 from shardproof.converter.source import Source, open_source
 
-from .streaming import Progress, ResidentParameters, StreamedModel, Unit, ValueFn, release
+from .streaming import Progress, ResidentParameters, StreamedModel, Unit, ValueFn, release, stored_bytes
 
 T = TypeVar("T")
 
@@ -82,7 +82,7 @@ def fits_together(models: Sequence[StreamedModel], cap: int | None) -> bool:
     if cap is None:
         return True
     source = models[0].source
-    need = max((sum(source.nbytes(k) for k in unit.keys) + max(m.loaded_bytes(unit) for m in models)
+    need = max((stored_bytes(source, unit) + max(m.loaded_bytes(unit) for m in models)
                 for unit in models[0].units), default=0)
     return need <= cap
 
@@ -164,7 +164,7 @@ class _Baton:
                 self.takers += 1
                 if self.takers == self.count:
                     self.stored = {}
-                    self.resident.remove(self._stored_bytes(unit))
+                    self.resident.remove(stored_bytes(self.source, unit))
 
         return take
 
@@ -173,7 +173,7 @@ class _Baton:
             self._mismatch(f"a pass asks for {unit.prefix!r} at unit {step + 1}, which another pass never runs")
         self.order.append(unit.prefix)
         self.takers = 0
-        nbytes = self._stored_bytes(unit)
+        nbytes = stored_bytes(self.source, unit)
         self.resident.add(nbytes, f"{unit.prefix} (read once for {self.count} passes)")
         self.stored = {key: self.source.load(key, self.device) for key in unit.keys}
         if self.progress:
@@ -186,9 +186,6 @@ class _Baton:
     def _mismatch(self, what: str) -> None:
         raise CheckNotRun(f"{self.source.model_dir}: the passes over the source do not run the same units in the "
                           f"same order ({what}), so they cannot share its reads")
-
-    def _stored_bytes(self, unit: Unit) -> int:
-        return sum(self.source.nbytes(k) for k in unit.keys)
 
     def _wait(self, index: int) -> None:
         """Until pass `index` holds the baton; _Stopped when a pass has failed."""

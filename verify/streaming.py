@@ -216,7 +216,7 @@ class StreamedModel:
             else:
                 state[key] = self.source.load(key, self.device, self._dtypes.get(key))
         if self.progress:
-            self.progress(sum(self.source.nbytes(k) for k in unit.keys))
+            self.progress(stored_bytes(self.source, unit))
         yield state
 
     def _cast(self, key: str, stored: Tensor) -> Tensor:
@@ -241,6 +241,11 @@ class StreamedModel:
         return sum(t.numel() * t.element_size() for t in tensors.values() if t.device.type != "meta")
 
 
+
+
+def stored_bytes(source: Source, unit: Unit) -> int:
+    """The bytes of `unit`'s source tensors as stored."""
+    return sum(source.nbytes(k) for k in unit.keys)
 
 def release(device: torch.device) -> None:
     """Return freed memory (a model just dropped) to the device."""
