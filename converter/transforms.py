@@ -15,7 +15,6 @@ Both are open sets: any object with these methods works; the built-in ones are b
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -26,6 +25,11 @@ from .cast import cast
 Shape = tuple[int, ...]
 Problem = tuple[int, str]  # (tp_rank, what is wrong with that rank's tensor)
 
+
+def ceil_div(a: int, b: int) -> int:
+    """⌈a / b⌉ in integers: exact for any size (a float division overflows past 1e308, which a hostile config
+    reaches)."""
+    return -(-a // b)
 
 class Shard(Protocol):
     """Source tensors (already as stored) -> one TP rank's tensor, and every rank's tensors -> the sources."""
@@ -331,7 +335,7 @@ class VocabParallel:
 
     @staticmethod
     def padded_rows(rows: int, tp: int) -> int:
-        return math.ceil(rows / tp) * tp
+        return ceil_div(rows, tp) * tp
 
     def local_shape(self, shapes: Sequence[Shape], tp: int) -> Shape:
         rows, *rest = shapes[0]
@@ -479,7 +483,7 @@ class CeilSplit:
         return None
 
     def _bounds(self, width: int, tp: int, tp_rank: int) -> tuple[int, int]:
-        step = math.ceil(width / tp)
+        step = ceil_div(width, tp)
         return min(tp_rank * step, width), min((tp_rank + 1) * step, width)
 
     def rank_shape(self, shapes: Sequence[Shape], tp: int, tp_rank: int) -> Shape:

@@ -114,3 +114,15 @@ def test_inspect_answers_every_config_in_one_line(base, tmp_path_factory, data):
     if result.exit_code == 2:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and "config.json" in lines[0], (edited, result.stderr)
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "hidden_size", "intermediate_size"])
+def test_a_size_past_floats_range_is_answered_not_raised(base, tmp_path, field):
+    """Found by the fuzzer: a vocabulary of 10**400 overflowed a float division while planning the padded rows
+    (`ceil_div` is integer-exact); the checkpoint is then simply not what its config says."""
+    clean, config = base
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(clean, ckpt)
+    (ckpt / "config.json").write_text(json.dumps({**config, field: 10**400}))
+    result = CliRunner().invoke(app, ["inspect", str(ckpt)])
+    assert isinstance(result.exception, SystemExit) and result.exit_code in (1, 2), repr(result.exception)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from shardproof.converter.card import cards
+from shardproof.converter.transforms import ceil_div
 
 from .tiny_models import build_tiny_model
 
@@ -41,7 +41,7 @@ def describe(directory: Path, architecture: str, dtype: str, tp_size: int, pp_si
     notes = []
     if tp_size > m["num_key_value_heads"]:
         notes.append(f"each KV head is replicated on {tp_size // m['num_key_value_heads']} ranks")
-    padded = math.ceil(m["vocab_size"] / tp_size) * tp_size
+    padded = ceil_div(m["vocab_size"], tp_size) * tp_size
     if padded != m["vocab_size"]:
         notes.append(f"lm_head is padded from {m['vocab_size']} to {padded} rows")
     return text + (": " + ", ".join(notes) if notes else "")

@@ -26,7 +26,7 @@ from torch import Tensor
 from shardproof.converter.checkpoint import TRTCheckpoint
 from shardproof.converter.source import open_source
 from shardproof.converter.card import get_card
-from shardproof.converter.transforms import VOCAB, SourceOp, Transpose, to_stored
+from shardproof.converter.transforms import VOCAB, SourceOp, Transpose, ceil_div, to_stored
 
 from .runtime.config import RuntimeConfig, load_config
 
@@ -90,7 +90,7 @@ class Mutant:
         `tp_size` ranks wherever the catalog splits over several; a fault at a pipeline boundary found at the
         first layer of the second stage of `num_layers` (the first stages take the extra layers)."""
         layout = dataclasses.replace(self.layout, tp_size=tp_size) if self.layout.tp_size > 1 else self.layout
-        diverges_at = f"layer {-(-num_layers // layout.pp_size)}" if self.at_stage_boundary else self.diverges_at
+        diverges_at = f"layer {ceil_div(num_layers, layout.pp_size)}" if self.at_stage_boundary else self.diverges_at
         return dataclasses.replace(self, layout=layout, diverges_at=diverges_at)
 
     def applies_to(self, target: str) -> bool:

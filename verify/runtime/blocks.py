@@ -9,12 +9,13 @@ to the dtype where TensorRT-LLM's kernels round them: ``numerics`` says where, w
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from shardproof.converter.transforms import ceil_div
 
 from . import rotary
 from .numerics import attend, linear, rotate
@@ -215,7 +216,7 @@ def embedding_tensors(cfg: RuntimeConfig, name: str = VOCAB_EMBEDDING, rows: int
     padded to a multiple of tp) or hidden-parallel (dim 1), as the layout shards the embedding."""
     V, H, tp = rows or cfg.vocab_size, cfg.hidden_size, cfg.tp_size
     shape = ((V, H) if not cfg.use_parallel_embedding
-             else (math.ceil(V / tp), H) if cfg.embedding_sharding_dim == 0 else (V, H // tp))
+             else (ceil_div(V, tp), H) if cfg.embedding_sharding_dim == 0 else (V, H // tp))
     return {name: shape}
 
 

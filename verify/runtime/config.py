@@ -10,7 +10,6 @@ declare, an activation or rotary scaling, a rotary scaling TensorRT-LLM computes
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +18,7 @@ import torch
 
 from shardproof.converter.card import get_card
 from shardproof.converter.errors import CheckNotRun, ShardproofError
+from shardproof.converter.transforms import ceil_div
 
 from . import rotary
 from .blocks import ACTIVATIONS, LONG_ROPE, POSITION_EMBEDDING, ROTARY_SCALING_TYPES
@@ -74,7 +74,7 @@ class RuntimeConfig:
     @property
     def vocab_per_rank(self) -> int:
         """Rows of a vocab-parallel shard: ceil(V / tp) (the last shard is zero-padded)."""
-        return math.ceil(self.vocab_size / self.tp_size)
+        return ceil_div(self.vocab_size, self.tp_size)
 
     def stage_layers(self, pp_rank: int) -> list[int]:
         """Global indices of the layers held by stage ``pp_rank`` (first stages take extras)."""
