@@ -82,35 +82,52 @@ def invert_group(ckpt: TRTCheckpoint, group: list[PlannedTensor], device: torch.
     return sources, violations, sum(t.numel() * t.element_size() for t in locals_)
 
 
+class Rebuild:
+    """Source tensors given back from the rank files one TP group at a time, each once, in any order of groups;
+    what the inverses find is appended to `violations` on the way: KV replicas identical across ranks, padding
+    rows zero, replicated tensors identical, tied copies identical (a tied tensor is kept until every group using
+    it has been inverted). `device` as `invert_group`'s."""
+
+    def __init__(self, ckpt: TRTCheckpoint, violations: list[Violation], device: torch.device | None = None) -> None:
+        self.ckpt, self.violations, self.device = ckpt, violations, device
+        self._uses = Counter(name for group in ckpt.plan.groups() for name in group[0].sources)
+        self._kept: dict[str, tuple[str, torch.Tensor]] = {}
+
+    def group(self, group: list[PlannedTensor]) -> tuple[list[tuple[str, torch.Tensor]], int]:
+        """The source tensors `group` gives back that no group gave before (a tied one given again is compared
+        with its first copy instead), and the bytes read."""
+        head = group[0]
+        sources, problems, nbytes = invert_group(self.ckpt, group, self.device)
+        self.violations += problems
+        given = []
+        for name, tensor in zip(head.sources, sources):
+            if name in self._kept:
+                first_target, first = self._kept[name]
+                if not torch.equal(first, tensor.to(first.device)):
+                    rank = self.ckpt.mapping.rank(0, head.pp_rank)
+                    self.violations.append(Violation(rank, head.name, f"is tied to {first_target} but differs from it"))
+                continue
+            if self._uses[name] > 1:
+                self._kept[name] = (head.name, tensor)
+            given.append((name, tensor))
+        return given, nbytes
+
+
 def rebuild(
     ckpt: TRTCheckpoint,
     violations: list[Violation],
     device: torch.device | None = None,
     progress: Callable[[str, int], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, list[PlannedTensor]]]:
-    """Every source tensor the rank files give back, once each, in plan order, with the group that made it; what
-    the inverses find is appended to `violations` on the way: KV replicas identical across ranks, padding rows
-    zero, replicated tensors identical, tied copies identical (a tied tensor is kept until the pass ends).
-    `device` as `invert_group`'s; `progress` as `reassemble`'s."""
-    groups = ckpt.plan.groups()
-    uses = Counter(name for group in groups for name in group[0].sources)
-    kept: dict[str, tuple[str, torch.Tensor]] = {}
-    for group in groups:
-        head = group[0]
-        sources, problems, nbytes = invert_group(ckpt, group, device)
-        violations += problems
-        for name, tensor in zip(head.sources, sources):
-            if name in kept:
-                first_target, first = kept[name]
-                if not torch.equal(first, tensor.to(first.device)):
-                    rank = ckpt.mapping.rank(0, head.pp_rank)
-                    violations.append(Violation(rank, head.name, f"is tied to {first_target} but differs from it"))
-                continue
-            if uses[name] > 1:
-                kept[name] = (head.name, tensor)
+    """Every source tensor the rank files give back, once each, in plan order, with the group that made it
+    (`Rebuild`: what the inverses find is appended to `violations`); `progress` as `reassemble`'s."""
+    groups = Rebuild(ckpt, violations, device)
+    for group in ckpt.plan.groups():
+        given, nbytes = groups.group(group)
+        for name, tensor in given:
             yield name, tensor, group
         if progress:
-            progress(head.name, nbytes)
+            progress(group[0].name, nbytes)
 
 
 class ReassembledWeights(Weights):

@@ -43,9 +43,11 @@ class OwnCost:
     metrics: LogitMetrics
 
     @classmethod
-    def measured(cls, dtype: str, reference: torch.Tensor, candidate: torch.Tensor) -> OwnCost:
-        """From HF float32's logits (`reference`) and HF's in `dtype` (`candidate`) on the same tokens."""
-        return cls(dtype, logit_metrics(reference, candidate, dtype=dtype))
+    def measured(cls, dtype: str, reference: torch.Tensor, candidate: torch.Tensor,
+                 device: torch.device | None = None) -> OwnCost:
+        """From HF float32's logits (`reference`) and HF's in `dtype` (`candidate`) on the same tokens, compared on
+        `device` (`logit_metrics`)."""
+        return cls(dtype, logit_metrics(reference, candidate, dtype=dtype, device=device))
 
 
 def own_cost(model_dir: Path | str, dtype: str, input_ids: torch.Tensor, device: torch.device,
@@ -63,7 +65,7 @@ def own_cost(model_dir: Path | str, dtype: str, input_ids: torch.Tensor, device:
     logits = run_passes(model_dir, passes, device, resident, progress) if passes else []
     if reference is None:
         reference = logits.pop(0)
-    return OwnCost.measured(dtype, reference, logits[0] if logits else reference)
+    return OwnCost.measured(dtype, reference, logits[0] if logits else reference, device)
 
 
 def judge_cost(checkpoint: LogitMetrics, own: OwnCost, factor: float) -> dict[str, Check]:

@@ -297,12 +297,12 @@ def _compare_models(report: EquivalenceReport, runs: _Runs, input_ids: torch.Ten
     with stage("forward", f"running the source ({report.dtype}, and float32) and the checkpoint's model on {dev}"):
         expected, wide = runs.source_logits(dtype, input_ids)
         actual = runs.rebuilt_logits(dtype, input_ids)
-        report.forward = _forward_comparison(expected, actual)
+        report.forward = _forward_comparison(expected, actual, dev)
     # The dtype's cost is measured on the source cast to it, so that a conversion fault shows in the forward
     # comparison alone; when the conversion is exact the checkpoint's logits are these, bit for bit.
     with stage("precision", f"measuring what {report.dtype} costs the source"):
         reference = expected if wide is None else wide
-        metrics = logit_metrics(reference, expected, dtype=report.dtype)
+        metrics = logit_metrics(reference, expected, dtype=report.dtype, device=dev)
         report.precision = PrecisionEffect(report.dtype, metrics, runs.batch.limits)
         if metrics.nonfinite:
             sequence = int((~torch.isfinite(expected)).flatten(1).any(dim=1).nonzero()[0])
@@ -313,12 +313,12 @@ def _compare_models(report: EquivalenceReport, runs: _Runs, input_ids: torch.Ten
             report.localization = _localize(report, runs, dtype, input_ids)
 
 
-def _forward_comparison(expected: torch.Tensor, actual: torch.Tensor) -> ForwardComparison:
+def _forward_comparison(expected: torch.Tensor, actual: torch.Tensor, device: torch.device) -> ForwardComparison:
     if expected.shape != actual.shape:
         problem = f"logits shapes differ: {list(actual.shape)} from the checkpoint, {list(expected.shape)} from the source"
         return ForwardComparison(False, None, list(range(expected.shape[0])), problem)
     differing = [i for i in range(expected.shape[0]) if not bit_identical(expected[i], actual[i])]
-    return ForwardComparison(not differing, logit_metrics(expected, actual), differing)
+    return ForwardComparison(not differing, logit_metrics(expected, actual, device=device), differing)
 
 
 def _localize(report: EquivalenceReport, runs: _Runs, dtype: torch.dtype, input_ids: torch.Tensor) -> Localization:

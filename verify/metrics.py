@@ -118,9 +118,12 @@ _PARTS = ("diff_max", "diff_sum", "cos", "kl", "ref_top", "cand_top", "gap", "no
 CHUNK_ELEMENTS = 1 << 24
 
 
-def logit_metrics(reference: torch.Tensor, candidate: torch.Tensor, dtype: str | None = None) -> LogitMetrics:
+def logit_metrics(reference: torch.Tensor, candidate: torch.Tensor, dtype: str | None = None,
+                  device: torch.device | None = None) -> LogitMetrics:
     """Compare logits of shape [..., seq_len, vocab] position by position, in float64, a chunk of positions
-    (`CHUNK_ELEMENTS`) at a time.
+    (`CHUNK_ELEMENTS`) at a time, each chunk moved to `device` (default: the reference's) to be compared there: a
+    run's logits wait on the host, and an 8B model's 2 x 256 positions took 1.5 s per comparison on 16 cores,
+    the largest cost after the reads (py-spy over `bench/verify_memory.py`'s verify child).
 
     `dtype` is what the candidate computed in, which sets the near-tie bound; None takes the coarser dtype of
     the two tensors (float32 for float32 tensors: pass it when reduced-precision logits come back as float32).
@@ -138,8 +141,8 @@ def logit_metrics(reference: torch.Tensor, candidate: torch.Tensor, dtype: str |
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in _PARTS}
     chunk = max(1, CHUNK_ELEMENTS // vocab)
     for start in range(0, positions, chunk):
-        ref = ref_all[start : start + chunk].double()
-        cand = cand_all[start : start + chunk].double()
+        ref = ref_all[start : start + chunk].to(device).double()
+        cand = cand_all[start : start + chunk].to(device).double()
         diff = (ref - cand).abs()
         log_p, log_q = torch.log_softmax(ref, dim=-1), torch.log_softmax(cand, dim=-1)
         top2 = ref.topk(min(2, vocab), dim=-1)

@@ -239,7 +239,7 @@ class HFReference:
         if "original" in ran:
             self._runs[(None, None)] = ran["original"]
         if "own" in ran:
-            self._own[rounding] = OwnCost.measured(rounding, self.logits(None), ran["own"])
+            self._own[rounding] = OwnCost.measured(rounding, self.logits(None), ran["own"], self.device)
         logits = teacher[0]
         compare(FINAL_STAGE, logits.to(self.device), runtime.logits(last[0]).float())
         first = next((e.stage for e in errors if not e.relative_error <= CONVERSION_REL_ERROR), None)
@@ -298,17 +298,18 @@ def _forward(model: torch.nn.Module, ids: Tensor, capture: bool) -> tuple[Tensor
     return logits, outputs
 
 
-def relative_error(reference: Tensor, candidate: Tensor) -> float:
-    """max |candidate - reference| / max |reference|; NaN or inf when either side is not finite."""
-    diff = (candidate.double() - reference.double()).abs().max()
-    return float(diff / reference.double().abs().max())
+def relative_error(reference: Tensor, candidate: Tensor, device: torch.device | None = None) -> float:
+    """max |candidate - reference| / max |reference|, computed on `device` (default: the reference's); NaN or inf
+    when either side is not finite."""
+    reference, candidate = reference.to(device).double(), candidate.to(device).double()
+    return float((candidate - reference).abs().max() / reference.abs().max())
 
 
-def _conversion(dtype: str, ref: Tensor, cand: Tensor, forced: TeacherForced) -> LogitComparison:
+def _conversion(dtype: str, ref: Tensor, cand: Tensor, forced: TeacherForced, device: torch.device) -> LogitComparison:
     """The runtime in float32 over the stored values against HF in float32 over the same values: judged stage by
     stage (`forced`), each stage's error its own; the logits' relative error, which compounds the float32
     rounding of every layer before it (3e-5 at 80 layers of an 8B model's width), is reported."""
-    metrics, error = logit_metrics(ref, cand), relative_error(ref, cand)
+    metrics, error = logit_metrics(ref, cand, device=device), relative_error(ref, cand, device)
     worst = forced.worst
     checks = checks_by_metric(Check("reference_nonfinite", int((~torch.isfinite(ref)).sum()), "==", 0),
                               Check("nonfinite", metrics.nonfinite, "==", 0),
@@ -318,12 +319,13 @@ def _conversion(dtype: str, ref: Tensor, cand: Tensor, forced: TeacherForced) ->
                            metrics, error, checks)
 
 
-def _precision(dtype: str, ref: Tensor, cand: Tensor, own: OwnCost, limits: UserLimits) -> LogitComparison:
+def _precision(dtype: str, ref: Tensor, cand: Tensor, own: OwnCost, limits: UserLimits,
+               device: torch.device) -> LogitComparison:
     """The runtime in the checkpoint dtype against HF float32: its cost, judged against COST_FACTOR x the model's
     own cost of the dtype and the user's limits."""
-    metrics = logit_metrics(ref, cand, dtype=dtype)
+    metrics = logit_metrics(ref, cand, dtype=dtype, device=device)
     checks = {**judge_cost(metrics, own, COST_FACTOR), **limits.checks(metrics)}
-    return LogitComparison("precision", "HF float32", f"runtime, {dtype} math", metrics, relative_error(ref, cand),
+    return LogitComparison("precision", "HF float32", f"runtime, {dtype} math", metrics, relative_error(ref, cand, device),
                            checks, own.metrics)
 
 
@@ -353,11 +355,11 @@ def check_sharded(checkpoint_dir: Path | str, reference: HFReference, target: st
     runner = StageRunner(ckpt, device, torch.float32, ids, free)
     report.teacher_forced = reference.teacher_forced(dtype, runner)
     native, wide = (runner.free_logits[0].cpu(),) * 2 if dtype == "float32" else (t.cpu() for t in runner.free_logits)
-    conversion = _conversion(dtype, reference.logits(dtype), wide, report.teacher_forced)
+    conversion = _conversion(dtype, reference.logits(dtype), wide, report.teacher_forced, device)
     report.comparisons.append(conversion)
     if dtype != "float32":
         report.comparisons.append(_precision(dtype, reference.logits(None), native, reference.own_cost(dtype),
-                                             reference.batch.limits))
+                                             reference.batch.limits, device))
     if report.passed:
         return report
     # Stage by stage in float32 over stored values, unless the reference itself is not finite (the source does

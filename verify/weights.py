@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from shardproof.converter.checkpoint import TRTCheckpoint, Violation
-from shardproof.converter.plan import holds
+from shardproof.converter.plan import PlannedTensor, holds
 from shardproof.converter.reassemble import invert_group, rebuild
 from shardproof.converter.source import Source
 from shardproof.converter.transforms import to_stored
@@ -68,6 +68,66 @@ class WeightComparison:
         return not self.mismatches and not self.extra
 
 
+class WeightCheck:
+    """The comparison of every source tensor with what the rank files give back, one pair at a time, in any
+    order (`compare`); `result` once every rebuilt tensor has been offered. `device`: where pairs are compared."""
+
+    def __init__(self, source: Source, checkpoint: TRTCheckpoint, device: torch.device = torch.device("cpu")) -> None:
+        self.source, self.checkpoint, self.device = source, checkpoint, device
+        self._rounded = set(checkpoint.plan.rounded_sources())
+        self._result = WeightComparison(checkpoint.layout.dtype, [])
+
+    def compare(self, name: str, actual: torch.Tensor, group: list[PlannedTensor],
+                stored: torch.Tensor | None = None) -> None:
+        """Source tensor `name` against `actual`, which `group` gave back; `stored`: the source tensor as stored,
+        when already read (on the device), else it is read here.
+
+        The expected value is `Plan.reassembled_value`: the cast, through its ops' round trip where one rounds
+        (computed on the host, where conversion computed it). On a GPU the pair is compared there; a pair that
+        differs there is compared again on the host, whose cast is the one conversion used (a device's cast may
+        spell a NaN otherwise), so the device only speeds up the common case and never decides a difference."""
+        source, plan, result = self.source, self.checkpoint.plan, self._result
+        if name not in source.shapes:
+            result.extra.append(name)
+            return
+        shape = tuple(source.shapes[name])
+        on_host = name in self._rounded or self.device.type == "cpu"
+        if on_host or stored is None:
+            stored = source.load(name, None if on_host else self.device)
+        expected = plan.reassembled_value(name, stored).to(actual.device)
+        if tuple(actual.shape) != shape or actual.dtype != expected.dtype:
+            problem = f"{actual.dtype} {list(actual.shape)} in the checkpoint, {expected.dtype} {list(shape)} expected"
+            result.tensors.append(TensorComparison(name, shape, False, math.inf, None, problem))
+            return
+        index = first_difference(expected, actual)
+        if index is not None and actual.device.type != "cpu":
+            sources, _, _ = invert_group(self.checkpoint, group)
+            actual = sources[group[0].sources.index(name)]
+            expected = plan.reassembled_value(name, source.load(name))
+            index = first_difference(expected, actual)
+        diff = 0.0 if index is None else max_abs_diff(expected, actual)
+        result.tensors.append(TensorComparison(name, shape, index is None, diff, index))
+
+    def result(self) -> WeightComparison:
+        """The comparison: source tensors never offered are skipped (by a rule of the card, decided from the
+        source's own config) or missing; differing tensors traced to the rank files (`locate_in_ranks`)."""
+        source, checkpoint, result = self.source, self.checkpoint, self._result
+        compared = {t.name for t in result.tensors}
+        source_dims = checkpoint.card.config.dims_from_hf(source.hf_config)
+        for name, shape in source.shapes.items():
+            if name in compared:
+                continue
+            skip = next((s for s in checkpoint.card.skips
+                         if holds(s.when, source_dims, checkpoint.layout) and s.matches(name)), None)
+            if skip is not None:
+                result.skipped[name] = skip.reason
+            else:
+                result.tensors.append(TensorComparison(name, tuple(shape), False, math.inf, None, "missing from the checkpoint"))
+        result.extra.sort()
+        result.ranks = locate_in_ranks(source, checkpoint, {t.name for t in result.mismatches})
+        return result
+
+
 def compare_weights(
     source: Source,
     checkpoint: TRTCheckpoint,
@@ -76,54 +136,16 @@ def compare_weights(
     device: torch.device = torch.device("cpu"),
 ) -> WeightComparison:
     """Rebuild every source tensor from the rank files (`rebuild`: what its inverses find is appended to
-    `violations`) and compare it with the source's, cast to the checkpoint's dtype: one pass over the rank files and
-    the source, one tensor pair in memory at a time; `progress` gets each source tensor's bytes once compared.
-
-    The expected value is `Plan.reassembled_value`: the cast, through its ops' round trip where one rounds. Source
-    tensors the checkpoint's architecture skips (rotary frequencies, a tied lm_head) are listed, not compared;
-    whether a skip applies is decided from the source's own config. Differing tensors are traced to the rank files
-    (see `locate_in_ranks`). On a GPU `device` the pair is read and compared there; a pair that differs there is
-    compared again on the host, whose cast is the one conversion used (a device's cast may spell a NaN otherwise),
-    so the device only speeds up the common case and never decides a difference.
-    """
-    plan, card = checkpoint.plan, checkpoint.card
-    result = WeightComparison(checkpoint.layout.dtype, [])
-    rounded = set(plan.rounded_sources())
+    `violations`) and compare it with the source's (`WeightCheck`): one pass over the rank files and the source,
+    one tensor pair in memory at a time; `progress` gets each source tensor's bytes once compared. Source tensors
+    the checkpoint's architecture skips (rotary frequencies, a tied lm_head) are listed, not compared."""
+    check = WeightCheck(source, checkpoint, device)
     for name, actual, group in rebuild(checkpoint, violations, device if device.type != "cpu" else None):
-        if name not in source.shapes:
-            result.extra.append(name)
-            continue
-        shape = tuple(source.shapes[name])
-        here = None if name in rounded or device.type == "cpu" else device
-        expected = plan.reassembled_value(name, source.load(name, here)).to(actual.device)
-        if tuple(actual.shape) != shape or actual.dtype != expected.dtype:
-            problem = f"{actual.dtype} {list(actual.shape)} in the checkpoint, {expected.dtype} {list(shape)} expected"
-            result.tensors.append(TensorComparison(name, shape, False, math.inf, None, problem))
-        else:
-            index = first_difference(expected, actual)
-            if index is not None and actual.device.type != "cpu":
-                sources, _, _ = invert_group(checkpoint, group)
-                actual = sources[group[0].sources.index(name)]
-                expected = plan.reassembled_value(name, source.load(name))
-                index = first_difference(expected, actual)
-            diff = 0.0 if index is None else max_abs_diff(expected, actual)
-            result.tensors.append(TensorComparison(name, shape, index is None, diff, index))
-        del expected, actual
-        if progress:
+        check.compare(name, actual, group)
+        del actual
+        if progress and name in source.shapes:
             progress(source.nbytes(name))
-    compared = {t.name for t in result.tensors}
-    source_dims = card.config.dims_from_hf(source.hf_config)
-    for name, shape in source.shapes.items():
-        if name in compared:
-            continue
-        skip = next((s for s in card.skips if holds(s.when, source_dims, checkpoint.layout) and s.matches(name)), None)
-        if skip is not None:
-            result.skipped[name] = skip.reason
-        else:
-            result.tensors.append(TensorComparison(name, tuple(shape), False, math.inf, None, "missing from the checkpoint"))
-    result.extra.sort()
-    result.ranks = locate_in_ranks(source, checkpoint, {t.name for t in result.mismatches})
-    return result
+    return check.result()
 
 
 def locate_in_ranks(source: Source, checkpoint: TRTCheckpoint, names: set[str]) -> list[RankDifference]:
