@@ -93,6 +93,10 @@ class Rebuild:
         self._uses = Counter(name for group in ckpt.plan.groups() for name in group[0].sources)
         self._kept: dict[str, tuple[str, torch.Tensor]] = {}
 
+    def kept(self, name: str) -> torch.Tensor | None:
+        """Tied tensor `name` as first given back, if it was."""
+        return self._kept[name][1] if name in self._kept else None
+
     def group(self, group: list[PlannedTensor]) -> tuple[list[tuple[str, torch.Tensor]], int]:
         """The source tensors `group` gives back that no group gave before (a tied one given again is compared
         with its first copy instead), and the bytes read."""

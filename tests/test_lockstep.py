@@ -17,7 +17,7 @@ from shardproof.converter.card import cards
 from shardproof.converter.errors import CheckNotRun, ShardproofError
 from shardproof.converter.source import Source, open_source
 from shardproof.verify.forward import logits_pass
-from shardproof.verify.lockstep import Pass, fits_together, run_passes
+from shardproof.verify.lockstep import CannotShare, Pass, fits_together, run_passes
 from shardproof.verify.streaming import ResidentParameters, StreamedModel
 from shardproof.verify.tiny_models import build_tiny_model
 
@@ -182,7 +182,7 @@ def test_a_cap_too_small_for_both_runs_the_passes_one_after_another(models) -> N
     passes = _passes(model_dir)
     streamed = [StreamedModel(model_dir, p.dtype, CPU, p.value) for p in passes]
     cap = max(m.loaded_bytes(u) for m in streamed for u in m.units)
-    assert not fits_together(streamed, cap) and fits_together(streamed, 2 * cap)
+    assert not fits_together(streamed[0], streamed, cap) and fits_together(streamed[0], streamed, 2 * cap)
     source, reads = _counted(model_dir)
     resident = ResidentParameters(cap)
     apart = run_passes(source, passes, CPU, resident)
@@ -190,3 +190,41 @@ def test_a_cap_too_small_for_both_runs_the_passes_one_after_another(models) -> N
     assert 0 < resident.peak <= cap and resident.now == 0
     together = run_passes(model_dir, passes, CPU)
     assert all(torch.equal(a, b) for a, b in zip(apart, together))
+
+
+def test_a_pass_over_its_own_source_is_handed_each_units_shared_tensors_as_stored(models, tmp_path) -> None:
+    """A pass over another source (here a float16 copy of the model) walks the same units in lock step: its
+    `tensors` gets each unit's tensors of the shared source as stored, and its model runs on what it returns.
+    Under a cap too small to hold a stored unit beside a loaded one it cannot run, and says so before running."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir = models["LlamaForCausalLM"]
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    path = next(copy.glob("*.safetensors"))
+    save_file({k: v.half() for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    shared_source, own_source = open_source(model_dir), open_source(copy)
+    seen: list[tuple[str, dict]] = []
+
+    def tensors(unit, shared):
+        seen.append((unit.prefix, {k: v.clone() for k, v in shared.items()}))
+        return {key: own_source.load(key) for key in unit.keys}
+
+    passes = [logits_pass(torch.float32, CPU, IDS),
+              Pass(torch.float32, logits_pass(torch.float32, CPU, IDS).run, source=own_source, tensors=tensors)]
+    streamed = StreamedModel(model_dir, torch.float32, CPU)
+    logits = run_passes(shared_source, passes, CPU)
+    units = {u.prefix: u for u in streamed.units}
+    assert sorted(prefix for prefix, _ in seen) == sorted(units)  # each unit once, in the order the model runs them
+    for prefix, shared in seen:
+        unit = units[prefix]
+        assert set(shared) == set(unit.keys)
+        assert all(torch.equal(shared[k], shared_source.load(k)) for k in unit.keys)  # as stored: float32
+    alone = run_passes(own_source, [logits_pass(torch.float32, CPU, IDS)], CPU)[0]
+    assert torch.equal(logits[1], alone) and not torch.equal(logits[0], logits[1])
+    seen.clear()
+    with pytest.raises(CannotShare, match="cannot hold the source's units beside its own"):
+        run_passes(shared_source, passes, CPU, ResidentParameters(max(streamed.loaded_bytes(u) for u in streamed.units)))
+    assert not seen

@@ -2,18 +2,18 @@
 
 Stages, each recorded in the report with its time:
 1. reassemble: the rank files' structure against the plan (files, tensors, shapes, dtypes), from their headers;
-2. weights: every source tensor rebuilt from the rank files by the plan's inverse (replicas, padding, ties
-   checked on the way) and compared with the source cast to the checkpoint dtype (bit-exact), one tensor at a
-   time, in one pass over both, on the device; the reassembled config compared with the source's;
-3. forward: the source cast to the checkpoint dtype (with any op's declared rounding, e.g. a norm
-   stored as 1 + weight) and the reassembled model on the same token batches, each streamed through the device one
-   decoder layer at a time (`verify/streaming.py`), the reassembled model's tensors inverted from the rank files as
-   its layers run (nothing is written back); identical weights and kernels give bit-identical logits. The source
-   also runs in float32 for stage 4, in lock step with its run in the checkpoint dtype: each of its layers is read
-   once for both (`verify/lockstep.py`);
-4. precision effect: the float32 source against the source in the checkpoint dtype, judged by documented
+   the reassembled config compared with the source's;
+2. forward, in one lock step over the source (`verify/lockstep.py`), a decoder layer at a time on the device
+   (`verify/streaming.py`), each unit of the source read once and each unit of the rank files inverted once:
+   - weights: every source tensor rebuilt from the rank files by the plan's inverse (replicas, padding, ties
+     checked on the way) and compared with the source cast to the checkpoint dtype (bit-exact);
+   - the source cast to the checkpoint dtype (with any op's declared rounding, e.g. a norm stored as 1 + weight)
+     and the reassembled model, built from the reassembled config over those rebuilt tensors (nothing is written
+     back), on the same token batches: identical weights and kernels give bit-identical logits;
+   - the source in float32, for stage 3;
+3. precision effect: the float32 source against the source in the checkpoint dtype, judged by documented
    thresholds (what the dtype costs, apart from any conversion fault);
-5. localization, when anything differs: per-module outputs of both models, the first one that diverges.
+4. localization, when anything differs: per-module outputs of both models, the first one that diverges.
 """
 
 from __future__ import annotations
@@ -22,26 +22,27 @@ import contextlib
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator
 
 import torch
 
-from shardproof.converter.checkpoint import Violation
-from shardproof.converter.dtypes import TORCH_DTYPES
+from shardproof.converter.checkpoint import TRTCheckpoint, Violation
+from shardproof.converter.dtypes import TORCH_DTYPES, dtype_name
 from shardproof.converter.reassemble import reassembled_source
 from shardproof.converter.source import Source, open_source
 from shardproof.converter.target_checkpoint import open_checkpoint
 
 from .forward import BatchOptions, first_divergence, first_nonfinite, hidden_states, logits_pass, model_logits
-from .lockstep import run_passes
+from .lockstep import Pass, CannotShare, run_passes
 from .inputs import check_inputs
 from .metrics import LogitMetrics, bit_identical, logit_metrics
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
+from .sharded_check import HFReference
 from .thresholds import Check, UserLimits
 from .streaming import Progress, ValueFn
-from .weights import WeightComparison, compare_weights
+from .weights import RebuiltUnits, WeightComparison, compare_weights
 
 Log = Callable[[str], None]
 
@@ -216,12 +217,15 @@ def verify_equivalence(
     model_dir: Path | str, checkpoint_dir: Path | str, batch: BatchOptions = BatchOptions(), log: Log | None = None,
     target: str | None = None,
     progress: Progress | None = None,
+    reference: HFReference | None = None,
 ) -> EquivalenceReport:
     """Check that the checkpoint at `checkpoint_dir` is the HF model at `model_dir` (see the module docstring).
 
     Bad input (unreadable directories, a model transformers cannot load) raises ShardproofError; everything the
     checkpoint gets wrong is in the report. `log` receives a line as each stage starts; `progress` the bytes of
-    source tensors read as the weights are compared and as each model streams through the device.
+    source tensors read as the weights are compared and as each model streams through the device. `reference`:
+    the source's runs another check shares (the sharded mode's, on the same tokens): this check's passes join
+    whatever waits there, in one lock step, and take its float32 and reduced-precision runs where kept.
     """
     check_inputs(model_dir, checkpoint_dir, batch, target)
     dev, seq_len = batch.torch_device, batch.seq_len
@@ -239,24 +243,24 @@ def verify_equivalence(
     if violations:
         return report
     with tempfile.TemporaryDirectory(prefix="shardproof-reassembled-") as tmp:
-        with stage("weights", "rebuilding every tensor from the rank files and comparing it with the source"):
-            source = open_source(model_dir)
-            source_config = source.hf_config
-            rebuilt = reassembled_source(ckpt, Path(tmp))
-            rebuilt_config = rebuilt.hf_config
-            report.config_differences = config_differences(source_config, rebuilt_config)
-            report.notes = sliding_window_note(source_config, seq_len)
-            report.weights = compare_weights(source, ckpt, report.violations, progress, dev)
-            rounded = [name for name in ckpt.plan.rounded_sources() if name in source.shapes]
+        source = open_source(model_dir)
+        source_config = source.hf_config
+        rebuilt = reassembled_source(ckpt, Path(tmp))
+        rebuilt_config = rebuilt.hf_config
+        report.config_differences = config_differences(source_config, rebuilt_config)
+        report.notes = sliding_window_note(source_config, seq_len)
+        rounded = [name for name in ckpt.plan.rounded_sources() if name in source.shapes]
         if rounded:
             report.notes.append(
                 f"{len(rounded)} source tensor(s) go through an op that rounds in {report.dtype}; "
                 "the source model is compared with that rounding applied"
             )
-        vocab = min(source_config.vocab_size, rebuilt_config.vocab_size)
-        runs = _Runs(Path(model_dir), rebuilt,
-                     ckpt.plan.reassembled_value if rounded else None, batch, progress)
-        _compare_models(report, runs, batch.input_ids(vocab), stage)
+        vocab = min(source_config.vocab_size, rebuilt_config.vocab_size)  # tokens both models embed
+        if reference is None or not torch.equal(reference.input_ids, batch.input_ids(vocab)):
+            reference = HFReference(model_dir, batch, progress, target, vocab)
+        runs = _Runs(source, rebuilt, ckpt, ckpt.plan.reassembled_value if rounded else None, batch, progress,
+                     reference)
+        _compare_models(report, runs, reference.input_ids, stage)
     return report
 
 
@@ -266,25 +270,51 @@ class _Runs:
     cap, the checkpoint's model inverted from the rank files as it runs (`rebuilt`);
     `rounded` sets the source's tensors to what reassembly must give back (None: the cast alone)."""
 
-    source: Path
+    source: Source
     rebuilt: Source
+    checkpoint: TRTCheckpoint
     rounded: ValueFn | None
     batch: BatchOptions
     progress: Progress | None
+    reference: HFReference
 
-    def source_logits(self, dtype: torch.dtype, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The source's logits in `dtype` with the checkpoint's rounding, and in float32 without it (None when that
-        is the same run): the two passes share each read of the source (`verify/lockstep.py`)."""
-        dev = self.batch.torch_device
-        passes = [logits_pass(dtype, dev, input_ids, self.rounded)]
-        if dtype != torch.float32 or self.rounded is not None:
-            passes.append(logits_pass(torch.float32, dev, input_ids))
-        logits = run_passes(self.source, passes, dev, self.batch.resident(), self.progress)
-        return logits[0], logits[1] if len(logits) > 1 else None
+    def forward(self, dtype: torch.dtype, input_ids: torch.Tensor, violations: list[Violation],
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, WeightComparison]:
+        """The source's logits in `dtype` with the checkpoint's rounding, in float32 without it (None when that is
+        the same run), the checkpoint's model's logits, and the weights comparison, in one lock step with whatever
+        waits in `reference` (`verify/lockstep.py`): each unit of the source read once, each unit of the rank files
+        inverted once for the comparison and the checkpoint's model (`RebuiltUnits`, whose findings are added to
+        `violations`); the source's runs taken from `reference` where it keeps them.
+        When they cannot share the reads (`CannotShare`: a checkpoint whose config makes another model, or a cap too
+        small for a unit as stored beside a loaded one), the weights are compared first, a tensor pair at a time,
+        and each model runs on its own."""
+        dev, reference, name = self.batch.torch_device, self.reference, dtype_name(dtype)
+        ids, got, found = reference.input_ids, {}, []
+        units = RebuiltUnits(self.source, self.checkpoint, found, dev)
+        reference.defer(replace(logits_pass(dtype, dev, ids), source=self.rebuilt, tensors=units),
+                        lambda logits: got.__setitem__("actual", logits))
+        if self.rounded is None:
+            reference.want_native(name)
+        else:
+            reference.defer(logits_pass(dtype, dev, ids, self.rounded), lambda logits: got.__setitem__("expected", logits))
+        separate = dtype != torch.float32 or self.rounded is not None  # the float32 run is another than the source's
+        if separate:
+            reference.want_logits(None)
+        try:
+            reference.run()
+            weights = units.result()
+        except CannotShare:
+            found.clear()
+            weights = compare_weights(self.source, self.checkpoint, found, self.progress, dev)
+            got["actual"] = model_logits(self.rebuilt, dtype, dev, ids, None, self.batch.resident())
+            if self.rounded is not None:
+                got["expected"] = self._passes([logits_pass(dtype, dev, ids, self.rounded)])[0]
+        violations += found
+        expected = got["expected"] if self.rounded is not None else reference.native(name)
+        return expected, reference.logits(None) if separate else None, got["actual"], weights
 
-    def rebuilt_logits(self, dtype: torch.dtype, input_ids: torch.Tensor) -> torch.Tensor:
-        return model_logits(self.rebuilt, dtype, self.batch.torch_device, input_ids, None, self.batch.resident(),
-                            self.progress)
+    def _passes(self, passes: list[Pass]) -> list:
+        return run_passes(self.source, passes, self.batch.torch_device, self.batch.resident(), self.progress)
 
     def states(self, rebuilt: bool, dtype: torch.dtype, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         model, value = (self.rebuilt, None) if rebuilt else (self.source, self.rounded)
@@ -294,9 +324,9 @@ class _Runs:
 def _compare_models(report: EquivalenceReport, runs: _Runs, input_ids: torch.Tensor, stage: Callable) -> None:
     """Forward, precision and localization stages."""
     dtype, dev = TORCH_DTYPES[report.dtype], runs.batch.torch_device
-    with stage("forward", f"running the source ({report.dtype}, and float32) and the checkpoint's model on {dev}"):
-        expected, wide = runs.source_logits(dtype, input_ids)
-        actual = runs.rebuilt_logits(dtype, input_ids)
+    with stage("forward", f"rebuilding every tensor from the rank files, comparing it with the source, and running "
+                          f"the source ({report.dtype}, and float32) and the checkpoint's model on {dev}"):
+        expected, wide, actual, report.weights = runs.forward(dtype, input_ids, report.violations)
         report.forward = _forward_comparison(expected, actual, dev)
     # The dtype's cost is measured on the source cast to it, so that a conversion fault shows in the forward
     # comparison alone; when the conversion is exact the checkpoint's logits are these, bit for bit.

@@ -8,13 +8,19 @@ tensors once, as stored, onto the device (`Source.load`), every pass casts them 
 `value` itself, and the stored copy is dropped when the last pass has taken it. Memory holds one stored unit, the
 active pass's loaded unit and each pass's activations, never the model; the numerics are each pass's own run.
 
+A pass may run another model over the same units (`Pass.source`: a model rebuilt from a checkpoint): its
+`tensors(unit, shared)` gives its own tensors of each unit, `shared` being the shared source's tensors of that
+unit as stored, in hand to compare with.
+
 The passes must visit the same units in the same order: one asking for another unit, or for more units than
-another ran, stops them all (CheckNotRun). An exception in any pass stops the others at their next unit and is
+another ran, stops them all (`CannotShare`, a CheckNotRun). An exception in any pass stops the others at their next unit and is
 raised again in the caller, of its own type; every thread has ended and every hook is removed by then.
 
 Under a cap on resident parameters (`ResidentParameters.cap`) the stored unit is accounted with the loaded one;
 when the largest unit's stored bytes and its bytes in a pass's dtypes could exceed the cap (from the headers,
-before running), the passes run one after another instead, each reading the source itself.
+before running), the passes run one after another instead, each reading the source itself; with a pass over
+another source, which needs the shared units in hand, they raise `CannotShare` instead, before running, as
+they do when that pass's model declares other units than the source's.
 """
 
 from __future__ import annotations
@@ -32,19 +38,25 @@ from torch import Tensor
 from shardproof.converter.errors import CheckNotRun
 from shardproof.converter.source import Source, open_source
 
-from .streaming import Progress, ResidentParameters, StreamedModel, Unit, ValueFn, release, stored_bytes
+from .streaming import Feed, Progress, ResidentParameters, StreamedModel, Unit, ValueFn, release, stored_bytes
 
 T = TypeVar("T")
+
+
+Tensors = Callable[[Unit, dict[str, Tensor]], dict[str, Tensor]]
 
 
 @dataclass(frozen=True)
 class Pass(Generic[T]):
     """One streamed pass: the model in `dtype`, each source tensor through `value` (None: cast to the dtype
-    transformers loads it in), and `run(model)`, called under inference mode, whose result the pass gives."""
+    transformers loads it in), and `run(model)`, called under inference mode, whose result the pass gives.
+    With `source`, the model is that source's and `tensors` gives each of its units' tensors (module docstring)."""
 
     dtype: torch.dtype
     run: Callable[[torch.nn.Module], T]
     value: ValueFn | None = None
+    source: Source | None = None
+    tensors: Tensors | None = None
 
 
 def run_passes(model_dir: Path | str | Source, passes: Sequence[Pass[Any]], device: torch.device,
@@ -62,29 +74,58 @@ def _run_passes(model_dir: Path | str | Source, passes: Sequence[Pass[Any]], dev
                 resident: ResidentParameters | None, progress: Progress | None) -> list[Any]:
     source = model_dir if isinstance(model_dir, Source) else open_source(model_dir)
     resident = resident if resident is not None else ResidentParameters()
-    models = [StreamedModel(source, p.dtype, device, p.value, resident, progress) for p in passes]
-    if len(passes) == 1 or not fits_together(models, resident.cap):
+    models = [StreamedModel(p.source or source, p.dtype, device, p.value, resident, None if p.source else progress)
+              for p in passes]
+    readers = [m for m, p in zip(models, passes) if p.source is None]
+    reader = readers[0] if readers else StreamedModel(source, torch.float32, device)
+    shared = {u.prefix: u for u in reader.units}  # the source's own units, which every pass's feed reads by prefix
+    fits = fits_together(reader, models, resident.cap)
+    for streamed, p in zip(models, passes):
+        if p.tensors is not None and [u.prefix for u in streamed.units] != [u.prefix for u in reader.units]:
+            raise CannotShare(f"{p.source.model_dir}: its model's units differ from those of {source.model_dir}'s "
+                              "model, so it cannot run in step with it")
+        if p.tensors is not None and not fits:
+            raise CannotShare(f"{source.model_dir}: a pass over another source cannot hold the source's units beside "
+                              f"its own under the cap of {resident.cap / 2**30:.3f} GiB")
+    if not any(p.tensors for p in passes) and (len(passes) == 1 or not fits):
         results = []
         for streamed, p in zip(models, passes):
             with streamed, torch.inference_mode():
                 results.append(p.run(streamed.model))
         return results
-    baton = _Baton(source, device, len(passes), resident, progress)
+    baton = _Baton(source, shared, device, len(passes), resident, progress)
     with contextlib.ExitStack() as stack:
-        for index, streamed in enumerate(models):
-            streamed.feed = baton.feed(index)
+        for index, (streamed, p) in enumerate(zip(models, passes)):
+            streamed.feed = baton.feed(index) if p.tensors is None else _given(baton.feed(index), p.tensors)
             stack.enter_context(streamed)
         return baton.run([lambda p=p, m=m: p.run(m.model) for p, m in zip(passes, models)], device)
 
 
-def fits_together(models: Sequence[StreamedModel], cap: int | None) -> bool:
-    """Whether every unit's stored bytes beside its bytes loaded by any of `models` stay within `cap`."""
+def fits_together(reader: StreamedModel, models: Sequence[StreamedModel], cap: int | None) -> bool:
+    """Whether every unit's stored bytes (as `reader`, a model over the shared source, has its units) beside its
+    bytes loaded by any of `models` stay within `cap`."""
     if cap is None:
         return True
-    source = models[0].source
-    need = max((stored_bytes(source, unit) + max(m.loaded_bytes(unit) for m in models)
-                for unit in models[0].units), default=0)
+    source, shared = reader.source, {u.prefix: u for u in reader.units}
+    need = max((stored_bytes(source, shared[unit.prefix]) + m.loaded_bytes(unit)
+                for m in models for unit in m.units if unit.prefix in shared), default=0)
     return need <= cap
+
+
+def _given(feed: Feed, tensors: Tensors) -> Feed:
+    """A pass's own tensors of each unit (`Pass.tensors`), from the shared source's tensors that `feed` gives."""
+
+    @contextlib.contextmanager
+    def take(unit: Unit) -> Iterator[dict[str, Tensor]]:
+        with feed(unit) as stored:
+            yield tensors(unit, stored)
+
+    return take
+
+
+class CannotShare(CheckNotRun):
+    """The passes cannot share the source's reads: they do not run the same units in the same order, or a pass over
+    another source cannot hold a unit as stored beside its own under the cap."""
 
 
 class _Stopped(BaseException):
@@ -94,9 +135,9 @@ class _Stopped(BaseException):
 class _Baton:
     """The passes' turns, the order of units the first pass took, and the one unit read (module docstring)."""
 
-    def __init__(self, source: Source, device: torch.device, count: int, resident: ResidentParameters,
-                 progress: Progress | None) -> None:
-        self.source, self.device, self.resident, self.progress = source, device, resident, progress
+    def __init__(self, source: Source, shared: dict[str, Unit], device: torch.device, count: int,
+                 resident: ResidentParameters, progress: Progress | None) -> None:
+        self.source, self.shared, self.device, self.resident, self.progress = source, shared, device, resident, progress
         self.count = count
         self.changed = threading.Condition()
         self.turn = 0
@@ -164,13 +205,16 @@ class _Baton:
                 self.takers += 1
                 if self.takers == self.count:
                     self.stored = {}
-                    self.resident.remove(stored_bytes(self.source, unit))
+                    self.resident.remove(stored_bytes(self.source, self.shared[unit.prefix]))
 
         return take
 
     def _read(self, unit: Unit, step: int) -> None:
         if any(self.done):
             self._mismatch(f"a pass asks for {unit.prefix!r} at unit {step + 1}, which another pass never runs")
+        if unit.prefix not in self.shared:
+            self._mismatch(f"a pass asks for {unit.prefix!r}, which the source's model does not have")
+        unit = self.shared[unit.prefix]
         self.order.append(unit.prefix)
         self.takers = 0
         nbytes = stored_bytes(self.source, unit)
@@ -184,7 +228,7 @@ class _Baton:
             self._mismatch(f"a pass asks for {unit.prefix!r} at unit {step + 1}, where another ran {self.order[step]!r}")
 
     def _mismatch(self, what: str) -> None:
-        raise CheckNotRun(f"{self.source.model_dir}: the passes over the source do not run the same units in the "
+        raise CannotShare(f"{self.source.model_dir}: the passes over the source do not run the same units in the "
                           f"same order ({what}), so they cannot share its reads")
 
     def _wait(self, index: int) -> None:

@@ -177,8 +177,9 @@ class _Workspace:
     def check(self, setup: Setup, model_dir: Path, checkpoint_dir: Path, mutant: Mutant | None) -> Outcome:
         if self.log:
             self.log(f"{mutant.name if mutant else 'clean'} ({setup}): sharded and reassembled modes")
-        sharded = check_sharded(checkpoint_dir, self.reference(model_dir), setup.target)
-        reassembled = verify_equivalence(model_dir, checkpoint_dir, self.batch, target=setup.target)
+        reference = self.reference(model_dir)  # the source's runs, kept across setups and mutants
+        sharded = check_sharded(checkpoint_dir, reference, setup.target)
+        reassembled = verify_equivalence(model_dir, checkpoint_dir, self.batch, target=setup.target, reference=reference)
         return Outcome(setup, sharded, reassembled, mutant)
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar, Hashable
 
 import torch
 from torch import Tensor
@@ -41,7 +41,7 @@ from shardproof.converter.dtypes import TORCH_DTYPES, dtype_name
 from shardproof.converter.source import open_source
 
 from .forward import BatchOptions, logits_pass
-from .lockstep import Pass, run_passes
+from .lockstep import CannotShare, Pass, run_passes
 from .metrics import LogitMetrics, logit_metrics
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
 from .runtime.collectives import SimulatedCollectives
@@ -50,7 +50,7 @@ from .runtime.target_view import open_sharded
 from .runtime.simulated import run_simulated
 from .runtime.teacher import StageRunner
 from .streaming import Progress, decoder_layers
-from .dtype_cost import COST_FACTOR, OwnCost, judge_cost, own_cost
+from .dtype_cost import COST_FACTOR, OwnCost, judge_cost
 from .thresholds import Check, UserLimits, checks_by_metric
 
 # float32 on both sides over identical values; calibrated in docs/selftest.md (clean <= 5.8e-6, faults >= 6.6e-3).
@@ -161,45 +161,102 @@ class ShardedReport:
 
 
 class HFReference:
-    """The HF model at `model_dir` on one batch of random tokens, in float32.
+    """The HF model at `model_dir` on one batch of random tokens (drawn from `vocab_size`, default the source's),
+    its runs computed once and kept.
 
-    `rounding` None runs the original weights; a dtype name sets every parameter to what a correct conversion
-    to that dtype, laid out in `target` (default: the TensorRT-LLM checkpoint), stores for it, read back
-    (`Plan.reassembled_value`: a target may store a tensor in another dtype), as each source tensor is read. The
-    model streams through the device one decoder layer at a time (`verify/streaming.py`) under the batch's cap;
-    `progress` gets the bytes of source tensors read. Each run is computed once and kept; the teacher-forced run
-    takes the original run and the one in the dtype (its own cost) along in lock step, each source layer read
-    once for the three (`verify/lockstep.py`).
+    `logits(rounding)` runs in float32: `rounding` None runs the original weights; a dtype name sets every
+    parameter to what a correct conversion to that dtype, laid out in `target` (default: the TensorRT-LLM
+    checkpoint), stores for it, read back (`Plan.reassembled_value`: a target may store a tensor in another dtype),
+    as each source tensor is read. `native(dtype)` is HF loaded in that dtype (its own cost of it). The model
+    streams through the device one decoder layer at a time (`verify/streaming.py`) under the batch's cap;
+    `progress` gets the bytes of source tensors read.
+
+    Runs asked for (`want_logits`, `want_native`, `want_teacher`, and other checks' passes given to `defer`: the
+    reassembled mode's) wait for the next `run`, which runs them all in one lock step, each unit of the source read
+    once for all (`verify/lockstep.py`); asking for a result runs what waits.
     """
 
     def __init__(self, model_dir: Path | str, batch: BatchOptions = BatchOptions(num_sequences=2),
-                 progress: Progress | None = None, target: str | None = None) -> None:
+                 progress: Progress | None = None, target: str | None = None, vocab_size: int | None = None) -> None:
         self.model_dir, self.seed, self.device, self.target = Path(model_dir), batch.seed, batch.torch_device, target
         self.batch, self.progress = batch, progress
         self.vocab_size = open_source(model_dir).hf_config.vocab_size
-        self.input_ids = batch.input_ids(self.vocab_size)
+        self.input_ids = batch.input_ids(vocab_size or self.vocab_size)
         self._runs: dict[tuple[str | None, int | None], tuple[Tensor, list[Tensor]]] = {}
+        self._native: dict[str, Tensor] = {}
         self._own: dict[str, OwnCost] = {}
+        self._waiting: list[tuple[Hashable | None, Pass, Callable[[Any], None]]] = []  # key (None: deferred), pass, what takes its result
 
     def logits(self, rounding: str | None) -> Tensor:
         """float32 logits [num_sequences, seq_len, vocab] on the CPU."""
-        return self._run(rounding, None)[0]
+        self.want_logits(rounding)
+        self.run()
+        return self._runs[(rounding, None)][0]
+
+    def native(self, dtype: str) -> Tensor:
+        """HF's logits loaded in `dtype`, on the CPU (float32: `logits(None)`)."""
+        if dtype == "float32":
+            return self.logits(None)
+        self.want_native(dtype)
+        self.run()
+        return self._native[dtype]
 
     def stages(self, rounding: str | None, sequence: int) -> tuple[Tensor, list[Tensor]]:
         """Logits and the float32 outputs [embedding, layer 0, ...] of one sequence."""
-        return self._run(rounding, sequence)
+        key = (rounding, sequence)
+        if key not in self._runs:
+            self._wait(key, self._pass(rounding, sequence), lambda run: self._runs.__setitem__(key, run))
+            self.run()
+        return self._runs[key]
 
     def own_cost(self, dtype: str) -> OwnCost:
-        """The model's own cost of `dtype`: HF loaded in it (streamed as the other runs) against HF float32."""
+        """The model's own cost of `dtype`: HF loaded in it against HF float32 (`verify/dtype_cost.py`)."""
         if dtype not in self._own:
-            self._own[dtype] = own_cost(self.model_dir, dtype, self.input_ids, self.device, self.logits(None),
-                                        self.batch.resident(), self.progress)
+            self.want_logits(None)
+            self.want_native(dtype)
+            self._own[dtype] = OwnCost.measured(dtype, self.logits(None), self.native(dtype), self.device)
         return self._own[dtype]
 
-    def teacher_forced(self, rounding: str, runtime: StageRunner) -> TeacherForced:
+    def want_logits(self, rounding: str | None) -> None:
+        """`logits(rounding)` runs with the next `run`, unless kept already."""
+        key = (rounding, None)
+        if key not in self._runs:
+            self._wait(key, self._pass(rounding, None), lambda run: self._runs.__setitem__(key, run))
+
+    def want_native(self, dtype: str) -> None:
+        """`native(dtype)` runs with the next `run`, unless kept already (float32: the original run)."""
+        if dtype == "float32":
+            self.want_logits(None)
+        elif dtype not in self._native:
+            self._wait(("native", dtype), logits_pass(TORCH_DTYPES[dtype], self.device, self.input_ids),
+                       lambda logits: self._native.__setitem__(dtype, logits))
+
+    def defer(self, run: Pass, done: Callable[[Any], None]) -> None:
+        """Another check's pass over this source, on these tokens, to run with the next `run`: `done` gets its
+        result."""
+        self._waiting.append((None, run, done))
+
+    def run(self) -> None:
+        """Everything waiting, in one lock step (nothing when nothing waits). A failure drops it all, to be asked
+        for again, except `CannotShare`, raised before any pass ran: this reference's own runs wait on, the passes
+        of other checks are dropped (their checks run them apart)."""
+        waiting, self._waiting = self._waiting, []
+        if not waiting:
+            return
+        try:
+            results = run_passes(self.model_dir, [p for _, p, _ in waiting], self.device, self.batch.resident(),
+                                 self.progress)
+        except CannotShare:
+            self._waiting = [w for w in waiting if w[0] is not None]
+            raise
+        for (_, _, done), result in zip(waiting, results):
+            done(result)
+
+    def want_teacher(self, rounding: str, runtime: StageRunner) -> Callable[[], TeacherForced]:
         """HF's run with `rounding` (its logits kept as `logits(rounding)`), each of `runtime`'s stages run on
-        HF's input to that stage as HF runs (its free runs advancing with it), and compared with HF's output. Unless
-        kept already, HF's original run and its run in `rounding`'s dtype (`own_cost`) go along in lock step."""
+        HF's input to that stage as HF runs (its free runs advancing with it), and compared with HF's output, to
+        run with the next `run`, with HF's original run and its run in `rounding`'s dtype (`own_cost`) unless kept
+        already. The function returned gives the comparison, running what waits first."""
         errors: list[StageError] = []
         last: list[Tensor] = []
 
@@ -227,30 +284,32 @@ class HFReference:
             return [h for i, layer in enumerate(layers) for h in (
                 layer.register_forward_pre_hook(before(i), with_kwargs=True), layer.register_forward_hook(after(i)))]
 
-        extra: dict[str, Pass] = {}
+        key = (rounding, None)
+        self._runs.pop(key, None)  # this run's logits replace any kept: the stages are compared on them
+        self._wait(("teacher", id(runtime)), self._pass(rounding, None, hooks), lambda run: self._runs.__setitem__(key, run))
         if rounding != "float32":
-            if (None, None) not in self._runs:
-                extra["original"] = self._pass(None, None)
-            if rounding not in self._own:
-                extra["own"] = logits_pass(TORCH_DTYPES[rounding], self.device, self.input_ids)
-        teacher, *rest = self._passes([self._pass(rounding, None, hooks), *extra.values()])
-        ran = dict(zip(extra, rest))
-        self._runs[(rounding, None)] = teacher
-        if "original" in ran:
-            self._runs[(None, None)] = ran["original"]
-        if "own" in ran:
-            self._own[rounding] = OwnCost.measured(rounding, self.logits(None), ran["own"], self.device)
-        logits = teacher[0]
-        compare(FINAL_STAGE, logits.to(self.device), runtime.logits(last[0]).float())
-        first = next((e.stage for e in errors if not e.relative_error <= CONVERSION_REL_ERROR), None)
-        return TeacherForced(errors, first)
+            self.want_logits(None)
+            self.want_native(rounding)
 
-    def _run(self, rounding: str | None, sequence: int | None) -> tuple[Tensor, list[Tensor]]:
-        """One streamed run, computed once and kept."""
-        key = (rounding, sequence)
-        if key not in self._runs:
-            self._runs[key] = self._passes([self._pass(rounding, sequence)])[0]
-        return self._runs[key]
+        def forced() -> TeacherForced:
+            self.run()
+            if not last:
+                raise AssertionError("the teacher-forced run did not run")
+            logits = self._runs[key][0]
+            compare(FINAL_STAGE, logits.to(self.device), runtime.logits(last[0]).float())
+            last.clear()
+            first = next((e.stage for e in errors if not e.relative_error <= CONVERSION_REL_ERROR), None)
+            return TeacherForced(errors, first)
+
+        return forced
+
+    def teacher_forced(self, rounding: str, runtime: StageRunner) -> TeacherForced:
+        """`want_teacher`'s comparison, run now."""
+        return self.want_teacher(rounding, runtime)()
+
+    def _wait(self, key: Hashable | None, run: Pass, done: Callable[[Any], None]) -> None:
+        if all(k != key for k, _, _ in self._waiting):
+            self._waiting.append((key, run, done))
 
     def _pass(self, rounding: str | None, sequence: int | None,
               hooks: Callable[[torch.nn.Module], list] | None = None) -> Pass[tuple[Tensor, list[Tensor]]]:
@@ -268,9 +327,6 @@ class HFReference:
                     handle.remove()
 
         return Pass(torch.float32, run, value)
-
-    def _passes(self, passes: list[Pass]) -> list:
-        return run_passes(self.model_dir, passes, self.device, self.batch.resident(), self.progress)
 
 
 def _forward(model: torch.nn.Module, ids: Tensor, capture: bool) -> tuple[Tensor, list[Tensor]]:
@@ -335,6 +391,14 @@ def check_sharded(checkpoint_dir: Path | str, reference: HFReference, target: st
     A checkpoint the runtime rejects (missing, extra or misshapen tensors, a bad config) fails as structural;
     one using a feature the runtime cannot execute raises `CheckNotRun` (the check did not run).
     """
+    return want_sharded(checkpoint_dir, reference, target)()
+
+
+def want_sharded(checkpoint_dir: Path | str, reference: HFReference,
+                 target: str | None = None) -> Callable[[], ShardedReport]:
+    """`check_sharded` in two steps: the checkpoint opened, and its runs asked of `reference` (to run with its
+    next `run`, beside what other checks ask of it); then the function returned runs what waits and gives the
+    report."""
     ids = reference.input_ids
     report = ShardedReport(str(reference.model_dir), str(checkpoint_dir), ids.shape[0], ids.shape[1],
                            reference.seed, str(reference.device))
@@ -343,32 +407,37 @@ def check_sharded(checkpoint_dir: Path | str, reference: HFReference, target: st
         ckpt.validate()
     except ValueError as e:
         report.structural = str(e)
-        return report
+        return lambda: report
     cfg = ckpt.config
     report.dtype, report.tp_size, report.pp_size = dtype_name(cfg.dtype), cfg.tp_size, cfg.pp_size
     if cfg.vocab_size != reference.vocab_size:
         report.structural = f"vocab_size is {cfg.vocab_size} in config.json, {reference.vocab_size} in the source"
-        return report
+        return lambda: report
     dtype, device = report.dtype, reference.device
     # one pass over the rank files: the teacher-forced stages, the runtime in the checkpoint dtype and in float32
     free = (cfg.dtype,) if dtype == "float32" else (cfg.dtype, torch.float32)
     runner = StageRunner(ckpt, device, torch.float32, ids, free)
-    report.teacher_forced = reference.teacher_forced(dtype, runner)
-    native, wide = (runner.free_logits[0].cpu(),) * 2 if dtype == "float32" else (t.cpu() for t in runner.free_logits)
-    conversion = _conversion(dtype, reference.logits(dtype), wide, report.teacher_forced, device)
-    report.comparisons.append(conversion)
-    if dtype != "float32":
-        report.comparisons.append(_precision(dtype, reference.logits(None), native, reference.own_cost(dtype),
-                                             reference.batch.limits, device))
-    if report.passed:
+    forced = reference.want_teacher(dtype, runner)
+
+    def finish() -> ShardedReport:
+        report.teacher_forced = forced()
+        native, wide = (runner.free_logits[0].cpu(),) * 2 if dtype == "float32" else (t.cpu() for t in runner.free_logits)
+        conversion = _conversion(dtype, reference.logits(dtype), wide, report.teacher_forced, device)
+        report.comparisons.append(conversion)
+        if dtype != "float32":
+            report.comparisons.append(_precision(dtype, reference.logits(None), native, reference.own_cost(dtype),
+                                                 reference.batch.limits, device))
+        if report.passed:
+            return report
+        # Stage by stage in float32 over stored values, unless the reference itself is not finite (the source does
+        # not survive the cast): then in the checkpoint dtype against HF float32, looking for the first inf or NaN.
+        if not conversion.passed and conversion.checks["reference_nonfinite"].passed:
+            report.localization = _localize(ckpt, reference, "conversion", dtype, torch.float32, wide)
+        else:
+            report.localization = _localize(ckpt, reference, "precision", None, cfg.dtype, native)
         return report
-    # Stage by stage in float32 over stored values, unless the reference itself is not finite (the source does
-    # not survive the cast): then in the checkpoint dtype against HF float32, looking for the first inf or NaN.
-    if not conversion.passed and conversion.checks["reference_nonfinite"].passed:
-        report.localization = _localize(ckpt, reference, "conversion", dtype, torch.float32, wide)
-    else:
-        report.localization = _localize(ckpt, reference, "precision", None, cfg.dtype, native)
-    return report
+
+    return finish
 
 
 def _localize(ckpt: ShardedCheckpoint, reference: HFReference, name: str, rounding: str | None,

@@ -31,7 +31,7 @@ from .forward import BatchOptions
 from .inputs import check_model
 from .host_memory import libraries_frozen, return_large_frees
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
-from .sharded_check import CHECKS as SHARDED_CHECKS, ShardedReport, sharded_check
+from .sharded_check import CHECKS as SHARDED_CHECKS, HFReference, ShardedReport, sharded_check, want_sharded
 from .streaming import Progress
 
 MODES = ("both", "reassembled", "sharded")
@@ -173,6 +173,8 @@ def _run_modes(result: Verification, model_dir: Path | str, checkpoint_dir: Path
                batch: BatchOptions, log: Log | None, target: str | None, progress: Progress | None) -> None:
     check_readable(checkpoint_dir, target, model_dir)
     batch.limit_device_memory()
+    if mode == "both" and _together(result, model_dir, checkpoint_dir, batch, log, target, progress):
+        return
     if mode in ("both", "reassembled"):
         with _unless_not_run(result, "reassembled"):
             result.reassembled = verify_equivalence(model_dir, checkpoint_dir, batch, log, target, progress)
@@ -184,6 +186,32 @@ def _run_modes(result: Verification, model_dir: Path | str, checkpoint_dir: Path
         with _unless_not_run(result, "sharded"):
             result.sharded = sharded_check(model_dir, checkpoint_dir, batch, target, progress)
         result.timings["sharded"] = time.perf_counter() - start
+
+
+def _together(result: Verification, model_dir: Path | str, checkpoint_dir: Path | str, batch: BatchOptions,
+              log: Log | None, target: str | None, progress: Progress | None) -> bool:
+    """Both modes over one lock step of the source: the sharded mode's runs (teacher-forced, float32, the model's
+    own in the checkpoint dtype) wait in one `HFReference`, the reassembled mode's join them (its rebuilt model
+    and weights comparison) and take the float32 and reduced-precision runs they share, so each unit of the source
+    is read once for both. True when both ran (passed or failed); False, with nothing recorded, when either could
+    not (a check not run, the device out of memory): then each runs on its own, so the right one is reported."""
+    reference = HFReference(model_dir, batch, progress, target)
+    try:
+        sharded = want_sharded(checkpoint_dir, reference, target)
+        if log:
+            log("the sharded reference runtime runs the rank files in step with the reassembled mode's runs")
+        reassembled = verify_equivalence(model_dir, checkpoint_dir, batch, log, target, progress, reference)
+        shared = time.perf_counter()
+        sharded_report = sharded()
+    except CheckNotRun:
+        return False
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return False
+    result.reassembled, result.sharded = reassembled, sharded_report
+    result.timings.update(reassembled.timings)
+    result.timings["sharded"] = time.perf_counter() - shared  # its own work; its runs are in "forward"
+    return True
 
 
 def convert_and_check(

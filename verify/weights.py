@@ -16,12 +16,12 @@ import torch
 
 from shardproof.converter.checkpoint import TRTCheckpoint, Violation
 from shardproof.converter.plan import PlannedTensor, holds
-from shardproof.converter.reassemble import invert_group, rebuild
+from shardproof.converter.reassemble import Rebuild, invert_group, rebuild
 from shardproof.converter.source import Source
 from shardproof.converter.transforms import to_stored
 
 from .metrics import first_difference, max_abs_diff
-from .streaming import Progress
+from .streaming import Progress, Unit
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class WeightCheck:
             return
         shape = tuple(source.shapes[name])
         on_host = name in self._rounded or self.device.type == "cpu"
-        if on_host or stored is None:
+        if stored is None or (on_host and stored.device.type != "cpu"):
             stored = source.load(name, None if on_host else self.device)
         expected = plan.reassembled_value(name, stored).to(actual.device)
         if tuple(actual.shape) != shape or actual.dtype != expected.dtype:
@@ -146,6 +146,54 @@ def compare_weights(
         if progress and name in source.shapes:
             progress(source.nbytes(name))
     return check.result()
+
+
+class RebuiltUnits:
+    """The checkpoint's model for a streamed run beside the source's (`Pass.tensors`, verify/lockstep.py): each
+    unit's tensors inverted from the rank files (`Rebuild`, its findings appended to `violations`) and compared
+    with the source's as stored, which the lock step has in hand (`WeightCheck`), so one read of each serves the
+    weights comparison and both models' runs. `result` inverts and compares what no unit asked for (a tied
+    lm_head's copy) and gives the comparison."""
+
+    def __init__(self, source: Source, checkpoint: TRTCheckpoint, violations: list[Violation],
+                 device: torch.device) -> None:
+        self._check = WeightCheck(source, checkpoint, device)
+        self._rebuild = Rebuild(checkpoint, violations, device if device.type != "cpu" else None)
+        self._groups = checkpoint.plan.groups()
+        self._group_of = {}
+        for index, group in enumerate(self._groups):
+            for name in group[0].sources:
+                self._group_of.setdefault(name, index)
+        self._inverted: set[int] = set()
+        self._pending: dict[str, torch.Tensor] = {}  # given back by a group for a unit still to come
+
+    def __call__(self, unit: Unit, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`unit`'s tensors, each compared with `stored` (the source's tensors of the unit, as stored)."""
+        for key in unit.keys:
+            if key in self._pending:
+                continue
+            tied = self._rebuild.kept(key)  # asked for again (a tied lm_head loads the embedding's)
+            if tied is not None:
+                self._pending[key] = tied
+            else:
+                self._invert(self._group_of[key], stored)
+        return {key: self._pending.pop(key) for key in unit.keys}
+
+    def _invert(self, index: int, stored: dict[str, torch.Tensor]) -> None:
+        self._inverted.add(index)
+        group = self._groups[index]
+        given, _ = self._rebuild.group(group)
+        for name, tensor in given:
+            self._check.compare(name, tensor, group, stored.get(name))
+            self._pending[name] = tensor
+
+    def result(self) -> WeightComparison:
+        self._pending.clear()
+        for index in range(len(self._groups)):
+            if index not in self._inverted:
+                self._invert(index, {})
+                self._pending.clear()
+        return self._check.result()
 
 
 def locate_in_ranks(source: Source, checkpoint: TRTCheckpoint, names: set[str]) -> list[RankDifference]:

@@ -1,0 +1,60 @@
+"""Both modes in one run share one lock step over the source (`verification._together`): the same verdicts and
+figures as each mode run on its own, and a check that cannot run in the shared step is reported by the mode it
+belongs to, the other mode still run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardproof.converter.api import convert
+from shardproof.converter.errors import CheckNotRun
+from shardproof.verify.forward import BatchOptions
+from shardproof.verify.outcomes import Status
+from shardproof.verify.runtime.teacher import StageRunner
+from shardproof.verify.tiny_models import build_tiny_model
+from shardproof.verify.verification import verify_checkpoint
+
+BATCH = BatchOptions(device="cpu", num_sequences=2, seq_len=16)
+
+
+@pytest.mark.parametrize("architecture, layout", [
+    ("LlamaForCausalLM", dict(dtype="bfloat16", tp_size=2)),
+    ("GemmaForCausalLM", dict(dtype="bfloat16", tp_size=2, pp_size=2)),  # norms rounded: the expected run is apart
+])
+def test_both_modes_together_give_what_each_gives_alone(tmp_path: Path, architecture: str, layout: dict) -> None:
+    model = build_tiny_model(tmp_path / "m", architecture, seed=4)
+    convert(model, tmp_path / "c", **layout)
+    both = verify_checkpoint(model, tmp_path / "c", "both", BATCH)
+    alone = {mode: verify_checkpoint(model, tmp_path / "c", mode, BATCH) for mode in ("reassembled", "sharded")}
+    assert both.status is Status.PASSED
+    modes = [c for c in both.checks if c.mode != "manifest"]
+    assert modes == [c for m in alone.values() for c in m.checks if c.mode != "manifest"] and len(modes) == 7
+    r, r_alone = both.reassembled, alone["reassembled"].reassembled
+    assert r.weights == r_alone.weights and r.forward == r_alone.forward and r.precision == r_alone.precision
+    s, s_alone = both.sharded, alone["sharded"].sharded
+    assert s.teacher_forced == s_alone.teacher_forced
+    assert [c.metrics for c in s.comparisons] == [c.metrics for c in s_alone.comparisons]
+    assert [c.own for c in s.comparisons] == [c.own for c in s_alone.comparisons]
+
+
+def test_a_check_that_cannot_run_in_the_shared_step_is_its_own_modes_and_the_other_mode_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtime gives up in the middle of the shared lock step (at layer 1): both modes run again apart, so the
+    sharded mode is the one not run and the reassembled mode passes."""
+    model = build_tiny_model(tmp_path / "m", "LlamaForCausalLM", seed=4)
+    convert(model, tmp_path / "c", dtype="bfloat16", tp_size=2)
+    layer = StageRunner.layer
+
+    def gives_up(self: StageRunner, index: int, x: torch.Tensor) -> torch.Tensor:
+        if index == 1:
+            raise CheckNotRun("the runtime cannot run layer 1")
+        return layer(self, index, x)
+
+    monkeypatch.setattr(StageRunner, "layer", gives_up)
+    result = verify_checkpoint(model, tmp_path / "c", "both", BATCH)
+    assert result.status is Status.NOT_RUN
+    assert result.not_run == {"sharded": "the runtime cannot run layer 1"}
+    assert result.reassembled is not None and result.reassembled.passed
