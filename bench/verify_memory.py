@@ -10,6 +10,8 @@ For each depth the model (random values, `bench/convert_bench.py`'s builder, 4 s
 conversion (`shardproof convert --tp_size N`) are written under --out once, then every measured command runs in a
 fresh subprocess of this parent, which imports neither torch nor transformers (ru_maxrss survives fork and exec):
 - floor: start-up (torch and transformers imported) and every byte of the source and the rank files read once;
+  then, outside the floor, the source's `AutoConfig.from_pretrained` is timed (`config_load`: the imports of
+  transformers' model code that any tool loading the model pays, torchvision's included where it is installed);
 - `verify --mode M` for each mode, in-process in the child (`verify_checkpoint`, the CLI's code path), which
   reports the verdict and, on CUDA, the peak device memory (torch.cuda.max_memory_allocated).
 Prints a Markdown table (wall time, its ratio to the floor, peak RSS, the target 4 GiB + 2 x the largest tensor,
@@ -37,7 +39,7 @@ def floor(*directories: str) -> None:
 
     start = time.perf_counter()
     import torch  # noqa: F401
-    import transformers  # noqa: F401
+    import transformers
 
     imported = time.perf_counter()
     buffer, total = bytearray(CHUNK), 0
@@ -46,7 +48,11 @@ def floor(*directories: str) -> None:
             with open(path, "rb", buffering=0) as f:
                 while n := f.readinto(buffer):
                     total += n
-    print(json.dumps({"startup": imported - start, "read": time.perf_counter() - imported, "bytes": total}))
+    read = time.perf_counter() - imported
+    config = time.perf_counter()  # not part of the floor: what transformers' imports cost any tool loading the model
+    transformers.AutoConfig.from_pretrained(directories[0])
+    print(json.dumps({"startup": imported - start, "read": read, "bytes": total,
+                      "config_load": time.perf_counter() - config}))
 
 
 def verify(model: str, checkpoint: str, mode: str, batch: str) -> None:
