@@ -58,7 +58,8 @@ CHECKS = ("reassembly", "config", "weights", "forward", "precision")
 
 @dataclass
 class ForwardComparison:
-    """The source cast to the checkpoint dtype against the reassembled model: must be bit-identical."""
+    """The source cast to the checkpoint dtype against the reassembled model: must be bit-identical. `metrics`
+    size a difference (None when the logits are identical, or their shapes differ)."""
 
     identical: bool
     metrics: LogitMetrics | None
@@ -313,6 +314,14 @@ class _Runs:
         expected = got["expected"] if self.rounded is not None else reference.native(name)
         return expected, reference.logits(None) if separate else None, got["actual"], weights
 
+    def cost(self, dtype: str, expected: torch.Tensor, wide: torch.Tensor | None) -> LogitMetrics:
+        """The float32 source's logits (`wide`; None: `expected` is float32) against `expected`: the model's own
+        cost of `dtype` as `reference` keeps it (the sharded mode judges against the same) unless the conversion's
+        rounding makes `expected` another run."""
+        if self.rounded is None:
+            return self.reference.own_cost(dtype).metrics
+        return logit_metrics(expected if wide is None else wide, expected, dtype=dtype, device=self.batch.torch_device)
+
     def _passes(self, passes: list[Pass]) -> list:
         return run_passes(self.source, passes, self.batch.torch_device, self.batch.resident(), self.progress)
 
@@ -331,8 +340,7 @@ def _compare_models(report: EquivalenceReport, runs: _Runs, input_ids: torch.Ten
     # The dtype's cost is measured on the source cast to it, so that a conversion fault shows in the forward
     # comparison alone; when the conversion is exact the checkpoint's logits are these, bit for bit.
     with stage("precision", f"measuring what {report.dtype} costs the source"):
-        reference = expected if wide is None else wide
-        metrics = logit_metrics(reference, expected, dtype=report.dtype, device=dev)
+        metrics = runs.cost(report.dtype, expected, wide)
         report.precision = PrecisionEffect(report.dtype, metrics, runs.batch.limits)
         if metrics.nonfinite:
             sequence = int((~torch.isfinite(expected)).flatten(1).any(dim=1).nonzero()[0])
@@ -348,7 +356,8 @@ def _forward_comparison(expected: torch.Tensor, actual: torch.Tensor, device: to
         problem = f"logits shapes differ: {list(actual.shape)} from the checkpoint, {list(expected.shape)} from the source"
         return ForwardComparison(False, None, list(range(expected.shape[0])), problem)
     differing = [i for i in range(expected.shape[0]) if not bit_identical(expected[i], actual[i])]
-    return ForwardComparison(not differing, logit_metrics(expected, actual, device=device), differing)
+    return ForwardComparison(not differing, logit_metrics(expected, actual, device=device) if differing else None,
+                             differing)
 
 
 def _localize(report: EquivalenceReport, runs: _Runs, dtype: torch.dtype, input_ids: torch.Tensor) -> Localization:

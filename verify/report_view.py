@@ -132,12 +132,13 @@ def metrics_table(report: EquivalenceReport) -> Table:
     table.add_column("limit (the cost is the model's own: only non-finite and your limits fail)", justify="right")
     checks = p.checks
     for name in NUMBERS:
-        exact = _num(getattr(f.metrics, name)) if f.metrics else "-"
+        exact = _num(getattr(f.metrics, name)) if f.metrics else "identical" if f.identical else "-"
         cost = _num(getattr(p.metrics, name))
         threshold = f"{checks[name].op} {_num(checks[name].threshold)}" if name in checks else ""
         table.add_row(name, exact, cost, threshold)
     for name in WORDS:
-        table.add_row(name, _words(getattr(f.metrics, name)) if f.metrics else "-", _words(getattr(p.metrics, name)), "")
+        exact = _words(getattr(f.metrics, name)) if f.metrics else "identical" if f.identical else "-"
+        table.add_row(name, exact, _words(getattr(p.metrics, name)), "")
     return table
 
 
