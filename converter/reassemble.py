@@ -68,14 +68,23 @@ def reassemble(
     return result
 
 
+RankLoad = Callable[[int, str, "torch.device | None"], torch.Tensor]  # (rank, tensor name, device) -> as stored
+
+
+def inverted_on(group: list[PlannedTensor], device: torch.device | None) -> torch.device | None:
+    """Where `invert_group` reads and inverts `group` for `device`: there, unless its ops round (then the host,
+    where conversion computed them, since another device may round otherwise)."""
+    return device if device is not None and all(op.exact for op in group[0].ops) else None
+
+
 def invert_group(ckpt: TRTCheckpoint, group: list[PlannedTensor], device: torch.device | None = None,
-                 ) -> tuple[list[torch.Tensor], list[Violation], int]:
+                 load: RankLoad | None = None) -> tuple[list[torch.Tensor], list[Violation], int]:
     """The source tensors one TP group's rank tensors give back (in `group[0].sources` order), the problems its
-    inverse found, and the bytes read. `device`: where to read and invert (None: the host); a group whose ops
-    round is inverted on the host, where conversion computed them, since another device may round otherwise."""
+    inverse found, and the bytes read. `device`: where to read and invert (None: the host; `inverted_on`);
+    `load` reads a rank tensor (default `ckpt.load`)."""
     head = group[0]
-    where = device if device is not None and all(op.exact for op in head.ops) else None
-    locals_ = [ckpt.load(ckpt.mapping.rank(t.tp_rank, head.pp_rank), t.name, where) for t in group]
+    where, load = inverted_on(group, device), load or ckpt.load
+    locals_ = [load(ckpt.mapping.rank(t.tp_rank, head.pp_rank), t.name, where) for t in group]
     sources, problems = head.shard.inverse(locals_, head.stored_shapes)
     sources = to_source(head.ops, sources)
     violations = [Violation(ckpt.mapping.rank(r, head.pp_rank), head.name, p) for r, p in problems]
@@ -86,10 +95,11 @@ class Rebuild:
     """Source tensors given back from the rank files one TP group at a time, each once, in any order of groups;
     what the inverses find is appended to `violations` on the way: KV replicas identical across ranks, padding
     rows zero, replicated tensors identical, tied copies identical (a tied tensor is kept until every group using
-    it has been inverted). `device` as `invert_group`'s."""
+    it has been inverted). `device` and `load` as `invert_group`'s."""
 
-    def __init__(self, ckpt: TRTCheckpoint, violations: list[Violation], device: torch.device | None = None) -> None:
-        self.ckpt, self.violations, self.device = ckpt, violations, device
+    def __init__(self, ckpt: TRTCheckpoint, violations: list[Violation], device: torch.device | None = None,
+                 load: RankLoad | None = None) -> None:
+        self.ckpt, self.violations, self.device, self.load = ckpt, violations, device, load
         self._uses = Counter(name for group in ckpt.plan.groups() for name in group[0].sources)
         self._kept: dict[str, tuple[str, torch.Tensor]] = {}
 
@@ -101,7 +111,7 @@ class Rebuild:
         """The source tensors `group` gives back that no group gave before (a tied one given again is compared
         with its first copy instead), and the bytes read."""
         head = group[0]
-        sources, problems, nbytes = invert_group(self.ckpt, group, self.device)
+        sources, problems, nbytes = invert_group(self.ckpt, group, self.device, self.load)
         self.violations += problems
         given = []
         for name, tensor in zip(head.sources, sources):

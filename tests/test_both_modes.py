@@ -58,3 +58,36 @@ def test_a_check_that_cannot_run_in_the_shared_step_is_its_own_modes_and_the_oth
     assert result.status is Status.NOT_RUN
     assert result.not_run == {"sharded": "the runtime cannot run layer 1"}
     assert result.reassembled is not None and result.reassembled.passed
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "GemmaForCausalLM"])
+def test_both_modes_read_each_rank_tensor_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               architecture: str) -> None:
+    """The runtime and the rebuilt model each need every tensor of the rank files: in one run they share each read
+    (`verify/rank_reads.py`), so every tensor is read once; apart, each mode reads it."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    from shardproof.converter.safetensors_io import TensorReader
+
+    model = build_tiny_model(tmp_path / "m", architecture, seed=4)
+    convert(model, tmp_path / "c", dtype="bfloat16", tp_size=2, pp_size=2)
+    stored = Counter()
+    for path in sorted((tmp_path / "c").glob("rank*.safetensors")):
+        with safe_open(path, "pt") as f:
+            stored.update((path.name, name) for name in f.keys())
+    reads, read = Counter(), TensorReader.read
+
+    def counted(self: TensorReader, name: str) -> torch.Tensor:
+        if self.path.name.startswith("rank"):
+            reads[(self.path.name, name)] += 1
+        return read(self, name)
+
+    monkeypatch.setattr(TensorReader, "read", counted)
+    assert verify_checkpoint(model, tmp_path / "c", "both", BATCH).status is Status.PASSED
+    assert reads == stored
+    reads.clear()
+    for mode in ("reassembled", "sharded"):
+        assert verify_checkpoint(model, tmp_path / "c", mode, BATCH).status is Status.PASSED
+    assert reads == Counter({key: 2 for key in stored})

@@ -39,6 +39,7 @@ from .lockstep import Pass, CannotShare, run_passes
 from .inputs import check_inputs
 from .metrics import LogitMetrics, bit_identical, logit_metrics
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
+from .rank_reads import RankReads
 from .sharded_check import HFReference
 from .thresholds import Check, UserLimits
 from .streaming import Progress, ValueFn
@@ -219,6 +220,7 @@ def verify_equivalence(
     target: str | None = None,
     progress: Progress | None = None,
     reference: HFReference | None = None,
+    across: RankReads | None = None,
 ) -> EquivalenceReport:
     """Check that the checkpoint at `checkpoint_dir` is the HF model at `model_dir` (see the module docstring).
 
@@ -226,7 +228,8 @@ def verify_equivalence(
     checkpoint gets wrong is in the report. `log` receives a line as each stage starts; `progress` the bytes of
     source tensors read as the weights are compared and as each model streams through the device. `reference`:
     the source's runs another check shares (the sharded mode's, on the same tokens): this check's passes join
-    whatever waits there, in one lock step, and take its float32 and reduced-precision runs where kept.
+    whatever waits there, in one lock step, and take its float32 and reduced-precision runs where kept; `across`:
+    the rank files' reads shared with that check's runtime (`verify/rank_reads.py`).
     """
     check_inputs(model_dir, checkpoint_dir, batch, target)
     dev, seq_len = batch.torch_device, batch.seq_len
@@ -260,7 +263,7 @@ def verify_equivalence(
         if reference is None or not torch.equal(reference.input_ids, batch.input_ids(vocab)):
             reference = HFReference(model_dir, batch, progress, target, vocab)
         runs = _Runs(source, rebuilt, ckpt, ckpt.plan.reassembled_value if rounded else None, batch, progress,
-                     reference)
+                     reference, across)
         _compare_models(report, runs, reference.input_ids, stage)
     return report
 
@@ -278,6 +281,7 @@ class _Runs:
     batch: BatchOptions
     progress: Progress | None
     reference: HFReference
+    across: RankReads | None
 
     def forward(self, dtype: torch.dtype, input_ids: torch.Tensor, violations: list[Violation],
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, WeightComparison]:
@@ -291,7 +295,7 @@ class _Runs:
         and each model runs on its own."""
         dev, reference, name = self.batch.torch_device, self.reference, dtype_name(dtype)
         ids, got, found = reference.input_ids, {}, []
-        units = RebuiltUnits(self.source, self.checkpoint, found, dev)
+        units = RebuiltUnits(self.source, self.checkpoint, found, dev, self.across)
         reference.defer(replace(logits_pass(dtype, dev, ids), source=self.rebuilt, tensors=units),
                         lambda logits: got.__setitem__("actual", logits))
         if self.rounded is None:

@@ -44,6 +44,7 @@ from .forward import BatchOptions, logits_pass
 from .lockstep import CannotShare, Pass, run_passes
 from .metrics import LogitMetrics, logit_metrics
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
+from .rank_reads import RankReads
 from .runtime.collectives import SimulatedCollectives
 from .runtime.rank_files import ShardedCheckpoint
 from .runtime.target_view import open_sharded
@@ -394,11 +395,11 @@ def check_sharded(checkpoint_dir: Path | str, reference: HFReference, target: st
     return want_sharded(checkpoint_dir, reference, target)()
 
 
-def want_sharded(checkpoint_dir: Path | str, reference: HFReference,
-                 target: str | None = None) -> Callable[[], ShardedReport]:
+def want_sharded(checkpoint_dir: Path | str, reference: HFReference, target: str | None = None,
+                 across: RankReads | None = None) -> Callable[[], ShardedReport]:
     """`check_sharded` in two steps: the checkpoint opened, and its runs asked of `reference` (to run with its
-    next `run`, beside what other checks ask of it); then the function returned runs what waits and gives the
-    report."""
+    next `run`, beside what other checks ask of it; `across`: the rank files' reads shared with another reader of
+    them, `verify/rank_reads.py`); then the function returned runs what waits and gives the report."""
     ids = reference.input_ids
     report = ShardedReport(str(reference.model_dir), str(checkpoint_dir), ids.shape[0], ids.shape[1],
                            reference.seed, str(reference.device))
@@ -416,7 +417,7 @@ def want_sharded(checkpoint_dir: Path | str, reference: HFReference,
     dtype, device = report.dtype, reference.device
     # one pass over the rank files: the teacher-forced stages, the runtime in the checkpoint dtype and in float32
     free = (cfg.dtype,) if dtype == "float32" else (cfg.dtype, torch.float32)
-    runner = StageRunner(ckpt, device, torch.float32, ids, free)
+    runner = StageRunner(ckpt, device, torch.float32, ids, free, across)
     forced = reference.want_teacher(dtype, runner)
 
     def finish() -> ShardedReport:

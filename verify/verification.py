@@ -31,6 +31,7 @@ from .forward import BatchOptions
 from .inputs import check_model
 from .host_memory import libraries_frozen, return_large_frees
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
+from .rank_reads import RankReads
 from .sharded_check import CHECKS as SHARDED_CHECKS, HFReference, ShardedReport, sharded_check, want_sharded
 from .streaming import Progress
 
@@ -193,14 +194,15 @@ def _together(result: Verification, model_dir: Path | str, checkpoint_dir: Path 
     """Both modes over one lock step of the source: the sharded mode's runs (teacher-forced, float32, the model's
     own in the checkpoint dtype) wait in one `HFReference`, the reassembled mode's join them (its rebuilt model
     and weights comparison) and take the float32 and reduced-precision runs they share, so each unit of the source
-    is read once for both. True when both ran (passed or failed); False, with nothing recorded, when either could
+    is read once for both, and each tensor of the rank files once for the runtime and the rebuilt model
+    (`RankReads`). True when both ran (passed or failed); False, with nothing recorded, when either could
     not (a check not run, the device out of memory): then each runs on its own, so the right one is reported."""
-    reference = HFReference(model_dir, batch, progress, target)
+    reference, across = HFReference(model_dir, batch, progress, target), RankReads()
     try:
-        sharded = want_sharded(checkpoint_dir, reference, target)
+        sharded = want_sharded(checkpoint_dir, reference, target, across)
         if log:
             log("the sharded reference runtime runs the rank files in step with the reassembled mode's runs")
-        reassembled = verify_equivalence(model_dir, checkpoint_dir, batch, log, target, progress, reference)
+        reassembled = verify_equivalence(model_dir, checkpoint_dir, batch, log, target, progress, reference, across)
         shared = time.perf_counter()
         sharded_report = sharded()
     except CheckNotRun:

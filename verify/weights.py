@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from shardproof.converter.checkpoint import TRTCheckpoint, Violation
 from shardproof.converter.plan import PlannedTensor, holds
-from shardproof.converter.reassemble import Rebuild, invert_group, rebuild
+from shardproof.converter.reassemble import Rebuild, invert_group, inverted_on, rebuild
 from shardproof.converter.source import Source
 from shardproof.converter.transforms import to_stored
 
 from .metrics import first_difference, max_abs_diff
+from .rank_reads import RankReads, rank_key
 from .streaming import Progress, Unit
 
 
@@ -156,10 +158,24 @@ class RebuiltUnits:
     lm_head's copy) and gives the comparison."""
 
     def __init__(self, source: Source, checkpoint: TRTCheckpoint, violations: list[Violation],
-                 device: torch.device) -> None:
+                 device: torch.device, reads: RankReads | None = None) -> None:
         self._check = WeightCheck(source, checkpoint, device)
-        self._rebuild = Rebuild(checkpoint, violations, device if device.type != "cpu" else None)
         self._groups = checkpoint.plan.groups()
+        device = device if device.type != "cpu" else None
+        load = None
+        if reads is not None:  # the rank tensors the runtime reads too, read once for both (verify/rank_reads.py)
+            mapping = checkpoint.mapping
+
+            def path(group: list[PlannedTensor], tensor: PlannedTensor) -> Path:
+                return checkpoint.rank_path(mapping.rank(tensor.tp_rank, group[0].pp_rank))
+
+            reads.declare(rank_key(path(g, t), t.name, inverted_on(g, device)) for g in self._groups for t in g)
+
+            def load(rank: int, name: str, where: torch.device | None) -> torch.Tensor:
+                return reads.read(rank_key(checkpoint.rank_path(rank), name, where),
+                                  lambda: checkpoint.load(rank, name, where))
+
+        self._rebuild = Rebuild(checkpoint, violations, device, load)
         self._group_of = {}
         for index, group in enumerate(self._groups):
             for name in group[0].sources:

@@ -16,6 +16,7 @@ from shardproof.converter.dtypes import from_safetensors_code
 from shardproof.converter.errors import ShardproofError
 from shardproof.converter.safetensors_io import TensorReader
 
+from ..rank_reads import RankReads, rank_key
 from .config import RuntimeConfig, load_config
 from .family import Family, get_family
 
@@ -75,15 +76,18 @@ class RankFile:
 
 class SharedReads:
     """Rank tensors read once, as stored, and kept until ``clear()``: runs stepping through the same stage together
-    (``teacher.StageRunner``) each take their own cast of one read."""
+    (``teacher.StageRunner``) each take their own cast of one read. With ``across``, the reads of another reader
+    of the same files (the rebuilt model of ``--mode both``, ``verify/rank_reads.py``) serve here too."""
 
-    def __init__(self) -> None:
+    def __init__(self, across: RankReads | None = None) -> None:
         self._tensors: dict[tuple[Path, str], Tensor] = {}
+        self.across = across
 
     def get(self, file: RankFile, name: str, device: torch.device | str) -> Tensor:
         key = (file.path, name)
         if key not in self._tensors:
-            self._tensors[key] = file.read(name, device)
+            self._tensors[key] = (file.read(name, device) if self.across is None else
+                                  self.across.read(rank_key(file.path, name, device), lambda: file.read(name, device)))
         return self._tensors[key]
 
     def clear(self) -> None:

@@ -19,17 +19,19 @@ from shardproof.converter.errors import CheckNotRun
 
 from .blocks import rotary_cos_sin
 from .collectives import SimulatedCollectives
-from .rank_files import LAYER_PREFIX, RankWeights, SharedReads, ShardedCheckpoint
+from ..rank_reads import RankReads, rank_key
+from .rank_files import LAYER_PREFIX, RankFile, RankWeights, SharedReads, ShardedCheckpoint
 from .stage import check_input_ids
 
 
 class StageRunner:
     """``ckpt``'s stages on ``device`` for the token ids ``ids`` [B, T]: teacher-forced in ``dtype`` and, in lock
     step, a free run in each of ``free`` (compute dtypes). Steps come in order: ``embed()``, ``layer(0)`` ..
-    ``layer(num_layers - 1)``, ``logits(x)``; then ``free_logits`` holds each free run's float32 logits."""
+    ``layer(num_layers - 1)``, ``logits(x)``; then ``free_logits`` holds each free run's float32 logits.
+    ``across``: reads shared with another reader of the rank files (``verify/rank_reads.py``)."""
 
     def __init__(self, ckpt: ShardedCheckpoint, device: torch.device, dtype: torch.dtype, ids: Tensor,
-                 free: Sequence[torch.dtype] = ()) -> None:
+                 free: Sequence[torch.dtype] = (), across: RankReads | None = None) -> None:
         self.ckpt, self.cfg, self.device, self.dtype = ckpt, ckpt.config, device, dtype
         self.ids = check_input_ids(ids, self.cfg).to(device)
         self.rope = rotary_cos_sin(self.cfg, self.ids.shape[1], device)
@@ -38,7 +40,11 @@ class StageRunner:
         self.free_logits: list[Tensor] = []
         self._streams: list[list[Tensor]] = []  # each free run's per-TP-rank hidden states
         self._next = 0  # the step expected next: 0 embedding, 1 + i layer i, 1 + num_layers the logits
-        self._reads = SharedReads()
+        self._reads = SharedReads(across)
+        if across is not None:  # every tensor of the rank files it reads directly, each once
+            files = [ckpt.file(rank) for rank in range(self.cfg.world_size)]
+            across.declare(rank_key(f.path, name, device) for rank, f in enumerate(files) if type(f) is RankFile
+                           for name in ckpt.family.tensors(self.cfg, rank))
         self._stage_of = {layer: (p, j) for p in range(self.cfg.pp_size)
                           for j, layer in enumerate(self.cfg.stage_layers(p))}
 
