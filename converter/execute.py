@@ -16,8 +16,9 @@ from .bounded_pool import run_bounded
 from .digests import FileDigest
 from .plan import Plan, PlannedTensor
 from .planned_file import PlannedFile
+from .row_stream import stream_slices, write_streamed
 from .source import Source
-from .transforms import to_stored
+from .transforms import Slice, to_stored
 from .value_range import ValueGuard
 
 Progress = Callable[[str, int], None]  # called with each rank file tensor's name and bytes once it is written
@@ -30,15 +31,18 @@ def rank_file(rank: int) -> str:
 
 @dataclass(frozen=True)
 class _Instance:
-    """One row instance of one pipeline stage: its tensors on the stage's TP ranks (same sources), and their files."""
+    """One row instance of one pipeline stage: its tensors on the stage's TP ranks (same sources), their files, and
+    each tensor's slice of the one source when it streams (`stream_slices`)."""
 
     tensors: tuple[PlannedTensor, ...]
     files: tuple[PlannedFile, ...]
     read_bytes: int
+    slices: tuple[Slice, ...] | None
 
     @property
     def cost(self) -> int:
-        """Bytes it holds at most, roughly: the sources read, and what is stored from them."""
+        """Bytes it holds at most, roughly: the sources read, and what is stored from them (a streamed instance
+        holds a few blocks, unless a value that is not finite sends it the whole-tensor way)."""
         return self.read_bytes + sum(math.prod(t.shape) * t.torch_dtype.itemsize for t in self.tensors)
 
 
@@ -64,13 +68,16 @@ def write_checkpoint(plan: Plan, source: Source, directory: Path, config: dict |
             for r in plan.ranks
         ]
         instances = [
-            _Instance(tensors, tuple(files[first : first + tp]), sum(source.nbytes(name) for name in tensors[0].sources))
+            _Instance(tensors, tuple(files[first : first + tp]), sum(source.nbytes(name) for name in tensors[0].sources),
+                      stream_slices(tensors, tp))
             for first in range(0, len(plan.ranks), tp)
             for tensors in zip(*(r.tensors for r in plan.ranks[first : first + tp]))
         ]
         instances.sort(key=lambda i: i.cost, reverse=True)
 
         def make(instance: _Instance) -> None:
+            if instance.slices and write_streamed(instance.tensors, instance.files, instance.slices, source):
+                return
             head = instance.tensors[0]
             loaded = [source.load(name) for name in head.sources]
             stored = guard.stored(head, loaded, to_stored(head.ops, loaded, head.torch_dtype))

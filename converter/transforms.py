@@ -24,6 +24,7 @@ from .cast import cast
 
 Shape = tuple[int, ...]
 Problem = tuple[int, str]  # (tp_rank, what is wrong with that rank's tensor)
+Slice = tuple[int, int, int]  # (dim, start, stop): a rank's tensor as one slice of its source (`rank_slice`)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -32,7 +33,13 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 class Shard(Protocol):
-    """Source tensors (already as stored) -> one TP rank's tensor, and every rank's tensors -> the sources."""
+    """Source tensors (already as stored) -> one TP rank's tensor, and every rank's tensors -> the sources.
+
+    A shard whose rank tensor is one slice of its one source (a replica too) may say so with
+    `rank_slice(shape, tp, tp_rank) -> Slice` for a source of at least one dimension: the rank's tensor is the source's
+    [start, stop) along dim, followed by zeros along dim 0 up to its planned shape. The converter then streams
+    such tensors (converter/row_stream.py); a shard without it is applied whole.
+    """
 
     n_sources: int
     kind: str
@@ -253,6 +260,11 @@ class Reorder:
 
 QKV_PARTS = QKVParts()
 
+def _narrow(source: torch.Tensor, where: Slice) -> torch.Tensor:
+    dim, start, stop = where
+    return source.narrow(dim, start, stop - start)
+
+
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
     diff = (a.float() - b.float()).abs()
     index = tuple(int(i) for i in torch.nonzero(a != b)[0])
@@ -277,6 +289,9 @@ class Replicated:
 
     def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
         return sources[0]
+
+    def rank_slice(self, shape: Shape, tp: int, tp_rank: int) -> Slice:
+        return (0, 0, shape[0])
 
     def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
         reference = locals_[0]
@@ -313,8 +328,12 @@ class Split:
         shape[self.dim] //= tp
         return tuple(shape)
 
+    def rank_slice(self, shape: Shape, tp: int, tp_rank: int) -> Slice:
+        width = shape[self.dim] // tp
+        return (self.dim, tp_rank * width, (tp_rank + 1) * width)
+
     def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
-        return torch.chunk(sources[0], tp, dim=self.dim)[tp_rank]
+        return _narrow(sources[0], self.rank_slice(tuple(sources[0].shape), tp, tp_rank))
 
     def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
         return [torch.cat(list(locals_), dim=self.dim)], []
@@ -341,11 +360,16 @@ class VocabParallel:
         rows, *rest = shapes[0]
         return (self.padded_rows(rows, tp) // tp, *rest)
 
+    def rank_slice(self, shape: Shape, tp: int, tp_rank: int) -> Slice:
+        rows = shape[0]
+        local_rows = self.padded_rows(rows, tp) // tp
+        start = min(tp_rank * local_rows, rows)
+        return (0, start, min(start + local_rows, rows))
+
     def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
         source = sources[0]
         local_rows = self.padded_rows(source.shape[0], tp) // tp
-        start = tp_rank * local_rows
-        part = source[start : start + local_rows]
+        part = _narrow(source, self.rank_slice(tuple(source.shape), tp, tp_rank))
         if part.shape[0] == local_rows:
             return part
         padding = source.new_zeros((local_rows - part.shape[0], *source.shape[1:]))
@@ -496,12 +520,16 @@ class CeilSplit:
     def local_shape(self, shapes: Sequence[Shape], tp: int) -> Shape:
         return self.rank_shape(shapes, tp, 0)
 
+    def rank_slice(self, shape: Shape, tp: int, tp_rank: int) -> Slice:
+        if self._whole(shape):
+            return (0, 0, shape[0])
+        return (self.dim, *self._bounds(shape[self.dim], tp, tp_rank))
+
     def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
         source = sources[0]
         if self._whole(tuple(source.shape)):
             return source
-        start, end = self._bounds(source.shape[self.dim], tp, tp_rank)
-        return source.narrow(self.dim, start, end - start)
+        return _narrow(source, self.rank_slice(tuple(source.shape), tp, tp_rank))
 
     def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
         if self._whole(shapes[0]):
