@@ -45,6 +45,17 @@ def stream_slices(tensors: Sequence[PlannedTensor], tp: int) -> tuple[Slice, ...
     return slices
 
 
+def held_bytes(tensor: PlannedTensor, stored: torch.dtype) -> int:
+    """The bytes a streamed row instance of `tensor` (its source stored as `stored`) holds at most: its block
+    buffers (the read, a float32 staging block, the cast, a slice's contiguous copy)."""
+    shape = tensor.source_shapes[0]
+    return _block_rows(shape) * math.prod(shape[1:]) * (stored.itemsize + 4 + 2 * tensor.torch_dtype.itemsize)
+
+
+def _block_rows(shape: Shape) -> int:
+    return max(1, BLOCK // math.prod(shape[1:]))
+
+
 class _Part:
     """One slice of the source and the rank tensors (replicas: several) that store it: hashed once, written to
     each at the next position."""
@@ -93,10 +104,9 @@ def write_streamed(tensors: Sequence[PlannedTensor], files: Sequence[PlannedFile
     written are overwritten by the whole-tensor path), when a stored value is NaN or infinite."""
     head = tensors[0]
     name, shape, dtype = head.sources[0], head.source_shapes[0], head.torch_dtype
-    stored = source.weights.tensors[name].dtype
+    stored = source.dtype(name)
     row = math.prod(shape[1:])
-    rows_per_block = max(1, BLOCK // row)
-    elements = rows_per_block * row
+    elements = _block_rows(shape) * row
     out = torch.empty(elements, dtype=dtype) if dtype != stored else None
     scratch = torch.empty(elements, dtype=torch.float32) if through_float32(stored, dtype) else None
     parts: dict[Slice, _Part] = {}

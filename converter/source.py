@@ -64,6 +64,10 @@ class Source:
     def shapes(self) -> dict[str, Shape]:
         return {name: info.shape for name, info in self.weights.tensors.items()}
 
+    def dtype(self, name: str) -> torch.dtype:
+        """Tensor `name`'s stored dtype, from its metadata."""
+        return self.weights.tensors[name].dtype
+
     def nbytes(self, name: str) -> int:
         """The size of tensor `name`'s data, from its metadata."""
         return self.weights.tensors[name].nbytes

@@ -5,6 +5,8 @@ sends its tensor the whole way, with the same errors and notes."""
 from __future__ import annotations
 
 import math
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import shardproof.converter.row_stream as row_stream
 from shardproof.converter.api import convert
 from shardproof.converter.card import cards
 from shardproof.converter.errors import ShardproofError
+from shardproof.converter.source import Source
 from shardproof.converter.target import targets_for
 from tests.helpers import random_checkpoint
 
@@ -143,3 +146,38 @@ def test_a_bad_value_passed_by_a_flag_gives_the_whole_paths_bytes_and_notes(valu
     if outputs:
         assert files(outputs[True]) == files(outputs[False])
         assert notes[True] and TENSOR in notes[True][0]
+
+
+def test_fallbacks_to_the_whole_path_run_one_at_a_time(tmp_path, monkeypatch):
+    # a streamed instance holds a few blocks and is budgeted so; one that falls back holds its whole tensors, which
+    # the budget leaves out: so fallbacks take turns, whatever the workers
+    model = random_checkpoint(tmp_path / "hf", "LlamaForCausalLM", seed=2, dtype="bfloat16")
+    fallback, lock = threading.local(), threading.Lock()
+    running, most, fallbacks = 0, 0, 0
+
+    def refusing(*args) -> bool:  # as if every block held a value that is not finite
+        fallback.active = True
+        return False
+
+    load = Source.load
+
+    def slow_load(self, name, *args):
+        nonlocal running, most, fallbacks
+        if not getattr(fallback, "active", False):
+            return load(self, name, *args)
+        fallback.active = False
+        with lock:
+            running, fallbacks = running + 1, fallbacks + 1
+            most = max(most, running)
+        time.sleep(0.01)
+        with lock:
+            running -= 1
+        return load(self, name, *args)
+
+    monkeypatch.setattr(execute, "write_streamed", refusing)
+    monkeypatch.setattr(Source, "load", slow_load)
+    convert(model, tmp_path / "out", dtype="float16", tp_size=2, workers=4)
+    assert fallbacks > 4 and most == 1
+    monkeypatch.undo()
+    convert(model, tmp_path / "streamed", dtype="float16", tp_size=2, workers=4)
+    assert files(tmp_path / "out") == files(tmp_path / "streamed")
