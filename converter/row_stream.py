@@ -21,7 +21,7 @@ from .plan import PlannedTensor
 from .planned_file import PlannedFile
 from .safetensors_header import Shape
 from .source import Source
-from .transforms import Slice
+from .transforms import Slice, Sliced
 
 # Elements per block (whole rows, at least one): the cast's 1 MiB of float32, so a block stays in a core's L2 cache
 # from its read to its last write.
@@ -29,17 +29,16 @@ BLOCK = BLOCK_ELEMENTS
 
 
 def stream_slices(tensors: Sequence[PlannedTensor], tp: int) -> tuple[Slice, ...] | None:
-    """Each rank tensor's slice of the row instance's one source (`Shard.rank_slice`) when it can be streamed:
-    no op but the cast, a source of at least one dimension and one element, zeros (if any) after the last row only;
-    else None."""
+    """Each rank tensor's slice of the row instance's one source (`Sliced.rank_slice`) when it can be streamed: no
+    op but the cast, a shard whose `forward` is `Sliced.forward`, a source of at least one dimension and one element,
+    zeros (if any) after the last row only; else None."""
     head = tensors[0]
-    rank_slice = getattr(head.shard, "rank_slice", None)
-    if head.ops or len(head.sources) != 1 or rank_slice is None:
+    if head.ops or not isinstance(head.shard, Sliced) or type(head.shard).forward is not Sliced.forward:
         return None
     shape = head.source_shapes[0]
     if not shape or not math.prod(shape):
         return None
-    slices = tuple(rank_slice(shape, tp, t.tp_rank) for t in tensors)
+    slices = tuple(head.shard.rank_slice(shape, tp, t.tp_rank) for t in tensors)
     if any(dim and stop - start != t.shape[dim] for (dim, start, stop), t in zip(slices, tensors)):
         return None
     return slices

@@ -35,10 +35,8 @@ def ceil_div(a: int, b: int) -> int:
 class Shard(Protocol):
     """Source tensors (already as stored) -> one TP rank's tensor, and every rank's tensors -> the sources.
 
-    A shard whose rank tensor is one slice of its one source (a replica too) may say so with
-    `rank_slice(shape, tp, tp_rank) -> Slice` for a source of at least one dimension: the rank's tensor is the source's
-    [start, stop) along dim, followed by zeros along dim 0 up to its planned shape. The converter then streams
-    such tensors (converter/row_stream.py); a shard without it is applied whole.
+    A shard whose rank tensor is one slice of its one source (a replica too) derives from `Sliced`: it gives the
+    slice (`rank_slice`) and `Sliced.forward` takes it, which lets the converter stream it (converter/row_stream.py).
     """
 
     n_sources: int
@@ -260,9 +258,28 @@ class Reorder:
 
 QKV_PARTS = QKVParts()
 
-def _narrow(source: torch.Tensor, where: Slice) -> torch.Tensor:
-    dim, start, stop = where
-    return source.narrow(dim, start, stop - start)
+class Sliced:
+    """A shard whose rank tensor is one slice of its one source: `rank_slice(shape, tp, tp_rank)` for a source of
+    at least one dimension says which, [start, stop) along dim, and `forward` takes it, followed by zeros along dim up
+    to the rank's shape (`rank_shape`; a scalar source is taken whole). The converter streams a shard whose `forward`
+    is this one (converter/row_stream.py); a subclass that overrides `forward` is applied whole."""
+
+    def rank_slice(self, shape: Shape, tp: int, tp_rank: int) -> Slice:
+        raise NotImplementedError
+
+    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
+        source = sources[0]
+        if not source.dim():
+            return source
+        shape = tuple(source.shape)
+        dim, start, stop = self.rank_slice(shape, tp, tp_rank)
+        part = source.narrow(dim, start, stop - start)
+        size = rank_shape(self, [shape], tp, tp_rank)[dim]
+        if part.shape[dim] == size:
+            return part
+        zeros = list(part.shape)
+        zeros[dim] = size - part.shape[dim]
+        return torch.cat([part, part.new_zeros(zeros)], dim)
 
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -272,7 +289,7 @@ def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
 
 
 @dataclass(frozen=True)
-class Replicated:
+class Replicated(Sliced):
     """Every rank stores the whole tensor (norms, row-parallel biases, a non-parallel embedding)."""
 
     n_sources = 1
@@ -286,9 +303,6 @@ class Replicated:
 
     def local_shape(self, shapes: Sequence[Shape], tp: int) -> Shape:
         return shapes[0]
-
-    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
-        return sources[0]
 
     def rank_slice(self, shape: Shape, tp: int, tp_rank: int) -> Slice:
         return (0, 0, shape[0])
@@ -304,7 +318,7 @@ class Replicated:
 
 
 @dataclass(frozen=True)
-class Split:
+class Split(Sliced):
     """Even split along `dim`: dim 0 is column-parallel, dim 1 row-parallel (TensorRT-LLM's `split`)."""
 
     dim: int
@@ -332,15 +346,12 @@ class Split:
         width = shape[self.dim] // tp
         return (self.dim, tp_rank * width, (tp_rank + 1) * width)
 
-    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
-        return _narrow(sources[0], self.rank_slice(tuple(sources[0].shape), tp, tp_rank))
-
     def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
         return [torch.cat(list(locals_), dim=self.dim)], []
 
 
 @dataclass(frozen=True)
-class VocabParallel:
+class VocabParallel(Sliced):
     """Rows padded with zeros to a multiple of tp, then split on dim 0 (lm_head, embedding sharded on dim 0)."""
 
     n_sources = 1
@@ -365,15 +376,6 @@ class VocabParallel:
         local_rows = self.padded_rows(rows, tp) // tp
         start = min(tp_rank * local_rows, rows)
         return (0, start, min(start + local_rows, rows))
-
-    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
-        source = sources[0]
-        local_rows = self.padded_rows(source.shape[0], tp) // tp
-        part = _narrow(source, self.rank_slice(tuple(source.shape), tp, tp_rank))
-        if part.shape[0] == local_rows:
-            return part
-        padding = source.new_zeros((local_rows - part.shape[0], *source.shape[1:]))
-        return torch.cat([part, padding])
 
     def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
         rows = shapes[0][0]
@@ -480,7 +482,7 @@ class FusedColumn:
 
 
 @dataclass(frozen=True)
-class CeilSplit:
+class CeilSplit(Sliced):
     """Rank r keeps slice [r * w, min((r + 1) * w, width)) of `dim`, w = ceil(width / tp): the last shard is smaller
     instead of padded (and a rank past the end keeps an empty slice). A 1-D tensor split on dim 1 and a width of 1
     are kept whole, as TensorRT-LLM's PyTorch backend does (`load_weight_shard`). `linear` refuses a width tp does
@@ -524,12 +526,6 @@ class CeilSplit:
         if self._whole(shape):
             return (0, 0, shape[0])
         return (self.dim, *self._bounds(shape[self.dim], tp, tp_rank))
-
-    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
-        source = sources[0]
-        if self._whole(tuple(source.shape)):
-            return source
-        return _narrow(source, self.rank_slice(tuple(source.shape), tp, tp_rank))
 
     def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
         if self._whole(shapes[0]):

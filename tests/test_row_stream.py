@@ -4,6 +4,7 @@ sends its tensor the whole way, with the same errors and notes."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -18,8 +19,10 @@ import shardproof.converter.row_stream as row_stream
 from shardproof.converter.api import convert
 from shardproof.converter.card import cards
 from shardproof.converter.errors import ShardproofError
+from shardproof.converter.plan import PlannedTensor
 from shardproof.converter.source import Source
 from shardproof.converter.target import targets_for
+from shardproof.converter.transforms import ADD_ONE, Split
 from tests.helpers import random_checkpoint
 
 # (label, convert's layout, config overrides): the vocabulary (97) is padded at every tp > 1
@@ -181,3 +184,20 @@ def test_fallbacks_to_the_whole_path_run_one_at_a_time(tmp_path, monkeypatch):
     monkeypatch.undo()
     convert(model, tmp_path / "streamed", dtype="float16", tp_size=2, workers=4)
     assert files(tmp_path / "out") == files(tmp_path / "streamed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reversed(Split):
+    """A column split whose forward gives the ranks in reverse order: its rank_slice no longer describes it."""
+
+    def forward(self, sources, tp, tp_rank):
+        return super().forward(sources, tp, tp - 1 - tp_rank)
+
+
+def test_only_a_shard_whose_forward_is_its_slice_streams():
+    def instance(shard, ops=()):
+        return [PlannedTensor("t", (4, 2), "float16", ("s",), ((8, 2),), shard, r, 0, ops) for r in range(2)]
+
+    assert row_stream.stream_slices(instance(Split(0)), 2) == ((0, 0, 4), (0, 4, 8))
+    assert row_stream.stream_slices(instance(Reversed(0)), 2) is None  # its forward is applied whole
+    assert row_stream.stream_slices(instance(Split(0), (ADD_ONE,)), 2) is None  # an op that rounds goes whole
