@@ -2,9 +2,12 @@
 
     python bench/convert_phases.py MODEL_DIR OUT_DIR --workers 16 --tp_size 8 [--dtype float16]
 
-Phases: reading source tensors, their digests, `to_stored` (ops and the cast), the value guard, writing shards
-(with the copy that makes a slice contiguous), the shards' digests, and the source fingerprint's remainder. A phase
-whose thread-seconds approach `workers` × wall is where the workers wait; one near the wall alone is serial.
+Phases: the config (transformers' AutoConfig), the streamed row instances (converter/row_stream.py: their block
+reads with the source digests, casts and positional writes; the rest of their time is the shards' digests, the
+slice copies, the min/max and Python), and for the whole-tensor path: reading source tensors, their digests,
+`to_stored` (ops and the cast), the value guard, writing shards (with the copy that makes a slice contiguous), the
+shards' digests; and the source fingerprint's remainder. A phase whose thread-seconds approach `workers` × wall is
+where the workers wait; one near the wall alone is serial.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 
 import shardproof.converter.api as api
 import shardproof.converter.execute as execute
+import shardproof.converter.formats.hf as hf
 import shardproof.converter.planned_file as planned_file
+import shardproof.converter.row_stream as row_stream
 import shardproof.converter.safetensors_io as safetensors_io
 from shardproof.converter.planned_file import PlannedFile
 from shardproof.converter.source import Source
@@ -41,6 +46,22 @@ def timed(name: str, fn):
     return wrapper
 
 
+def timed_blocks(name: str, blocks):
+    """`Source.blocks` with the time spent producing each block (a generator's work happens as it is iterated)."""
+    @functools.wraps(blocks)
+    def wrapper(*args, **kwargs):
+        iterator = iter(blocks(*args, **kwargs))
+        while True:
+            start = time.perf_counter()
+            block = next(iterator, None)
+            with _lock:
+                totals[name] += time.perf_counter() - start
+            if block is None:
+                return
+            yield block
+    return wrapper
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
@@ -50,6 +71,11 @@ def main() -> None:
     parser.add_argument("--pp_size", type=int, default=1)
     parser.add_argument("--dtype", default="float16")
     args = parser.parse_args()
+    hf.auto_config = timed("config (AutoConfig.from_pretrained)", hf.auto_config)
+    execute.write_streamed = timed("streamed row instances (all their work)", execute.write_streamed)
+    Source.blocks = timed_blocks("  read a block (with its source digest)", Source.blocks)
+    row_stream.cast_block = timed("  cast a block", row_stream.cast_block)
+    PlannedFile.write_at = timed("  pwrite (both paths)", PlannedFile.write_at)
     Source.load = timed("read (with its digest)", Source.load)
     safetensors_io.part_digest = timed("  digest of a source tensor", safetensors_io.part_digest)
     execute.to_stored = timed("to_stored (ops, cast)", execute.to_stored)

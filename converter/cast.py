@@ -20,15 +20,26 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`tensor.to(dtype)` with the same bits; bfloat16 -> float16 through float32 one block at a time when torch
     runs on one thread (the converter's workers), torch's own cast otherwise (it fans blocks out to its intra-op
     pool, which for blocks of this size costs far more than it gains)."""
-    blocked = (tensor.dtype, dtype) == (torch.bfloat16, torch.float16) and torch.get_num_threads() == 1
-    if not blocked or tensor.numel() <= BLOCK_ELEMENTS:
+    if not through_float32(tensor.dtype, dtype) or tensor.numel() <= BLOCK_ELEMENTS:
         return tensor.to(dtype)
     source = tensor.contiguous().view(-1)
     out = torch.empty(source.numel(), dtype=dtype)
     block = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
     for start in range(0, source.numel(), BLOCK_ELEMENTS):
-        part = source[start : start + BLOCK_ELEMENTS]
-        staged = block[: part.numel()]
-        staged.copy_(part)
-        out[start : start + part.numel()].copy_(staged)
+        cast_block(source[start : start + BLOCK_ELEMENTS], out[start : start + BLOCK_ELEMENTS], block)
     return out.view(tensor.shape)
+
+
+def through_float32(source: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether `cast` goes through float32 blocks from `source` to `dtype`."""
+    return (source, dtype) == (torch.bfloat16, torch.float16) and torch.get_num_threads() == 1
+
+
+def cast_block(source: torch.Tensor, out: torch.Tensor, block: torch.Tensor | None) -> None:
+    """`source` cast into `out` (as many elements, 1-D), through `block` (float32, at least as long) when given."""
+    if block is None:
+        out.copy_(source)
+        return
+    staged = block[: source.numel()]
+    staged.copy_(source)
+    out.copy_(staged)

@@ -13,7 +13,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Iterator, Mapping, TypeVar
 
 import torch
 
@@ -83,6 +83,12 @@ class Weights(ABC):
         does, a pinned buffer at a time)."""
         tensor = self.load(name).to(device)
         return tensor if dtype is None else tensor.to(dtype)
+
+    def blocks(self, name: str, block_bytes: int) -> Iterator[torch.Tensor] | None:
+        """Optional: tensor `name`'s bytes as stored (uint8), `block_bytes` at a time (the last block shorter), each
+        block valid until the next is asked for; with digests recorded, the tensor's digest is recorded once its last
+        block is read. Default None: the loader reads whole tensors only (`Source.blocks` then cuts `load`'s)."""
+        return None
 
     def record_digests(self) -> dict[Path, dict[str, bytes]]:
         """Optional: from now on, record the SHA-256 of each tensor's bytes as `load` reads them from a safetensors

@@ -34,17 +34,26 @@ class PlannedFile:
         self._write_at(memoryview(prefix), 0)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        dtype, shape, offset = self._slots[name]
+        """Tensor `name` whole, of its planned dtype and shape."""
+        dtype, shape, _ = self._slots[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise AssertionError(f"planned {name} {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        self.write_at(name, data, 0)
+        self.written(name, part_digest(data) if self._header_digest is not None else b"")
+
+    def write_at(self, name: str, data: memoryview, position: int) -> None:
+        """Bytes of tensor `name` from byte `position` of its data (a tensor may be written in parts, in any
+        order; `written` then records it whole)."""
+        self._write_at(data, self._slots[name][2] + position)
+
+    def written(self, name: str, digest: bytes) -> None:
+        """Tensor `name` is complete; `digest` is the SHA-256 of its bytes (kept when the file is `hashed`)."""
         with self._lock:
             if name in self._written:
                 raise AssertionError(f"{name} was written twice")
             self._written.add(name)
-        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-        self._write_at(data, offset)
-        if self._header_digest is not None:
-            self._digests[name] = part_digest(data)
+        self._digests[name] = digest
 
     @property
     def digest(self) -> FileDigest:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -106,6 +108,39 @@ class TensorReader:
         if not len(buffer):
             return torch.empty(entry.shape, dtype=dtype)
         return tensor.view(dtype).reshape(entry.shape)
+
+
+    def blocks(self, name: str, block_bytes: int) -> Iterator[torch.Tensor]:
+        """Tensor `name`'s bytes as stored, `block_bytes` at a time (the last block shorter), each a uint8 view of
+        one buffer that the next block overwrites (positional reads, no mmap); its digest, when recorded, is taken
+        block by block and recorded once the last block is read."""
+        entry = self.entries[name]
+        size = entry.end - entry.begin
+        buffer = torch.empty(min(block_bytes, size), dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        digest = hashlib.sha256() if self.digests is not None else None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise ShardproofError(f"{self.path}: cannot read ({e.strerror})") from None
+        try:
+            for start in range(0, size, block_bytes):
+                length, offset = min(block_bytes, size - start), self._data_start + entry.begin + start
+                done = 0
+                while done < length:
+                    count = os.preadv(fd, [view[done:length]], offset + done)
+                    if not count:
+                        raise ShardproofError(f"{self.path}: file is truncated (tensor {name} is incomplete)")
+                    done += count
+                if digest is not None:
+                    digest.update(view[:length])
+                yield buffer[:length]
+        except OSError as e:
+            raise ShardproofError(f"{self.path}: cannot read ({e.strerror})") from None
+        finally:
+            os.close(fd)
+        if digest is not None:
+            self.digests[name] = digest.digest()
 
 
 STAGE_BYTES = 1 << 26  # two 64 MiB staging buffers per reading thread: the read of one overlaps the copy of the other

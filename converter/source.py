@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -63,6 +64,10 @@ class Source:
     def shapes(self) -> dict[str, Shape]:
         return {name: info.shape for name, info in self.weights.tensors.items()}
 
+    def dtype(self, name: str) -> torch.dtype:
+        """Tensor `name`'s stored dtype, from its metadata."""
+        return self.weights.tensors[name].dtype
+
     def nbytes(self, name: str) -> int:
         """The size of tensor `name`'s data, from its metadata."""
         return self.weights.tensors[name].nbytes
@@ -85,6 +90,16 @@ class Source:
             raise ShardproofError(f"{self.weights.where(name)}: tensor {name} reads as {tensor.dtype} {list(tensor.shape)}, "
                                   f"its metadata says {info.dtype} {list(info.shape)}")
         return tensor
+
+    def blocks(self, name: str, block_bytes: int) -> Iterator[torch.Tensor]:
+        """Tensor `name`'s bytes as stored (uint8), `block_bytes` at a time (the last block shorter), each valid until
+        the next is asked for: read a block at a time where the weight loader can (`Weights.blocks`), else `load`ed
+        whole and cut."""
+        blocks = self.weights.blocks(name, block_bytes)
+        if blocks is None:
+            data = self.load(name).contiguous().view(-1).view(torch.uint8)
+            blocks = (data[start : start + block_bytes] for start in range(0, data.numel(), block_bytes))
+        return blocks
 
 
 def open_source(model_dir: Path | str) -> Source:

@@ -24,6 +24,7 @@ from .cast import cast
 
 Shape = tuple[int, ...]
 Problem = tuple[int, str]  # (tp_rank, what is wrong with that rank's tensor)
+Slice = tuple[int, int, int]  # (dim, start, stop): a rank's tensor as one slice of its source (`rank_slice`)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -32,7 +33,11 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 class Shard(Protocol):
-    """Source tensors (already as stored) -> one TP rank's tensor, and every rank's tensors -> the sources."""
+    """Source tensors (already as stored) -> one TP rank's tensor, and every rank's tensors -> the sources.
+
+    A shard whose rank tensor is one slice of its one source (a replica too) derives from `Sliced`: it gives the
+    slice (`rank_slice`) and `Sliced.forward` takes it, which lets the converter stream it (converter/row_stream.py).
+    """
 
     n_sources: int
     kind: str
@@ -253,6 +258,30 @@ class Reorder:
 
 QKV_PARTS = QKVParts()
 
+class Sliced:
+    """A shard whose rank tensor is one slice of its one source: `rank_slice(shape, tp, tp_rank)` for a source of
+    at least one dimension says which, [start, stop) along dim, and `forward` takes it, followed by zeros along dim up
+    to the rank's shape (`rank_shape`; a scalar source is taken whole). The converter streams a shard whose `forward`
+    is this one (converter/row_stream.py); a subclass that overrides `forward` is applied whole."""
+
+    def rank_slice(self, shape: Shape, tp: int, tp_rank: int) -> Slice:
+        raise NotImplementedError
+
+    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
+        source = sources[0]
+        if not source.dim():
+            return source
+        shape = tuple(source.shape)
+        dim, start, stop = self.rank_slice(shape, tp, tp_rank)
+        part = source.narrow(dim, start, stop - start)
+        size = rank_shape(self, [shape], tp, tp_rank)[dim]
+        if part.shape[dim] == size:
+            return part
+        zeros = list(part.shape)
+        zeros[dim] = size - part.shape[dim]
+        return torch.cat([part, part.new_zeros(zeros)], dim)
+
+
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
     diff = (a.float() - b.float()).abs()
     index = tuple(int(i) for i in torch.nonzero(a != b)[0])
@@ -260,7 +289,7 @@ def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
 
 
 @dataclass(frozen=True)
-class Replicated:
+class Replicated(Sliced):
     """Every rank stores the whole tensor (norms, row-parallel biases, a non-parallel embedding)."""
 
     n_sources = 1
@@ -275,8 +304,8 @@ class Replicated:
     def local_shape(self, shapes: Sequence[Shape], tp: int) -> Shape:
         return shapes[0]
 
-    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
-        return sources[0]
+    def rank_slice(self, shape: Shape, tp: int, tp_rank: int) -> Slice:
+        return (0, 0, shape[0])
 
     def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
         reference = locals_[0]
@@ -289,7 +318,7 @@ class Replicated:
 
 
 @dataclass(frozen=True)
-class Split:
+class Split(Sliced):
     """Even split along `dim`: dim 0 is column-parallel, dim 1 row-parallel (TensorRT-LLM's `split`)."""
 
     dim: int
@@ -313,15 +342,16 @@ class Split:
         shape[self.dim] //= tp
         return tuple(shape)
 
-    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
-        return torch.chunk(sources[0], tp, dim=self.dim)[tp_rank]
+    def rank_slice(self, shape: Shape, tp: int, tp_rank: int) -> Slice:
+        width = shape[self.dim] // tp
+        return (self.dim, tp_rank * width, (tp_rank + 1) * width)
 
     def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
         return [torch.cat(list(locals_), dim=self.dim)], []
 
 
 @dataclass(frozen=True)
-class VocabParallel:
+class VocabParallel(Sliced):
     """Rows padded with zeros to a multiple of tp, then split on dim 0 (lm_head, embedding sharded on dim 0)."""
 
     n_sources = 1
@@ -341,15 +371,11 @@ class VocabParallel:
         rows, *rest = shapes[0]
         return (self.padded_rows(rows, tp) // tp, *rest)
 
-    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
-        source = sources[0]
-        local_rows = self.padded_rows(source.shape[0], tp) // tp
-        start = tp_rank * local_rows
-        part = source[start : start + local_rows]
-        if part.shape[0] == local_rows:
-            return part
-        padding = source.new_zeros((local_rows - part.shape[0], *source.shape[1:]))
-        return torch.cat([part, padding])
+    def rank_slice(self, shape: Shape, tp: int, tp_rank: int) -> Slice:
+        rows = shape[0]
+        local_rows = self.padded_rows(rows, tp) // tp
+        start = min(tp_rank * local_rows, rows)
+        return (0, start, min(start + local_rows, rows))
 
     def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
         rows = shapes[0][0]
@@ -456,7 +482,7 @@ class FusedColumn:
 
 
 @dataclass(frozen=True)
-class CeilSplit:
+class CeilSplit(Sliced):
     """Rank r keeps slice [r * w, min((r + 1) * w, width)) of `dim`, w = ceil(width / tp): the last shard is smaller
     instead of padded (and a rank past the end keeps an empty slice). A 1-D tensor split on dim 1 and a width of 1
     are kept whole, as TensorRT-LLM's PyTorch backend does (`load_weight_shard`). `linear` refuses a width tp does
@@ -496,12 +522,10 @@ class CeilSplit:
     def local_shape(self, shapes: Sequence[Shape], tp: int) -> Shape:
         return self.rank_shape(shapes, tp, 0)
 
-    def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor:
-        source = sources[0]
-        if self._whole(tuple(source.shape)):
-            return source
-        start, end = self._bounds(source.shape[self.dim], tp, tp_rank)
-        return source.narrow(self.dim, start, end - start)
+    def rank_slice(self, shape: Shape, tp: int, tp_rank: int) -> Slice:
+        if self._whole(shape):
+            return (0, 0, shape[0])
+        return (self.dim, *self._bounds(shape[self.dim], tp, tp_rank))
 
     def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
         if self._whole(shapes[0]):

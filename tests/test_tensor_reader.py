@@ -1,6 +1,7 @@
 """TensorReader's read paths give the stored tensors exactly: the plain host read and the staged read, as stored or
 cast a buffer at a time (on the host, and on a GPU through pinned buffers), for tensors smaller than, equal to and
-spanning several staging buffers, and an empty one."""
+spanning several staging buffers, and an empty one; the block read gives the stored bytes and the plain read's
+digest."""
 
 from __future__ import annotations
 
@@ -53,3 +54,20 @@ def test_a_truncated_file_is_bad_input_on_every_path(tmp_path, device):
     for dtype in (None, torch.bfloat16):
         with pytest.raises(ShardproofError, match="truncated"):
             reader.read_to("x", torch.device(device), dtype)
+    with pytest.raises(ShardproofError, match="truncated"):
+        list(reader.blocks("x", 1000))
+
+
+@pytest.mark.parametrize("block_bytes", [1, 7, 256, 6000, 1 << 20])
+def test_blocks_give_the_stored_bytes_and_the_plain_reads_digest(tmp_path, block_bytes):
+    tensors = {name: t for name, t in _tensors().items() if t.numel()}
+    save_file(tensors, tmp_path / "t.safetensors")
+    plain, streamed = TensorReader(tmp_path / "t.safetensors"), TensorReader(tmp_path / "t.safetensors")
+    plain.digests, streamed.digests = {}, {}
+    for name, expected in tensors.items():
+        blocks = [block.clone() for block in streamed.blocks(name, block_bytes)]  # each buffer is reused
+        stored = expected.contiguous().view(-1).view(torch.uint8)
+        assert all(len(block) == block_bytes for block in blocks[:-1]) and 0 < len(blocks[-1]) <= block_bytes
+        assert torch.equal(torch.cat(blocks), stored), name
+        plain.read(name)
+    assert streamed.digests == plain.digests and streamed.digests.keys() == tensors.keys()

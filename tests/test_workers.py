@@ -49,14 +49,16 @@ def test_zero_workers_is_refused(tmp_path):
 
 def test_a_failing_worker_fails_the_conversion_and_leaves_nothing(tmp_path, monkeypatch):
     model = random_checkpoint(tmp_path / "hf", "LlamaForCausalLM", seed=0, shards=2, **SIZES)
-    load = Source.load
 
-    def failing_load(self, name):
-        if name == "model.layers.1.mlp.up_proj.weight":
-            raise ShardproofError(f"{name}: cannot read")
-        return load(self, name)
+    def failing(read):
+        def failing_read(self, name, *args):
+            if name == "model.layers.1.mlp.up_proj.weight":
+                raise ShardproofError(f"{name}: cannot read")
+            return read(self, name, *args)
+        return failing_read
 
-    monkeypatch.setattr(Source, "load", failing_load)
+    monkeypatch.setattr(Source, "load", failing(Source.load))  # the whole-tensor read
+    monkeypatch.setattr(Source, "blocks", failing(Source.blocks))  # the streamed one (converter/row_stream.py)
     with pytest.raises(ShardproofError, match="up_proj.weight: cannot read"):
         convert(model, tmp_path / "out", tp_size=2, workers=4)
     assert list(tmp_path.iterdir()) == [model]

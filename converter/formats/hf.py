@@ -4,6 +4,7 @@ an index names), read from headers first and data on demand."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -51,6 +52,9 @@ class SafetensorsWeights(Weights):
 
     def load_to(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self._readers[self._files[name]].read_to(name, device, dtype)
+
+    def blocks(self, name: str, block_bytes: int) -> Iterator[torch.Tensor]:
+        return self._readers[self._files[name]].blocks(name, block_bytes)
 
     def record_digests(self) -> dict[Path, dict[str, bytes]]:
         for reader in self._readers.values():
