@@ -13,8 +13,8 @@ A pass may run another model over the same units (`Pass.source`: a model rebuilt
 unit as stored, in hand to compare with.
 
 The passes must visit the same units in the same order: one asking for another unit, or for more units than
-another ran, stops them all (`CannotShare`, a CheckNotRun). An exception in any pass stops the others at their next
-unit and is raised again in the caller, of its own type; every thread has ended and every hook is removed by then.
+another ran, stops them all (`CannotShare`, a CheckNotRun). An exception in any pass stops the others at their next unit and is
+raised again in the caller, of its own type; every thread has ended and every hook is removed by then.
 
 Under a cap on resident parameters (`ResidentParameters.cap`) the stored unit is accounted with the loaded one;
 when the largest unit's stored bytes and its bytes in a pass's dtypes could exceed the cap (from the headers,
@@ -61,10 +61,9 @@ class Pass(Generic[T]):
 
 def run_passes(model_dir: Path | str | Source, passes: Sequence[Pass[Any]], device: torch.device,
                resident: ResidentParameters | None = None, progress: Progress | None = None) -> list[Any]:
-    """Each pass's result, in order (at least one pass runs the source's own model): in lock step (module
-    docstring) unless a single pass, or `resident`'s cap cannot hold a stored unit beside a loaded one; then one
-    after another. `progress` gets the bytes read. The device gets the freed memory back when they end
-    (`release`)."""
+    """Each pass's result, in order: in lock step (module docstring) unless a single pass, or `resident`'s cap
+    cannot hold a stored unit beside a loaded one; then one after another. `progress` gets the bytes read. The
+    device gets the freed memory back when they end (`release`)."""
     try:
         return _run_passes(model_dir, passes, device, resident, progress)
     finally:
@@ -77,8 +76,9 @@ def _run_passes(model_dir: Path | str | Source, passes: Sequence[Pass[Any]], dev
     resident = resident if resident is not None else ResidentParameters()
     models = [StreamedModel(p.source or source, p.dtype, device, p.value, resident, None if p.source else progress)
               for p in passes]
-    reader = next(m for m, p in zip(models, passes) if p.source is None)  # the source's own model: its units
-    shared = {u.prefix: u for u in reader.units}  # are what every pass's feed reads, by prefix
+    readers = [m for m, p in zip(models, passes) if p.source is None]
+    reader = readers[0] if readers else StreamedModel(source, torch.float32, device)
+    shared = {u.prefix: u for u in reader.units}  # the source's own units, which every pass's feed reads by prefix
     fits = fits_together(reader, models, resident.cap)
     for streamed, p in zip(models, passes):
         if p.tensors is not None and [u.prefix for u in streamed.units] != [u.prefix for u in reader.units]:
