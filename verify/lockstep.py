@@ -76,9 +76,11 @@ def _run_passes(model_dir: Path | str | Source, passes: Sequence[Pass[Any]], dev
     resident = resident if resident is not None else ResidentParameters()
     models = [StreamedModel(p.source or source, p.dtype, device, p.value, resident, None if p.source else progress)
               for p in passes]
+    # the source's own units, which every pass's feed reads by prefix: from a pass over it, or, when every pass is
+    # over another source (the self-test's rebuilt models, the reference's own runs kept), from its skeleton
     readers = [m for m, p in zip(models, passes) if p.source is None]
     reader = readers[0] if readers else StreamedModel(source, torch.float32, device)
-    shared = {u.prefix: u for u in reader.units}  # the source's own units, which every pass's feed reads by prefix
+    shared = {u.prefix: u for u in reader.units}
     fits = fits_together(reader, models, resident.cap)
     for streamed, p in zip(models, passes):
         if p.tensors is not None and [u.prefix for u in streamed.units] != [u.prefix for u in reader.units]:
