@@ -224,6 +224,8 @@ def test_a_pass_over_its_own_source_is_handed_each_units_shared_tensors_as_store
         assert all(torch.equal(shared[k], shared_source.load(k)) for k in unit.keys)  # as stored: float32
     alone = run_passes(own_source, [logits_pass(torch.float32, CPU, IDS)], CPU)[0]
     assert torch.equal(logits[1], alone) and not torch.equal(logits[0], logits[1])
+    seen.clear()  # alone over the shared source (its own runs kept elsewhere): the source's units still lead it
+    assert torch.equal(run_passes(shared_source, passes[1:], CPU)[0], alone) and len(seen) == len(units)
     seen.clear()
     with pytest.raises(CannotShare, match="cannot hold the source's units beside its own"):
         run_passes(shared_source, passes, CPU, ResidentParameters(max(streamed.loaded_bytes(u) for u in streamed.units)))
