@@ -91,3 +91,30 @@ def test_both_modes_read_each_rank_tensor_once(tmp_path: Path, monkeypatch: pyte
     for mode in ("reassembled", "sharded"):
         assert verify_checkpoint(model, tmp_path / "c", mode, BATCH).status is Status.PASSED
     assert reads == Counter({key: 2 for key in stored})
+
+
+def test_a_faulty_conversion_fails_the_same_way_together_and_apart(tmp_path: Path) -> None:
+    """Gate and up swapped in layer 1 of every rank file (a fault the converter and reassembler could share): both
+    modes fail, together as apart, with the same reasons, the same differing tensors and the same localizations."""
+    from safetensors.torch import load_file, save_file
+
+    model = build_tiny_model(tmp_path / "m", "LlamaForCausalLM", seed=4)
+    convert(model, tmp_path / "c", dtype="float32", tp_size=2)
+    for path in (tmp_path / "c").glob("rank*.safetensors"):
+        tensors = load_file(path)
+        fc, gate = "transformer.layers.1.mlp.fc.weight", "transformer.layers.1.mlp.gate.weight"
+        tensors[fc], tensors[gate] = tensors[gate], tensors[fc]
+        save_file(tensors, path)
+    (tmp_path / "c" / "shardproof-manifest.json").unlink()  # the faulty converter's own files, no manifest
+    both = verify_checkpoint(model, tmp_path / "c", "both", BATCH)
+    alone = {mode: verify_checkpoint(model, tmp_path / "c", mode, BATCH) for mode in ("reassembled", "sharded")}
+    assert both.status is Status.FAILED
+    assert both.failures == alone["reassembled"].failures + alone["sharded"].failures and len(both.failures) >= 3
+    r, r_alone = both.reassembled, alone["reassembled"].reassembled
+    assert r.weights == r_alone.weights and {t.name for t in r.weights.mismatches} == {
+        "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"}
+    assert r.forward == r_alone.forward and r.localization == r_alone.localization
+    assert r.localization.module == "model.layers.1.mlp.gate_proj"
+    s, s_alone = both.sharded, alone["sharded"].sharded
+    assert s.teacher_forced == s_alone.teacher_forced and s.teacher_forced.first_beyond == "layer 1"
+    assert s.localization == s_alone.localization
