@@ -32,6 +32,7 @@ def ceil_div(a: int, b: int) -> int:
     reaches)."""
     return -(-a // b)
 
+
 class Shard(Protocol):
     """Source tensors (already as stored) -> one TP rank's tensor, and every rank's tensors -> the sources.
 
@@ -257,6 +258,7 @@ class Reorder:
 
 
 QKV_PARTS = QKVParts()
+
 
 class Sliced:
     """A shard whose rank tensor is one slice of its one source: `rank_slice(shape, tp, tp_rank)` for a source of

@@ -283,9 +283,9 @@ class _Runs:
     reference: HFReference
     across: RankReads | None
 
-    def forward(self, dtype: torch.dtype, input_ids: torch.Tensor, violations: list[Violation],
+    def forward(self, dtype: torch.dtype, violations: list[Violation],
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, WeightComparison]:
-        """The source's logits in `dtype` with the checkpoint's rounding, in float32 without it (None when that is
+        """On `reference`'s tokens: the source's logits in `dtype` with the checkpoint's rounding, in float32 without it (None when that is
         the same run), the checkpoint's model's logits, and the weights comparison, in one lock step with whatever
         waits in `reference` (`verify/lockstep.py`): each unit of the source read once, each unit of the rank files
         inverted once for the comparison and the checkpoint's model (`RebuiltUnits`, whose findings are added to
@@ -339,7 +339,7 @@ def _compare_models(report: EquivalenceReport, runs: _Runs, input_ids: torch.Ten
     dtype, dev = TORCH_DTYPES[report.dtype], runs.batch.torch_device
     with stage("forward", f"rebuilding every tensor from the rank files, comparing it with the source, and running "
                           f"the source ({report.dtype}, and float32) and the checkpoint's model on {dev}"):
-        expected, wide, actual, report.weights = runs.forward(dtype, input_ids, report.violations)
+        expected, wide, actual, report.weights = runs.forward(dtype, report.violations)
         report.forward = _forward_comparison(expected, actual, dev)
     # The dtype's cost is measured on the source cast to it, so that a conversion fault shows in the forward
     # comparison alone; when the conversion is exact the checkpoint's logits are these, bit for bit.

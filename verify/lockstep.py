@@ -13,8 +13,8 @@ A pass may run another model over the same units (`Pass.source`: a model rebuilt
 unit as stored, in hand to compare with.
 
 The passes must visit the same units in the same order: one asking for another unit, or for more units than
-another ran, stops them all (`CannotShare`, a CheckNotRun). An exception in any pass stops the others at their next unit and is
-raised again in the caller, of its own type; every thread has ended and every hook is removed by then.
+another ran, stops them all (`CannotShare`, a CheckNotRun). An exception in any pass stops the others at their next
+unit and is raised again in the caller, of its own type; every thread has ended and every hook is removed by then.
 
 Under a cap on resident parameters (`ResidentParameters.cap`) the stored unit is accounted with the loaded one;
 when the largest unit's stored bytes and its bytes in a pass's dtypes could exceed the cap (from the headers,
