@@ -18,17 +18,22 @@ from shardproof.verify.tiny_models import build_tiny_model
 from shardproof.verify.verification import verify_checkpoint
 
 BATCH = BatchOptions(device="cpu", num_sequences=2, seq_len=16)
+ON_DEVICES = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the device paths run on a GPU only"))])
 
 
 @pytest.mark.parametrize("architecture, layout", [
     ("LlamaForCausalLM", dict(dtype="bfloat16", tp_size=2)),
     ("GemmaForCausalLM", dict(dtype="bfloat16", tp_size=2, pp_size=2)),  # norms rounded: the expected run is apart
 ])
-def test_both_modes_together_give_what_each_gives_alone(tmp_path: Path, architecture: str, layout: dict) -> None:
+@ON_DEVICES
+def test_both_modes_together_give_what_each_gives_alone(tmp_path: Path, architecture: str, layout: dict,
+                                                        device: str) -> None:
+    batch = BatchOptions(device=device, num_sequences=2, seq_len=16)
     model = build_tiny_model(tmp_path / "m", architecture, seed=4)
     convert(model, tmp_path / "c", **layout)
-    both = verify_checkpoint(model, tmp_path / "c", "both", BATCH)
-    alone = {mode: verify_checkpoint(model, tmp_path / "c", mode, BATCH) for mode in ("reassembled", "sharded")}
+    both = verify_checkpoint(model, tmp_path / "c", "both", batch)
+    alone = {mode: verify_checkpoint(model, tmp_path / "c", mode, batch) for mode in ("reassembled", "sharded")}
     assert both.status is Status.PASSED
     modes = [c for c in both.checks if c.mode != "manifest"]
     assert modes == [c for m in alone.values() for c in m.checks if c.mode != "manifest"] and len(modes) == 7
@@ -93,7 +98,8 @@ def test_both_modes_read_each_rank_tensor_once(tmp_path: Path, monkeypatch: pyte
     assert reads == Counter({key: 2 for key in stored})
 
 
-def test_a_faulty_conversion_fails_the_same_way_together_and_apart(tmp_path: Path) -> None:
+@ON_DEVICES
+def test_a_faulty_conversion_fails_the_same_way_together_and_apart(tmp_path: Path, device: str) -> None:
     """Gate and up swapped in layer 1 of every rank file (a fault the converter and reassembler could share): both
     modes fail, together as apart, with the same reasons, the same differing tensors and the same localizations."""
     from safetensors.torch import load_file, save_file
@@ -106,8 +112,9 @@ def test_a_faulty_conversion_fails_the_same_way_together_and_apart(tmp_path: Pat
         tensors[fc], tensors[gate] = tensors[gate], tensors[fc]
         save_file(tensors, path)
     (tmp_path / "c" / "shardproof-manifest.json").unlink()  # the faulty converter's own files, no manifest
-    both = verify_checkpoint(model, tmp_path / "c", "both", BATCH)
-    alone = {mode: verify_checkpoint(model, tmp_path / "c", mode, BATCH) for mode in ("reassembled", "sharded")}
+    batch = BatchOptions(device=device, num_sequences=2, seq_len=16)
+    both = verify_checkpoint(model, tmp_path / "c", "both", batch)
+    alone = {mode: verify_checkpoint(model, tmp_path / "c", mode, batch) for mode in ("reassembled", "sharded")}
     assert both.status is Status.FAILED
     assert both.failures == alone["reassembled"].failures + alone["sharded"].failures and len(both.failures) >= 3
     r, r_alone = both.reassembled, alone["reassembled"].reassembled
@@ -118,3 +125,42 @@ def test_a_faulty_conversion_fails_the_same_way_together_and_apart(tmp_path: Pat
     s, s_alone = both.sharded, alone["sharded"].sharded
     assert s.teacher_forced == s_alone.teacher_forced and s.teacher_forced.first_beyond == "layer 1"
     assert s.localization == s_alone.localization
+
+
+def test_what_a_failed_shared_step_held_is_freed_before_the_modes_run_apart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared step runs out of device memory at layer 1: the reference it built (and the runs it holds on the
+    device) sits in reference cycles, and must be gone when the modes run apart, or they run beside it (at 8B
+    under a quarter-model cap the reassembled mode then ran out of memory, where alone it passes)."""
+    import gc
+    import weakref
+
+    from shardproof.verify import sharded_check, verification
+
+    model = build_tiny_model(tmp_path / "m", "LlamaForCausalLM", seed=4)
+    convert(model, tmp_path / "c", dtype="bfloat16", tp_size=2)
+    references: list[weakref.ref] = []
+    init, layer, alone = sharded_check.HFReference.__init__, StageRunner.layer, verification.verify_equivalence
+    monkeypatch.setattr(sharded_check.HFReference, "__init__",
+                        lambda self, *a, **k: (references.append(weakref.ref(self)), init(self, *a, **k))[1])
+
+    def runs_out(self: StageRunner, index: int, x: torch.Tensor) -> torch.Tensor:
+        if index == 1 and len(references) == 1:
+            raise torch.OutOfMemoryError("out of memory in the shared step")
+        return layer(self, index, x)
+
+    alive_when_apart: list[bool] = []
+
+    def apart(*args, **kwargs):
+        alive_when_apart.append(references[0]() is not None)
+        return alone(*args, **kwargs)
+
+    monkeypatch.setattr(StageRunner, "layer", runs_out)
+    monkeypatch.setattr(verification, "verify_equivalence", apart)
+    gc.disable()  # collection only where the code asks for it
+    try:
+        result = verify_checkpoint(model, tmp_path / "c", "both", BATCH)
+    finally:
+        gc.enable()
+    assert result.status is Status.PASSED
+    assert alive_when_apart == [True, False]  # the shared step's own call, then the reassembled mode's apart

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -197,23 +198,35 @@ def _together(result: Verification, model_dir: Path | str, checkpoint_dir: Path 
     is read once for both, and each tensor of the rank files once for the runtime and the rebuilt model
     (`RankReads`). True when both ran (passed or failed); False, with nothing recorded, when either could
     not (a check not run, the device out of memory): then each runs on its own, so the right one is reported."""
+    reports = _shared(model_dir, checkpoint_dir, batch, log, target, progress)
+    if reports is None:
+        # What the failed step held on the device is in reference cycles (its runs' closures, the traceback's
+        # frames): freed now, or the modes run apart beside it (a quarter-model cap at 8B ran out of memory so).
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return False
+    result.reassembled, result.sharded, sharded_seconds = reports
+    result.timings.update(result.reassembled.timings)
+    result.timings["sharded"] = sharded_seconds
+    return True
+
+
+def _shared(model_dir: Path | str, checkpoint_dir: Path | str, batch: BatchOptions, log: Log | None,
+            target: str | None, progress: Progress | None
+            ) -> tuple[EquivalenceReport, ShardedReport, float] | None:
+    """`_together`'s lock step: both modes' reports and the seconds of the sharded mode's own work (its runs are
+    in the reassembled mode's "forward"), or None when either could not run."""
     reference, across = HFReference(model_dir, batch, progress, target), RankReads()
     try:
         sharded = want_sharded(checkpoint_dir, reference, target, across)
         if log:
             log("the sharded reference runtime runs the rank files in step with the reassembled mode's runs")
         reassembled = verify_equivalence(model_dir, checkpoint_dir, batch, log, target, progress, reference, across)
-        shared = time.perf_counter()
-        sharded_report = sharded()
-    except CheckNotRun:
-        return False
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return False
-    result.reassembled, result.sharded = reassembled, sharded_report
-    result.timings.update(reassembled.timings)
-    result.timings["sharded"] = time.perf_counter() - shared  # its own work; its runs are in "forward"
-    return True
+        start = time.perf_counter()
+        return reassembled, sharded(), time.perf_counter() - start
+    except (CheckNotRun, torch.OutOfMemoryError):
+        return None
 
 
 def convert_and_check(
