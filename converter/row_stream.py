@@ -1,6 +1,6 @@
 """Row instances streamed: the one source tensor read, hashed, cast, judged and written to its TP ranks' files a
-block of whole rows at a time, so that each byte crosses main memory about twice (read, write) instead of once per
-step of the whole-tensor path (read, digest, cast, guard, slice copy, digest, write).
+block of whole rows at a time, so that a worker holds a few blocks instead of the whole tensor and its copies at
+each step of the whole-tensor path (read, digest, cast, guard, slice copy, digest, write).
 
 A row instance streams when the plan says that each rank's tensor is one slice of one source and no op but the cast
 applies (`stream_slices`). The others, and any tensor with a value that is not finite once cast, take the
@@ -16,16 +16,18 @@ from typing import Sequence
 
 import torch
 
-from .cast import BLOCK_ELEMENTS, cast_block, through_float32
+from .cast import cast_block, through_float32
 from .plan import PlannedTensor
 from .planned_file import PlannedFile
 from .safetensors_header import Shape
 from .source import Source
 from .transforms import Slice, Sliced
 
-# Elements per block (whole rows, at least one): the cast's 1 MiB of float32, so a block stays in a core's L2 cache
-# from its read to its last write.
-BLOCK = BLOCK_ELEMENTS
+# Elements per block (whole rows, at least one): 8 MiB of bfloat16. Each block costs a few torch and numpy calls
+# under the GIL per rank slice; in blocks of 2**18 elements (one in a core's L2 cache), 16 workers at tp 8 spent
+# 12.5 x the thread-seconds of one worker waiting on it, so that 16 cores converted about as fast as one
+# (bench/convert_phases.py, docs/performance.md). On 2 cores blocks of 2**18 to 2**22 elements convert as fast.
+BLOCK = 1 << 22
 
 
 def stream_slices(tensors: Sequence[PlannedTensor], tp: int) -> tuple[Slice, ...] | None:
