@@ -91,8 +91,8 @@ class Weights(ABC):
         return None
 
     def record_digests(self) -> dict[Path, dict[str, bytes]]:
-        """Optional: from now on, record the SHA-256 of each tensor's bytes as `load` reads them from a safetensors
-        file (converter/digests.py), in the mapping returned (file -> tensor name -> digest, filled as tensors are
+        """Optional: from now on, record the digest of each tensor's bytes as `load` reads them from a safetensors
+        file (`digests.part_digest`), in the mapping returned (file -> tensor name -> digest, filled as tensors are
         read), so that the manifest need not read them again. Default: none recorded (an empty mapping)."""
         return {}
 

@@ -17,18 +17,20 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from .bounded_pool import default_workers
 from .bounded_read import regular_file_size
-from .digests import SCHEMES, WHOLE, FileDigest, file_digest
+from .digests import SCHEMES, FileDigest, file_digest
 from .errors import ShardproofError
 from .json_files import read_json
 from .source import Source, open_source
 
 MANIFEST = "shardproof-manifest.json"
-FORMAT = 2  # 1: every file hashed whole (still read and checked); 2: each digest names its scheme
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+# 1: every file's SHA-256, whole; 2: each digest names its scheme (SHA-256); 3: BLAKE3 (converter/digests.py).
+# All three are read and checked; a conversion writes 3.
+FORMAT = 3
+_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,8 @@ class Manifest:
         def bad(problem: str) -> ShardproofError:
             return ShardproofError(f"{path}: not a valid shardproof manifest ({problem})")
 
-        if data.get("format") not in (1, FORMAT):
-            raise bad(f"format {data.get('format')!r}, expected 1 or {FORMAT}")
+        if data.get("format") not in (1, 2, FORMAT):
+            raise bad(f"format {data.get('format')!r}, expected 1, 2 or {FORMAT}")
         if not isinstance(data.get("tool_version"), str):
             raise bad("tool_version is not a string")
         sections = {}
@@ -61,7 +63,8 @@ class Manifest:
             section = data.get(key)
             if not isinstance(section, dict):
                 raise bad(f"{key!r} is not an object")
-            sections[key] = {name: _digest(value, f"{key}[{name!r}]", bad) for name, value in section.items()}
+            sections[key] = {name: read_digest(value, data["format"], f"{key}[{name!r}]", bad)
+                             for name, value in section.items()}
         for name in sections["files"]:
             if name in ("", ".", "..") or "/" in name or "\0" in name:
                 raise bad(f"files names {name!r}, not a file of the checkpoint directory")
@@ -137,7 +140,7 @@ def source_differences(manifest: Manifest, model_dir: Path) -> list[str]:
     model_dir = Path(model_dir)
     current = {name: _source_digest(model_dir / name, digest) for name, digest in manifest.source.items()}
     differences = [f"{name}: missing" for name, digest in current.items() if digest is None]
-    differences += [f"{name}: SHA-256 or size differs" for name, digest in manifest.source.items()
+    differences += [f"{name}: {digest.scheme} digest or size differs" for name, digest in manifest.source.items()
                     if current[name] is not None and current[name] != digest]
     read = [str(p.relative_to(model_dir)) for p in open_source(model_dir).files]
     differences += [f"{name}: not in the source the checkpoint was converted from" for name in read if name not in manifest.source]
@@ -161,12 +164,19 @@ def _corruption(file: Path, expected: FileDigest) -> str | None:
         digest = file_digest(file, expected.scheme, workers=default_workers())
     except ShardproofError as e:  # a safetensors header that no longer parses: the bytes were changed
         return f"corrupted: {e}"
-    return None if digest.sha256 == expected.sha256 else "corrupted: its SHA-256 differs from the manifest's"
+    return None if digest.digest == expected.digest else f"corrupted: its {expected.scheme} digest differs from the manifest's"
 
 
-def _digest(value: object, where: str, bad) -> FileDigest:
-    scheme = value.get("scheme", WHOLE) if isinstance(value, dict) else None
-    if not (isinstance(value, dict) and isinstance(value.get("sha256"), str) and _SHA256.fullmatch(value["sha256"])
-            and type(value.get("size")) is int and value["size"] >= 0 and scheme in SCHEMES):
-        raise bad(f"{where} is not a SHA-256, a size and a scheme ({', '.join(SCHEMES)})")
-    return FileDigest(value["sha256"], value["size"], scheme)
+def read_digest(value: object, format: int, where: str, bad: Callable[[str], Exception]) -> FileDigest:
+    """A file digest as a manifest (or a rank's metadata) of `format` stores it: {"digest" ("sha256" before format
+    3), "size", "scheme" (none in format 1: SHA-256 whole)}; `bad(problem)` is raised when it is not one."""
+    if not isinstance(value, dict):
+        raise bad(f"{where} is not an object")
+    key = "digest" if format >= 3 else "sha256"
+    schemes = SCHEMES if format >= 3 else ("sha256", "safetensors-sha256")
+    scheme = value.get("scheme", "sha256") if format > 1 else "sha256"
+    if not (isinstance(value.get(key), str) and _HEX.fullmatch(value[key])
+            and type(value.get("size")) is int and value["size"] >= 0 and scheme in schemes):
+        raise bad(f"{where} is not a digest ({key!r}, 64 hex digits), a size"
+                  + (f" and a scheme ({', '.join(schemes)})" if format > 1 else ""))
+    return FileDigest(value[key], value["size"], scheme)

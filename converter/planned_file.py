@@ -19,7 +19,7 @@ from .safetensors_io import planned_header
 
 class PlannedFile:
     """Writes the header at once; `write` puts each planned tensor at its offset; `close` checks all were written;
-    with `hashed`, `digest` is then the file's `safetensors-sha256` digest."""
+    with `hashed`, `digest` is then the file's `safetensors-blake3` digest."""
 
     def __init__(self, path: Path, entries: Sequence[tuple[str, torch.dtype, Shape]], hashed: bool = False):
         self.path = path
@@ -48,7 +48,7 @@ class PlannedFile:
         self._write_at(data, self._slots[name][2] + position)
 
     def written(self, name: str, digest: bytes) -> None:
-        """Tensor `name` is complete; `digest` is the SHA-256 of its bytes (kept when the file is `hashed`)."""
+        """Tensor `name` is complete; `digest` is the digest of its bytes (`digests.part_digest`) (kept when the file is `hashed`)."""
         with self._lock:
             if name in self._written:
                 raise AssertionError(f"{name} was written twice")

@@ -16,10 +16,10 @@ from typing import Any
 from .dtypes import TORCH_DTYPES
 from .errors import ShardproofError
 from .json_files import read_json
-from .manifest import FileDigest
+from .manifest import FileDigest, read_digest
 from .mapping import Mapping
 
-FORMAT = 1
+FORMAT = 2  # 1: the source's digests as manifests of format 2 hold them (SHA-256); 2: as format 3 (BLAKE3)
 
 
 def metadata_file(rank: int) -> str:
@@ -74,14 +74,16 @@ class RankMetadata:
             for key in ("tp_size", "pp_size", "rank", "tp_rank", "pp_rank", "format", "moe_tp_size", "moe_ep_size"):
                 if data.get(key) is not None and (type(data[key]) is not int):
                     raise ShardproofError(f"{key}={data[key]!r} must be an integer")
-            if data.get("format", FORMAT) != FORMAT:
-                raise ShardproofError(f"format {data['format']!r} is not {FORMAT}")
+            if data.get("format", FORMAT) not in (1, FORMAT):
+                raise ShardproofError(f"format {data['format']!r} is not 1 or {FORMAT}")
             source = data.get("source", {})
             if not isinstance(source, dict) or not all(isinstance(d, dict) for d in source.values()):
                 raise ShardproofError("'source' must map file names to digests")
             if data.get("hf_config") is not None and not isinstance(data["hf_config"], dict):
                 raise ShardproofError("'hf_config' must be an object")
-            return cls(**{**data, "source": {k: FileDigest(**v) for k, v in source.items()}})
+            digests = data.get("format", FORMAT) + 1  # the manifest format whose digests this format holds
+            return cls(**{**data, "source": {k: read_digest(v, digests, f"source[{k!r}]", ShardproofError)
+                                             for k, v in source.items()}})
         except TypeError as e:  # a missing field, or a digest with the wrong keys
             raise ShardproofError(f"{path}: not a valid rank metadata file ({e})") from None
         except ShardproofError as e:

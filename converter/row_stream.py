@@ -10,13 +10,13 @@ The bytes written and every digest are those of the whole-tensor path (tests/tes
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Sequence
 
 import torch
 
 from .cast import cast_block, through_float32
+from .digests import new_hash
 from .plan import PlannedTensor
 from .planned_file import PlannedFile
 from .safetensors_header import Shape
@@ -66,7 +66,7 @@ class _Part:
         self.row = math.prod(self.row_shape)  # elements per source row
         self.size = math.prod(shape)  # the rank tensor's elements (the slice and any zero rows after it)
         self.targets: list[tuple[PlannedFile, str]] = []
-        self.digest = hashlib.sha256()
+        self.digest = new_hash()
         self.position = 0
 
     def write(self, values: torch.Tensor, first: int, rows: int, copy: torch.Tensor | None) -> None:

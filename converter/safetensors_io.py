@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -14,7 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .digests import part_digest
+from .digests import new_hash, part_digest
 from .dtypes import from_safetensors_code, safetensors_code
 from .errors import ShardproofError
 from .safetensors_header import Shape, read_safetensors_header
@@ -118,7 +117,7 @@ class TensorReader:
         size = entry.end - entry.begin
         buffer = torch.empty(min(block_bytes, size), dtype=torch.uint8)
         view = memoryview(buffer.numpy())
-        digest = hashlib.sha256() if self.digests is not None else None
+        digest = new_hash() if self.digests is not None else None
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:

@@ -73,9 +73,9 @@ class Source:
         return self.weights.tensors[name].nbytes
 
     def record_digests(self) -> dict[Path, dict[str, bytes]]:
-        """From now on, the SHA-256 of every tensor read, by file and name, where the weight loader can take them
-        (`Weights.record_digests`): a conversion's `source_fingerprint` reuses them instead of reading the tensors
-        again; verification, which reads the source several times, takes none."""
+        """From now on, the digest of every tensor read (`digests.part_digest`), by file and name, where the weight
+        loader can take them (`Weights.record_digests`): a conversion's `source_fingerprint` reuses them instead of
+        reading the tensors again; verification, which reads the source several times, takes none."""
         return self.weights.record_digests()
 
     def load(self, name: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -47,7 +47,7 @@ def test_manifest_holds_every_written_file_and_the_source(clean, model):
     manifest = Manifest.read(clean / MANIFEST)
     assert sorted(manifest.files) == ["config.json", "rank0.safetensors", "rank1.safetensors"]
     assert all(file_digest(clean / name) == digest for name, digest in manifest.files.items())  # streamed = re-read
-    assert {d.scheme for d in manifest.files.values()} == {"safetensors-sha256", "sha256"}
+    assert {d.scheme for d in manifest.files.values()} == {"safetensors-blake3", "blake3"}
     assert manifest.source == source_fingerprint(open_source(model)) and set(manifest.source) == {"config.json", "model.safetensors"}
     assert manifest.tool_version == importlib.metadata.version("shardproof")
 
@@ -97,19 +97,30 @@ def test_a_damaged_rank_file_is_named_first_and_exits_1(ckpt, model, tmp_path, d
     assert "rank1.safetensors" in result.output and problem in result.output and "Traceback" not in result.output
 
 
-def test_a_format_1_manifest_hashing_files_whole_is_still_checked(ckpt, model):
-    """Checkpoints written before per-tensor digests (format 1) are checked with the whole-file SHA-256."""
+@pytest.mark.parametrize("format", [1, 2])
+def test_an_older_manifest_hashing_with_sha256_is_still_checked(ckpt, model, format):
+    """Checkpoints written before per-tensor digests (format 1: each file's SHA-256, whole) and before BLAKE3
+    (format 2: SHA-256 per tensor for safetensors files) are checked with their own schemes."""
     manifest = Manifest.read(ckpt / MANIFEST)
-    whole = {name: file_digest(ckpt / name, "sha256") for name in manifest.files}
-    source = {name: file_digest(model / name, "sha256") for name in manifest.source}
-    assert all(d.scheme == "sha256" for d in whole.values()) and whole != manifest.files
-    data = {"format": 1, "tool_version": "0.1.0", "source": {n: {"sha256": d.sha256, "size": d.size} for n, d in source.items()},
-            "files": {n: {"sha256": d.sha256, "size": d.size} for n, d in whole.items()}}
+
+    def scheme(name: str) -> str:
+        return "safetensors-sha256" if format == 2 and name.endswith(".safetensors") else "sha256"
+
+    def stored(digests: dict) -> dict:
+        return {n: {"sha256": d.digest, "size": d.size, **({"scheme": d.scheme} if format == 2 else {})}
+                for n, d in digests.items()}
+
+    files = {name: file_digest(ckpt / name, scheme(name)) for name in manifest.files}
+    source = {name: file_digest(model / name, scheme(name)) for name in manifest.source}
+    assert {d.scheme for d in files.values()} == {scheme("x.safetensors"), "sha256"}
+    assert all(files[n].digest != d.digest for n, d in manifest.files.items())
+    data = {"format": format, "tool_version": "0.1.0", "source": stored(source), "files": stored(files)}
     (ckpt / MANIFEST).write_text(json.dumps(data))
     assert cli("inspect", ckpt).exit_code == 0
     assert check_manifest(ckpt).passed and source_differences(Manifest.read(ckpt / MANIFEST), model) == []
     flip_last_byte(ckpt / "rank0.safetensors")
-    assert check_manifest(ckpt).problems == {"rank0.safetensors": "corrupted: its SHA-256 differs from the manifest's"}
+    assert check_manifest(ckpt).problems == {
+        "rank0.safetensors": f"corrupted: its {scheme('x.safetensors')} digest differs from the manifest's"}
 
 
 def test_a_changed_config_json_is_named(ckpt):
@@ -155,10 +166,12 @@ def test_verify_against_another_source_fails_the_source_check_and_still_compares
     (json.dumps({"format": 1, "tool_version": "x", "source": {}, "files": {"../rank0.safetensors": {"sha256": "0" * 64, "size": 1}}}).encode(),
      "not a file of the checkpoint directory"),
     (json.dumps({"format": 1, "tool_version": "x", "source": {}, "files": {"rank0.safetensors": {"sha256": "zz", "size": -1}}}).encode(),
-     "not a SHA-256, a size and a scheme"),
-    (json.dumps({"format": 2, "tool_version": "x", "source": {}, "files": {"rank0.safetensors": {"sha256": "0" * 64, "size": 1, "scheme": "md5"}}}).encode(),
-     "not a SHA-256, a size and a scheme"),
-    (json.dumps({"format": 3}).encode(), "format 3"),
+     "not a digest ('sha256', 64 hex digits), a size"),
+    (json.dumps({"format": 2, "tool_version": "x", "source": {}, "files": {"rank0.safetensors": {"sha256": "0" * 64, "size": 1, "scheme": "safetensors-blake3"}}}).encode(),
+     "and a scheme (sha256, safetensors-sha256)"),
+    (json.dumps({"format": 3, "tool_version": "x", "source": {}, "files": {"rank0.safetensors": {"sha256": "0" * 64, "size": 1, "scheme": "blake3"}}}).encode(),
+     "not a digest ('digest', 64 hex digits)"),
+    (json.dumps({"format": 4}).encode(), "format 4"),
 ])
 def test_a_malformed_manifest_is_one_line(ckpt, content, fragment):
     (ckpt / MANIFEST).write_bytes(content)
@@ -173,7 +186,8 @@ def test_convert_hashes_what_it_reads_and_writes_without_a_second_pass(model, tm
     import shardproof.converter.digests as digests
 
     reread, original = [], digests._range_digest
-    monkeypatch.setattr(digests, "_range_digest", lambda path, start, length: reread.append((Path(path).name, start)) or original(path, start, length))
+    monkeypatch.setattr(digests, "_range_digest", lambda path, start, length, scheme: reread.append((Path(path).name, start))
+                        or original(path, start, length, scheme))
     convert(model, tmp_path / "ckpt", dtype="float16", tp_size=2, workers=2)
     assert sorted(reread) == [("config.json", 0), ("config.json", 0), ("model.safetensors", 0)]
     manifest = Manifest.read(tmp_path / "ckpt" / MANIFEST)

@@ -241,3 +241,31 @@ def test_mixtral_experts_are_stacked_per_expert_rank_and_the_router_kept_in_the_
         assert torch.equal(got["model.embed_tokens.weight"], hf["model.embed_tokens.weight"])
     report = sharded_check(src, out, target=TARGET)
     assert report.passed, report.failures
+
+
+def test_rank_metadata_of_format_1_with_sha256_digests_is_still_read(qwen2, tmp_path):
+    """rank{N}.json of format 1 (before BLAKE3) holds the source's SHA-256 digests under the key `sha256`: still
+    read, as SHA-256 digests, and the checkpoint still verifies; a digest under neither key is one line of bad
+    input naming the file."""
+    import json
+
+    from shardproof.converter.digests import file_digest
+    from shardproof.converter.rank_metadata import read_rank_metadata
+
+    src, out = qwen2[0], tmp_path / "pt"
+    convert(src, out, dtype="float32", tp_size=2, target=TARGET)
+    for path in sorted(out.glob("rank*.json")):
+        data = json.loads(path.read_text())
+        assert data["format"] == 2 and {d["scheme"] for d in data["source"].values()} == {"blake3", "safetensors-blake3"}
+        old = {name: file_digest(src / name, d["scheme"].replace("blake3", "sha256")) for name, d in data["source"].items()}
+        data.update(format=1, source={n: {"sha256": d.digest, "size": d.size, "scheme": d.scheme} for n, d in old.items()})
+        path.write_text(json.dumps(data))
+    (out / "shardproof-manifest.json").unlink()  # it fingerprints the rank{N}.json as written
+    metadata = read_rank_metadata(out, TARGET)
+    assert metadata[0].source == old and {d.scheme for d in old.values()} == {"sha256", "safetensors-sha256"}
+    assert verify_checkpoint(src, out, "both", BATCH, target=TARGET).status is Status.PASSED
+    data = json.loads((out / "rank1.json").read_text())
+    data["source"]["config.json"] = {"md5": "0" * 64, "size": 1, "scheme": "sha256"}
+    (out / "rank1.json").write_text(json.dumps(data))
+    with pytest.raises(ShardproofError, match=r"rank1\.json: source\['config\.json'\] is not a digest"):
+        read_rank_metadata(out, TARGET)
