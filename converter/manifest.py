@@ -164,7 +164,9 @@ def _corruption(file: Path, expected: FileDigest) -> str | None:
         digest = file_digest(file, expected.scheme, workers=default_workers())
     except ShardproofError as e:  # a safetensors header that no longer parses: the bytes were changed
         return f"corrupted: {e}"
-    return None if digest.digest == expected.digest else f"corrupted: its {expected.scheme} digest differs from the manifest's"
+    if digest.digest != expected.digest:
+        return f"corrupted: its {expected.scheme} digest differs from the manifest's"
+    return None
 
 
 def read_digest(value: object, format: int, where: str, bad: Callable[[str], Exception]) -> FileDigest:

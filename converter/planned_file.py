@@ -48,7 +48,7 @@ class PlannedFile:
         self._write_at(data, self._slots[name][2] + position)
 
     def written(self, name: str, digest: bytes) -> None:
-        """Tensor `name` is complete; `digest` is the digest of its bytes (`digests.part_digest`) (kept when the file is `hashed`)."""
+        """Tensor `name` is complete; `digest` is its bytes' `digests.part_digest` (kept when the file is `hashed`)."""
         with self._lock:
             if name in self._written:
                 raise AssertionError(f"{name} was written twice")

@@ -84,7 +84,7 @@ class RankMetadata:
             digests = data.get("format", FORMAT) + 1  # the manifest format whose digests this format holds
             return cls(**{**data, "source": {k: read_digest(v, digests, f"source[{k!r}]", ShardproofError)
                                              for k, v in source.items()}})
-        except TypeError as e:  # a missing field, or a digest with the wrong keys
+        except TypeError as e:  # a missing field
             raise ShardproofError(f"{path}: not a valid rank metadata file ({e})") from None
         except ShardproofError as e:
             raise ShardproofError(f"{path}: {e}") from None

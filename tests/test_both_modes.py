@@ -141,8 +141,10 @@ def test_what_a_failed_shared_step_held_is_freed_before_the_modes_run_apart(
     convert(model, tmp_path / "c", dtype="bfloat16", tp_size=2)
     references: list[weakref.ref] = []
     init, layer, alone = sharded_check.HFReference.__init__, StageRunner.layer, verification.verify_equivalence
-    monkeypatch.setattr(sharded_check.HFReference, "__init__",
-                        lambda self, *a, **k: (references.append(weakref.ref(self)), init(self, *a, **k))[1])
+
+    def recorded(self: sharded_check.HFReference, *args, **kwargs) -> None:
+        references.append(weakref.ref(self))
+        init(self, *args, **kwargs)
 
     def runs_out(self: StageRunner, index: int, x: torch.Tensor) -> torch.Tensor:
         if index == 1 and len(references) == 1:
@@ -155,6 +157,7 @@ def test_what_a_failed_shared_step_held_is_freed_before_the_modes_run_apart(
         alive_when_apart.append(references[0]() is not None)
         return alone(*args, **kwargs)
 
+    monkeypatch.setattr(sharded_check.HFReference, "__init__", recorded)
     monkeypatch.setattr(StageRunner, "layer", runs_out)
     monkeypatch.setattr(verification, "verify_equivalence", apart)
     gc.disable()  # collection only where the code asks for it
