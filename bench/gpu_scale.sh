@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 11's measurements at the Llama-3-8B shape in one command, for a GPU machine lent for a short while:
+#   bench/gpu_scale.sh RESULTS_DIR [WORK_DIR]      (WORK_DIR default /dev/shm/scale: about 45 GB at the peak)
+# 1. convert at tp 1, 2, 8 and pp 2 on every core against the floor (convert.md);
+# 2. where a tp 8 conversion's thread-seconds go (convert_phases_tp8.txt);
+# 3. verify, both modes in one run and each alone, against the floor (verify.json, verify.md);
+# 4. verify, both modes, under a cap of a quarter of the model (verify_quarter_cap.json, verify_quarter_cap.md).
+# One model serves every step. Each step writes its files into RESULTS_DIR as it ends, under a time limit of its
+# own (STEP_TIMEOUT seconds, default 420), so a step cut short loses only itself. Smaller runs for a try on any
+# machine: LAYERS=2 SHAPE="--hidden 256 --intermediate 512 --vocab 1000 --heads 8 --kv-heads 2" DEVICE=cpu.
+set -uo pipefail
+RESULTS=$(realpath -m "${1:?usage: bench/gpu_scale.sh RESULTS_DIR [WORK_DIR]}")
+WORK=${2:-/dev/shm/scale}
+LAYERS=${LAYERS:-32}
+SHAPE=${SHAPE:---hidden 4096 --intermediate 14336 --vocab 128256 --heads 32 --kv-heads 8}
+DEVICE=${DEVICE:-cuda}
+STEP=${STEP_TIMEOUT:-420}
+BENCH=$(dirname "$(realpath "$0")")
+mkdir -p "$RESULTS" "$WORK/vb"
+export PYTHONUNBUFFERED=1
+status=0
+
+step() {  # step NAME COMMAND...: run under the time limit, report how it ended
+    local name=$1 rc
+    shift
+    echo "== $name: $*"
+    timeout "$STEP" "$@"
+    rc=$?
+    echo "== $name: exit $rc"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+# shellcheck disable=SC2086  # SHAPE is a list of options
+step convert bash -c "python3 '$BENCH/convert_bench.py' --out '$WORK' $SHAPE --layers $LAYERS \
+    --layouts tp1,tp2,tp8,pp2 --workers all --repeats 1 --no-baseline > '$RESULTS/convert.md'"
+ln -sfn "$WORK/hf" "$WORK/vb/hf-$LAYERS"  # the same model for verify
+rm -rf "$WORK/phases"
+step phases bash -c "python3 '$BENCH/convert_phases.py' --workers $(nproc) --tp_size 8 --dtype float16 '$WORK/hf' \
+    '$WORK/phases' > '$RESULTS/convert_phases_tp8.txt'"
+rm -rf "$WORK/phases"
+quarter=$(python3 -c "import pathlib, sys; print(f'{sum(p.stat().st_size for p in pathlib.Path(sys.argv[1]).glob(\"*.safetensors\")) / 4 / 2**30:.6f}')" "$WORK/hf")
+for run in "verify|both,reassembled,sharded|" "verify_quarter_cap|both|--max-device-memory $quarter"; do
+    IFS='|' read -r name modes cap <<< "$run"
+    rm -f "$WORK/vb/verify_memory.json"
+    # shellcheck disable=SC2086
+    step "$name" bash -c "python3 '$BENCH/verify_memory.py' --out '$WORK/vb' $SHAPE --layers $LAYERS --tp 2 \
+        --device $DEVICE --num-sequences 2 --seq-len 256 --modes $modes $cap > '$RESULTS/$name.md'"
+    cp "$WORK/vb/verify_memory.json" "$RESULTS/$name.json" 2>/dev/null
+done
+exit $status
