@@ -73,6 +73,8 @@ class TensorReader:
                     first = start // stored.itemsize
                     target = out[first : first + part.numel() // stored.itemsize]
                     if cuda and dtype != stored:  # to the device as stored, then cast there
+                        if stage.device is None:  # made for the first cast: a read as stored needs none
+                            stage.device = torch.empty(STAGE_BYTES, dtype=torch.uint8, device=device)
                         staged = stage.device[: part.numel()]
                         staged.copy_(part, non_blocking=True)
                         target.copy_(staged.view(stored))
@@ -148,8 +150,9 @@ _stages = threading.local()
 
 @dataclass
 class _Stage:
-    """One staging buffer: on the host (pinned for a GPU), its device twin for a cast there, and the event of its
-    last copy to the device."""
+    """One staging buffer: on the host (pinned for a GPU), its device twin for a cast there (made by the first
+    cast: the lock step reads as stored, so its passes' threads hold no device buffer), and the event of its last
+    copy to the device."""
 
     host: torch.Tensor
     device: torch.Tensor | None = None
@@ -163,9 +166,8 @@ def _staging(device: torch.device) -> list[_Stage]:
     if key not in cache:
         if device.type == "cuda":
             with torch.cuda.device(device):
-                cache[key] = [_Stage(torch.empty(STAGE_BYTES, dtype=torch.uint8, pin_memory=True),
-                                     torch.empty(STAGE_BYTES, dtype=torch.uint8, device=device), torch.cuda.Event())
-                              for _ in range(2)]
+                cache[key] = [_Stage(torch.empty(STAGE_BYTES, dtype=torch.uint8, pin_memory=True), None,
+                                     torch.cuda.Event()) for _ in range(2)]
         else:
             cache[key] = [_Stage(torch.empty(STAGE_BYTES, dtype=torch.uint8))]
     return cache[key]
