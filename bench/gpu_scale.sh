@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 11's measurements at the Llama-3-8B shape in one command, for a GPU machine lent for a short while:
 #   bench/gpu_scale.sh RESULTS_DIR [WORK_DIR]      (WORK_DIR default /dev/shm/scale: about 45 GB at the peak)
+# 0. the tests that run only on a GPU (gpu_tests.txt: CUDA read paths, both modes on CUDA);
 # 1. convert at tp 1, 2, 8 and pp 2 on every core against the floor (convert.md);
 # 2. where a tp 8 conversion's thread-seconds go (convert_phases_tp8.txt);
 # 3. verify, both modes in one run and each alone, against the floor (verify.json, verify.md);
@@ -30,6 +31,8 @@ step() {  # step NAME COMMAND...: run under the time limit, report how it ended
     [ "$rc" -eq 0 ] || status=1
 }
 
+step gpu_tests bash -c "cd '$BENCH/..' && python3 -m pytest -q -p no:cacheprovider tests/test_tensor_reader.py \
+    tests/test_both_modes.py tests/test_verify.py -k 'cuda or gpu' > '$RESULTS/gpu_tests.txt' 2>&1"
 # shellcheck disable=SC2086  # SHAPE is a list of options
 step convert bash -c "python3 '$BENCH/convert_bench.py' --out '$WORK' $SHAPE --layers $LAYERS \
     --layouts tp1,tp2,tp8,pp2 --workers all --repeats 1 --no-baseline > '$RESULTS/convert.md'"
