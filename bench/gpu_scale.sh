@@ -6,6 +6,7 @@
 # 2. where a tp 8 conversion's thread-seconds go (convert_phases_tp8.txt);
 # 3. verify, both modes in one run and each alone, against the floor (verify.json, verify.md);
 # 4. verify, both modes, under a cap of a quarter of the model (verify_quarter_cap.json, verify_quarter_cap.md).
+# Needs shardproof and its dependencies importable (a machine without a package registry: bring blake3's wheel).
 # One model serves every step. Each step writes its files into RESULTS_DIR as it ends, under a time limit of its
 # own (STEP_TIMEOUT seconds, default 420), so a step cut short loses only itself. Smaller runs for a try on any
 # machine: LAYERS=2 SHAPE="--hidden 256 --intermediate 512 --vocab 1000 --heads 8 --kv-heads 2" DEVICE=cpu.
