@@ -110,7 +110,6 @@ class TensorReader:
             return torch.empty(entry.shape, dtype=dtype)
         return tensor.view(dtype).reshape(entry.shape)
 
-
     def blocks(self, name: str, block_bytes: int) -> Iterator[torch.Tensor]:
         """Tensor `name`'s bytes as stored, `block_bytes` at a time (the last block shorter), each a uint8 view of
         one buffer that the next block overwrites (positional reads, no mmap); its digest, when recorded, is taken

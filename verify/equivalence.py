@@ -35,7 +35,7 @@ from shardproof.converter.source import Source, open_source
 from shardproof.converter.target_checkpoint import open_checkpoint
 
 from .forward import BatchOptions, first_divergence, first_nonfinite, hidden_states, logits_pass, model_logits
-from .lockstep import Pass, CannotShare, run_passes
+from .lockstep import CannotShare, run_passes
 from .inputs import check_inputs
 from .metrics import LogitMetrics, bit_identical, logit_metrics
 from .outcomes import CheckOutcome, Status, judged, not_run, overall
@@ -285,11 +285,12 @@ class _Runs:
 
     def forward(self, dtype: torch.dtype, violations: list[Violation],
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, WeightComparison]:
-        """On `reference`'s tokens: the source's logits in `dtype` with the checkpoint's rounding, in float32 without it (None when that is
-        the same run), the checkpoint's model's logits, and the weights comparison, in one lock step with whatever
-        waits in `reference` (`verify/lockstep.py`): each unit of the source read once, each unit of the rank files
-        inverted once for the comparison and the checkpoint's model (`RebuiltUnits`, whose findings are added to
-        `violations`); the source's runs taken from `reference` where it keeps them.
+        """On `reference`'s tokens: the source's logits in `dtype` with the checkpoint's rounding, in float32
+        without it (None when that is the same run), the checkpoint's model's logits, and the weights comparison,
+        in one lock step with whatever waits in `reference` (`verify/lockstep.py`): each unit of the source read
+        once, each unit of the rank files inverted once for the comparison and the checkpoint's model
+        (`RebuiltUnits`, whose findings are added to `violations`); the source's runs taken from `reference` where
+        it keeps them.
         When they cannot share the reads (`CannotShare`: a checkpoint whose config makes another model, or a cap too
         small for a unit as stored beside a loaded one), the weights are compared first, a tensor pair at a time,
         and each model runs on its own."""
@@ -313,7 +314,8 @@ class _Runs:
             weights = compare_weights(self.source, self.checkpoint, found, self.progress, dev)
             got["actual"] = model_logits(self.rebuilt, dtype, dev, ids, None, self.batch.resident())
             if self.rounded is not None:
-                got["expected"] = self._passes([logits_pass(dtype, dev, ids, self.rounded)])[0]
+                got["expected"] = run_passes(self.source, [logits_pass(dtype, dev, ids, self.rounded)], dev,
+                                             self.batch.resident(), self.progress)[0]
         violations += found
         expected = got["expected"] if self.rounded is not None else reference.native(name)
         return expected, reference.logits(None) if separate else None, got["actual"], weights
@@ -325,9 +327,6 @@ class _Runs:
         if self.rounded is None:
             return self.reference.own_cost(dtype).metrics
         return logit_metrics(expected if wide is None else wide, expected, dtype=dtype, device=self.batch.torch_device)
-
-    def _passes(self, passes: list[Pass]) -> list:
-        return run_passes(self.source, passes, self.batch.torch_device, self.batch.resident(), self.progress)
 
     def states(self, rebuilt: bool, dtype: torch.dtype, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         model, value = (self.rebuilt, None) if rebuilt else (self.source, self.rounded)

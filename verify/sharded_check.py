@@ -186,7 +186,8 @@ class HFReference:
         self._runs: dict[tuple[str | None, int | None], tuple[Tensor, list[Tensor]]] = {}
         self._native: dict[str, Tensor] = {}
         self._own: dict[str, OwnCost] = {}
-        self._waiting: list[tuple[Hashable | None, Pass, Callable[[Any], None]]] = []  # key (None: deferred), pass, what takes its result
+        # what waits for the next `run`: its key (None: another check's, `defer`), the pass, what takes its result
+        self._waiting: list[tuple[Hashable | None, Pass, Callable[[Any], None]]] = []
 
     def logits(self, rounding: str | None) -> Tensor:
         """float32 logits [num_sequences, seq_len, vocab] on the CPU."""
