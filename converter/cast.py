@@ -22,12 +22,9 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     pool, which for blocks of this size costs far more than it gains)."""
     if not through_float32(tensor.dtype, dtype) or tensor.numel() <= BLOCK_ELEMENTS:
         return tensor.to(dtype)
-    source = tensor.contiguous().view(-1)
-    out = torch.empty(source.numel(), dtype=dtype)
-    block = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
-    for start in range(0, source.numel(), BLOCK_ELEMENTS):
-        cast_block(source[start : start + BLOCK_ELEMENTS], out[start : start + BLOCK_ELEMENTS], block)
-    return out.view(tensor.shape)
+    out = torch.empty(tensor.shape, dtype=dtype)
+    cast_block(tensor.contiguous().view(-1), out.view(-1), torch.empty(BLOCK_ELEMENTS, dtype=torch.float32))
+    return out
 
 
 def through_float32(source: torch.dtype, dtype: torch.dtype) -> bool:
@@ -36,10 +33,12 @@ def through_float32(source: torch.dtype, dtype: torch.dtype) -> bool:
 
 
 def cast_block(source: torch.Tensor, out: torch.Tensor, block: torch.Tensor | None) -> None:
-    """`source` cast into `out` (as many elements, 1-D), through `block` (float32, at least as long) when given."""
+    """`source` cast into `out` (as many elements, 1-D), through `block` (float32) a block's length at a time when
+    given."""
     if block is None:
         out.copy_(source)
         return
-    staged = block[: source.numel()]
-    staged.copy_(source)
-    out.copy_(staged)
+    for start in range(0, source.numel(), block.numel()):
+        staged = block[: min(block.numel(), source.numel() - start)]
+        staged.copy_(source[start : start + staged.numel()])
+        out[start : start + staged.numel()].copy_(staged)

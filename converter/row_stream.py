@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .cast import cast_block, through_float32
+from .cast import BLOCK_ELEMENTS, cast_block, through_float32
 from .digests import new_hash
 from .plan import PlannedTensor
 from .planned_file import PlannedFile
@@ -48,9 +48,9 @@ def stream_slices(tensors: Sequence[PlannedTensor], tp: int) -> tuple[Slice, ...
 
 def held_bytes(tensor: PlannedTensor, stored: torch.dtype) -> int:
     """The bytes a streamed row instance of `tensor` (its source stored as `stored`) holds at most: its block
-    buffers (the read, a float32 staging block, the cast, a slice's contiguous copy)."""
+    buffers (the read, the cast, a slice's contiguous copy) and the cast's float32 staging block."""
     shape = tensor.source_shapes[0]
-    return _block_rows(shape) * math.prod(shape[1:]) * (stored.itemsize + 4 + 2 * tensor.torch_dtype.itemsize)
+    return _block_rows(shape) * math.prod(shape[1:]) * (stored.itemsize + 2 * tensor.torch_dtype.itemsize) + 4 * BLOCK_ELEMENTS
 
 
 def _block_rows(shape: Shape) -> int:
@@ -109,7 +109,7 @@ def write_streamed(tensors: Sequence[PlannedTensor], files: Sequence[PlannedFile
     row = math.prod(shape[1:])
     elements = _block_rows(shape) * row
     out = torch.empty(elements, dtype=dtype) if dtype != stored else None
-    scratch = torch.empty(elements, dtype=torch.float32) if through_float32(stored, dtype) else None
+    scratch = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32) if through_float32(stored, dtype) else None
     parts: dict[Slice, _Part] = {}
     for where, tensor, file in zip(slices, tensors, files):
         parts.setdefault(where, _Part(where, shape, tensor.shape)).targets.append((file, tensor.name))
