@@ -3,9 +3,12 @@ the HF checkpoint back."""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -84,11 +87,33 @@ def invert_group(ckpt: TRTCheckpoint, group: list[PlannedTensor], device: torch.
     `load` reads a rank tensor (default `ckpt.load`)."""
     head = group[0]
     where, load = inverted_on(group, device), load or ckpt.load
-    locals_ = [load(ckpt.mapping.rank(t.tp_rank, head.pp_rank), t.name, where) for t in group]
+    locals_ = RankTensors([functools.partial(load, ckpt.mapping.rank(t.tp_rank, head.pp_rank), t.name, where)
+                           for t in group])
     sources, problems = head.shard.inverse(locals_, head.stored_shapes)
     sources = to_source(head.ops, sources)
     violations = [Violation(ckpt.mapping.rank(r, head.pp_rank), head.name, p) for r, p in problems]
-    return sources, violations, sum(t.numel() * t.element_size() for t in locals_)
+    return sources, violations, sum(math.prod(t.shape) * t.torch_dtype.itemsize for t in group)
+
+
+class RankTensors(Sequence[torch.Tensor]):
+    """One TP group's rank tensors, each read when asked for and not kept (but rank 0's), so that a replica's
+    inverse holds two copies at a time, not one a rank (`Shard.inverse` asks for each other rank once)."""
+
+    def __init__(self, loads: list[Callable[[], torch.Tensor]]) -> None:
+        self._loads, self._first = loads, None
+
+    def __len__(self) -> int:
+        return len(self._loads)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        index = range(len(self))[index]
+        if index:
+            return self._loads[index]()
+        if self._first is None:
+            self._first = self._loads[0]()
+        return self._first
 
 
 class Rebuild:

@@ -49,7 +49,11 @@ class Shard(Protocol):
 
     def forward(self, sources: Sequence[torch.Tensor], tp: int, tp_rank: int) -> torch.Tensor: ...
 
-    def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]: ...
+    def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
+        """The sources and what is wrong with `locals_` (every rank's tensor, in rank order); `locals_` may read
+        a rank's tensor each time it is indexed (converter/reassemble.py `RankTensors`): index each rank once, rank
+        0 as often as needed."""
+        ...
 
     def resolve(self, dims: Any, layout: Any) -> "Shard": ...
 
@@ -310,12 +314,12 @@ class Replicated(Sliced):
         return (0, 0, shape[0])
 
     def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
-        reference = locals_[0]
-        problems = [
-            (r, f"replicated copy differs from tp rank 0's ({_first_difference(t, reference)})")
-            for r, t in enumerate(locals_)
-            if r and not torch.equal(t, reference)
-        ]
+        reference, problems = locals_[0], []
+        for r in range(1, len(locals_)):
+            copy = locals_[r]
+            if not torch.equal(copy, reference):
+                problems.append((r, f"replicated copy differs from tp rank 0's ({_first_difference(copy, reference)})"))
+            del copy  # freed before the next rank's is read: one copy besides the reference at a time
         return [reference], problems
 
 
@@ -380,6 +384,7 @@ class VocabParallel(Sliced):
         return (0, start, min(start + local_rows, rows))
 
     def inverse(self, locals_: Sequence[torch.Tensor], shapes: Sequence[Shape]) -> tuple[list[torch.Tensor], list[Problem]]:
+        locals_ = list(locals_)  # each rank read once: the rows are checked, then concatenated
         rows = shapes[0][0]
         local_rows = locals_[0].shape[0]
         problems = []
