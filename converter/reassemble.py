@@ -105,10 +105,8 @@ class RankTensors(Sequence[torch.Tensor]):
     def __len__(self) -> int:
         return len(self._loads)
 
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(len(self))[index]]
-        index = range(len(self))[index]
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        index = range(len(self))[index]  # IndexError past the end, which ends iteration
         if index:
             return self._loads[index]()
         if self._first is None:
