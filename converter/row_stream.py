@@ -50,7 +50,8 @@ def held_bytes(tensor: PlannedTensor, stored: torch.dtype) -> int:
     """The bytes a streamed row instance of `tensor` (its source stored as `stored`) holds at most: its block
     buffers (the read, the cast, a slice's contiguous copy) and the cast's float32 staging block."""
     shape = tensor.source_shapes[0]
-    return _block_rows(shape) * math.prod(shape[1:]) * (stored.itemsize + 2 * tensor.torch_dtype.itemsize) + 4 * BLOCK_ELEMENTS
+    block = _block_rows(shape) * math.prod(shape[1:])
+    return block * (stored.itemsize + 2 * tensor.torch_dtype.itemsize) + 4 * BLOCK_ELEMENTS
 
 
 def _block_rows(shape: Shape) -> int:
