@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .atomic import atomic_directory
-from .card import get_card
+from .card import Card, get_card
 from .dtypes import resolve_dtype
 from .errors import ShardproofError
 from .bounded_pool import default_workers
@@ -46,9 +46,10 @@ def plan_conversion(
     card = get_card(source.architecture)
     target.rows(card)  # refuses a card the target does not support, before anything else
     config_path = source.config.files[0]
+    hf = hf_view(card, source)
     try:
         ignored = card.config.ignored(source.config_dict)
-        dims = card.config.dims_from_hf(source.hf_config)
+        dims = card.config.dims_from_hf(hf)
     except ShardproofError as e:
         raise ShardproofError(f"{config_path}: {e}") from None
     layout = target.layout(
@@ -63,6 +64,11 @@ def plan_conversion(
     )
     plan = build_plan(card, dims, layout, source.shapes, where=str(source.model_dir), target=target)
     return dataclasses.replace(plan, ignored_fields=ignored), source
+
+
+def hf_view(card: Card, source: Source) -> Any:
+    """The source's HF config as `card`'s translation reads it (`ConfigMap.view`)."""
+    return card.config.view(source.config_dict, lambda: source.hf_config, source.config.files[0])
 
 
 def convert(
@@ -100,7 +106,7 @@ def convert(
                                    moe_tp_size, moe_ep_size, target)
     guard = ValueGuard(str(source.model_dir), allow_nonfinite, clamp)
     with atomic_directory(Path(output_dir), overwrite, inputs=[Path(model_dir)]) as staging:
-        config = trt_config(plan, source.hf_config) if target.trt_config else None
+        config = trt_config(plan, hf_view(plan.card, source)) if target.trt_config else None
         read = source.record_digests()
         written = write_checkpoint(plan, source, staging, config, progress, workers, guard)
         fingerprint = source_fingerprint(source, read, workers)

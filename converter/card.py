@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal, Mapping
 
 from .errors import ShardproofError
+from .hf_fields import HFField, read_fields
 from .registry import Registry, caller_module
 from .transforms import Shard, SourceOp
 
@@ -173,14 +174,36 @@ class ConfigMap:
 
     `hf_read`: fields whose values the translation uses; `hf_ignored`: fields it deliberately does not use, with
     the reason. A config.json field in neither (nor in GENERIC_IGNORED) is refused: it may change the math.
+    `hf_fields`: the card's own reading of the fields it reads (converter/hf_fields.py: types and transformers'
+    defaults; `hf_read` is then its names), with `standardize` turning the values into what transformers' config
+    class holds (legacy spellings folded in, its validation); None: the translation reads transformers' parse.
     """
 
     dims_from_hf: Callable[[Any], Dims]
     trt_fields: Callable[[Any, Dims], dict]
     dims_from_trt: Callable[[dict], Dims]
     hf_config: Callable[[dict], dict]
-    hf_read: frozenset[str]
+    hf_read: frozenset[str] = frozenset()
     hf_ignored: Mapping[str, str] = field(default_factory=dict)
+    hf_fields: Mapping[str, HFField] | None = None
+    standardize: Callable[[dict[str, Any]], dict[str, Any]] = dict
+
+    def __post_init__(self) -> None:
+        if self.hf_fields is not None:
+            if self.hf_read and self.hf_read != set(self.hf_fields):
+                raise ValueError("hf_read must name exactly the fields of hf_fields (or be left out)")
+            object.__setattr__(self, "hf_read", frozenset(self.hf_fields))
+
+    def view(self, config: Mapping[str, Any], parse: Callable[[], Any], where: Path | str) -> Any:
+        """The HF config the translation reads: the card's own reading of `config` (the fields of the config file
+        `where`) where it declares `hf_fields`, else transformers' parse (`parse()`); ShardproofError naming `where`
+        for a value it refuses."""
+        if self.hf_fields is None:
+            return parse()
+        try:
+            return read_fields(self.hf_fields, config, self.standardize)
+        except ShardproofError as e:
+            raise ShardproofError(f"{where}: {e}") from None
 
     def ignored(self, config: Mapping[str, Any]) -> dict[str, str]:
         """{field: reason} for the config's fields this card ignores; ShardproofError naming any unknown field."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Mapping, TypeVar
 
@@ -27,14 +28,21 @@ Shape = tuple[int, ...]
 class SourceConfig:
     """What a config loader returns.
 
-    `hf_config`: a transformers `PretrainedConfig` of the model (what the card's config map reads, and what
-    transformers builds the HF-side model from in verify); `fields`: every field of the source config under
-    HF's config.json names (the card accounts for each one; an unknown field is refused); `files`: the files
-    read, the first named in errors (the integrity manifest fingerprints them all)."""
+    `fields`: every field of the source config under HF's config.json names (the card accounts for each one; an
+    unknown field is refused; a card with `hf_fields` reads its values from here); `files`: the files read, the
+    first named in errors (the integrity manifest fingerprints them all); `parse()`: a transformers
+    `PretrainedConfig` of the model, or ShardproofError naming the file (what verify builds the HF-side model from,
+    and what a card without `hf_fields` reads), called once, when first needed: `convert` of a card that reads its
+    fields itself never imports transformers."""
 
-    hf_config: Any
     fields: Mapping[str, Any]
     files: tuple[Path, ...]
+    parse: Callable[[], Any]
+
+    @cached_property
+    def hf_config(self) -> Any:
+        """transformers' parse of the config (`parse()`, once)."""
+        return self.parse()
 
     @property
     def architecture(self) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from .atomic import atomic_directory
 from .checkpoint import TRTCheckpoint, Violation
+from .formats.hf import auto_config
 from .loaders import SourceConfig, TensorInfo, Weights
 from .plan import PlannedTensor
 from .planned_file import PlannedFile
@@ -208,10 +209,8 @@ class ReassembledWeights(Weights):
 def reassembled_source(ckpt: TRTCheckpoint, config_dir: Path) -> Source:
     """The model the rank files hold as a `Source` (config as `reassemble` writes it, into `config_dir`; tensors
     `ReassembledWeights`): verification runs it without writing the weights back."""
-    from transformers import AutoConfig
-
     fields = ckpt.hf_config()
     path = Path(config_dir) / "config.json"
     path.write_text(json.dumps(fields, indent=2) + "\n")
-    config = SourceConfig(AutoConfig.from_pretrained(str(config_dir), local_files_only=True), fields, (path,))
+    config = SourceConfig(fields, (path,), lambda: auto_config(Path(config_dir), path))
     return Source(Path(config_dir), "reassembled", None, config, ReassembledWeights(ckpt))

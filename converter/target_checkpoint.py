@@ -4,7 +4,7 @@ checked access to the rank files, and the HF config.json that reassembly writes 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .card import get_card
 from .checkpoint import TRTCheckpoint, _refuse_implausible_size
@@ -25,13 +25,17 @@ class MetadataCheckpoint(TRTCheckpoint):
         self.metadata: list[RankMetadata] = read_rank_metadata(self.directory, target.name)
         self.config = None
         first = self.metadata[0]
-        self.hf_config_dict, self.hf = _hf_config(first, self.directory, model_dir)
+        self.hf_config_dict, parse, where = _hf_config(first, self.directory, model_dir)
         names = self.hf_config_dict.get("architectures")
         if not (isinstance(names, list) and len(names) == 1):
             raise ShardproofError(f"{self.directory}: the source config names no single architecture")
         self.card = get_card(names[0])
         target.rows(self.card)
-        self.dims = self.card.config.dims_from_hf(self.hf)
+        self.hf = self.card.config.view(self.hf_config_dict, parse, where)
+        try:
+            self.dims = self.card.config.dims_from_hf(self.hf)
+        except ShardproofError as e:
+            raise ShardproofError(f"{where}: {e}") from None
         self.layout = target.layout(Layout(dtype=first.dtype, mapping=first.mapping), self.dims, self.card)
         _refuse_implausible_size(self.card, self.dims, self.layout.mapping)
         self.source_shapes = expected_source_shapes(self.card, self.dims, self.layout, target)
@@ -42,22 +46,29 @@ class MetadataCheckpoint(TRTCheckpoint):
         return dict(self.hf_config_dict)
 
 
-def _hf_config(meta: RankMetadata, directory: Path, model_dir: Path | str | None) -> tuple[dict, Any]:
-    """(config.json contents, transformers config) of the source: the metadata's, else `model_dir`'s."""
+def _hf_config(meta: RankMetadata, directory: Path,
+               model_dir: Path | str | None) -> tuple[dict, Callable[[], Any], Path]:
+    """(config.json contents, its transformers parse, the file that holds it) of the source: the metadata's, else
+    `model_dir`'s."""
+    where = directory / "rank0.json"
     if meta.hf_config is not None:
-        from transformers import AutoConfig
-
         config = dict(meta.hf_config)
-        try:
-            return config, AutoConfig.for_model(**config)
-        except Exception as e:  # transformers raises many types for a config it cannot build
-            raise ShardproofError(f"{directory / 'rank0.json'}: transformers cannot parse its hf_config ({e})") from None
+
+        def parse() -> Any:
+            from transformers import AutoConfig
+
+            try:
+                return AutoConfig.for_model(**config)
+            except Exception as e:  # transformers raises many types for a config it cannot build
+                raise ShardproofError(f"{where}: transformers cannot parse its hf_config ({e})") from None
+
+        return config, parse, where
     if model_dir is None:
-        raise ShardproofError(f"{directory / 'rank0.json'}: holds no hf_config; pass the source model (--model_dir)")
+        raise ShardproofError(f"{where}: holds no hf_config; pass the source model (--model_dir)")
     from .source import open_source
 
     source = open_source(model_dir)
-    return source.config_dict, source.hf_config
+    return source.config_dict, lambda: source.hf_config, source.config.files[0]
 
 
 def open_checkpoint(directory: Path | str, target: str | Target | None = None,

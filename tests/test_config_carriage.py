@@ -230,7 +230,9 @@ def test_every_allowed_field_is_ignored_by_some_card() -> None:
 # --- the checks find what they are for ------------------------------------------------------------------------
 
 def _with_account(card: Card, read: set[str], ignored: dict[str, str]) -> Card:
-    config = dataclasses.replace(card.config, hf_read=frozenset(read), hf_ignored=ignored)
+    """`card` with another account of its fields, translated from transformers' parse (its own reading would not
+    hold a field the account adds)."""
+    config = dataclasses.replace(card.config, hf_read=frozenset(read), hf_ignored=ignored, hf_fields=None)
     return dataclasses.replace(card, config=config)
 
 

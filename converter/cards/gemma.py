@@ -15,6 +15,7 @@ from typing import Any
 
 from ..card import Dims, TargetRows, register
 from ..errors import ShardproofError
+from ..hf_fields import flag, revised, size, word
 from ..transforms import ADD_ONE
 from . import llama
 
@@ -48,7 +49,11 @@ GEMMA = register(llama.decoder_card(
     rows=ROWS,
     dims_from_hf=dims_from_hf,
     extra_trt={"inter_layernorms": False},
-    hf_read=(llama.HF_READ - {"mlp_bias"}) | {"use_bidirectional_attention"},
+    hf_fields=revised(llama.HF_FIELDS, ("mlp_bias",), vocab_size=size(256000), hidden_size=size(3072),
+                      intermediate_size=size(24576), num_hidden_layers=size(28), num_attention_heads=size(16),
+                      num_key_value_heads=size(16), head_dim=size(256), hidden_act=word("gelu_pytorch_tanh"),
+                      max_position_embeddings=size(8192), tie_word_embeddings=flag(True),
+                      use_bidirectional_attention=flag(None, optional=True)),
     hf_ignored={**llama.HF_IGNORED, "mlp_bias": "not a GemmaConfig field: Gemma's MLP hard-wires no bias"},
     strategy=llama.with_switches(lambda: llama.model_strategy().map(lambda c: {**c, "tie_word_embeddings": True}),
                                  attention_bias=True),

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from ..card import (Card, ConfigMap, Dims, Shape, Skip, TIED_LM_HEAD, TargetRows, TestSupport, first, last, layer,
                     register)
 from ..errors import ShardproofError
+from ..hf_fields import flag, number, size, word
 from ..transforms import COLUMN, EMBEDDING, QKV_PARTS, QKV_SPEC, REPLICATED, ROW, TRANSPOSE, VOCAB
 
 HF_LAYER = "transformer.h.{i}"
@@ -190,10 +191,19 @@ def hf_config(cfg: dict) -> dict:
     }
 
 
-HF_READ = frozenset({
-    "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "activation_function",
-    "layer_norm_epsilon", "tie_word_embeddings", *REFUSED_UNLESS_DEFAULT,
-})
+# GPT2Config's (transformers 5) types and defaults of the fields the translation reads.
+HF_FIELDS = {
+    "vocab_size": size(50257),
+    "n_embd": size(768),
+    "n_layer": size(12),
+    "n_head": size(12),
+    "n_inner": size(None, optional=True),
+    "n_positions": size(1024),
+    "activation_function": word("gelu_new"),
+    "layer_norm_epsilon": number(1e-5),
+    "tie_word_embeddings": flag(True),
+    **{name: flag(default) for name, (default, _) in REFUSED_UNLESS_DEFAULT.items()},
+}
 DROPOUT = "training only (dropout is off at inference)"
 SUMMARY = "the sequence-summary head of GPT2DoubleHeadsModel, which a causal LM does not have"
 HF_IGNORED = {
@@ -255,7 +265,7 @@ GPT2 = register(Card(
         trt_fields=trt_fields,
         dims_from_trt=dims_from_trt,
         hf_config=hf_config,
-        hf_read=HF_READ,
+        hf_fields=HF_FIELDS,
         hf_ignored=HF_IGNORED,
     ),
     tests=TestSupport(

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 from ..errors import ShardproofError
 from ..card import (Card, ConfigMap, Dims, Row, Shape, Skip, TIED_LM_HEAD, TargetRows, TestSupport, first, last, layer,
                     register)
+from ..hf_fields import HFField, flag, number, real, size, table, word
 from ..transforms import COLUMN, EMBEDDING, QKV_SPEC, REPLICATED, ROW, VOCAB, CeilSplit, FusedColumn
 
 HF_LAYER = "model.layers.{i}"
@@ -240,11 +241,88 @@ def hf_config(cfg: dict, model_type: str) -> dict:
     }
 
 
-HF_READ = frozenset({
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "intermediate_size", "attention_bias", "mlp_bias", "tie_word_embeddings", "hidden_act", "rms_norm_eps",
-    "max_position_embeddings", "rope_parameters", "rope_theta", "rope_scaling",
-})
+# LlamaConfig's (transformers 5) types and defaults of the fields the translation reads; relatives revise them.
+# rope_scaling and rope_theta are the transformers 4 spellings that standard_rope folds into rope_parameters.
+HF_FIELDS: Mapping[str, HFField] = {
+    "vocab_size": size(32000),
+    "hidden_size": size(4096),
+    "intermediate_size": size(11008),
+    "num_hidden_layers": size(32),
+    "num_attention_heads": size(32),
+    "num_key_value_heads": size(None, optional=True),
+    "head_dim": size(None, optional=True),
+    "hidden_act": word("silu"),
+    "max_position_embeddings": size(2048),
+    "rms_norm_eps": number(1e-6),
+    "tie_word_embeddings": flag(False),
+    "attention_bias": flag(False),
+    "mlp_bias": flag(False),
+    "rope_parameters": table(),
+    "rope_scaling": table(),
+    "rope_theta": real(10000.0),  # the config class's default_theta
+}
+HF_READ = frozenset(HF_FIELDS)
+
+# The keys transformers requires of each rope type's parameters (RotaryEmbeddingConfigMixin._validate_*, 5.x); a
+# scaled type also gets the pretraining length, from max_position_embeddings when the parameters leave it out.
+ROPE_REQUIRED = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "rope_theta"),
+}
+SCALED_ROPE = ("llama3", "yarn", "longrope")
+
+
+def rope_parameters(values: Mapping[str, Any], original: int | None = None) -> dict:
+    """The rope parameters as transformers 5 standardizes them (`convert_rope_params_to_dict`,
+    `standardize_rope_params`): the rope_scaling spelling over rope_parameters, rope_theta folded in, rope_type from
+    the legacy `type`, a scaled rope's pretraining length `original` (a config class that has the field) else the
+    parameters' own else max_position_embeddings."""
+    params = dict(values["rope_scaling"] or values["rope_parameters"] or {})
+    params.setdefault("rope_theta", values["rope_theta"])
+    params.setdefault("rope_type", params.get("type", "default"))
+    if params["rope_type"] in SCALED_ROPE:
+        if original is not None:
+            params["original_max_position_embeddings"] = original
+        params.setdefault("original_max_position_embeddings", values["max_position_embeddings"])
+    return params
+
+
+def check_rope(params: Mapping[str, Any], head_dim: int) -> None:
+    """ShardproofError where transformers' rope validation raises: a rope type missing a key it requires, a fully
+    rotated odd head_dim above 4."""
+    kind, theta = params["rope_type"], params["rope_theta"]
+    if not isinstance(kind, str):
+        raise ShardproofError(f"rope_parameters: rope_type={kind!r} must be a string")
+    if type(theta) not in (int, float):
+        raise ShardproofError(f"rope_parameters: rope_theta={theta!r} must be a number")
+    missing = [key for key in ROPE_REQUIRED.get(kind, ()) if key not in params]
+    if missing:
+        raise ShardproofError(f"rope_parameters: rope_type {kind!r} needs {', '.join(missing)}")
+    partial = params.get("partial_rotary_factor", 1.0)
+    if head_dim > 4 and head_dim % 2 and isinstance(partial, (int, float)) and int(head_dim * partial) == head_dim:
+        raise ShardproofError(f"head_dim={head_dim}: rope needs an even rotary dimension")
+
+
+def standard_decoder(values: dict[str, Any]) -> dict[str, Any]:
+    """A Llama-family config as transformers' config class holds it: rope standardized (`rope_scaling` its alias)."""
+    params = rope_parameters(values)
+    check_rope(params, values["head_dim"] or values["hidden_size"] // values["num_attention_heads"])
+    return {**values, "rope_parameters": params, "rope_scaling": params}
+
+
+def standard_llama(values: dict[str, Any]) -> dict[str, Any]:
+    """LlamaConfig's: the decoder's, and its `validate_architecture` (hidden_size a multiple of the heads, whatever
+    head_dim says)."""
+    if values["hidden_size"] % values["num_attention_heads"]:
+        raise ShardproofError(f"the hidden size (hidden_size={values['hidden_size']}) is not a multiple of "
+                              f"num_attention_heads={values['num_attention_heads']}")
+    return standard_decoder(values)
+
+
 HF_IGNORED = {
     "pretraining_tp": "transformers slices the same matrix products into pretraining_tp parts: the same math",
 }
@@ -305,7 +383,8 @@ def decoder_card(
     dims_from_trt: Callable[[dict], DecoderDims] = dims_from_trt,
     extra_trt: Mapping[str, Any] | None = None,
     extra_hf: Mapping[str, Any] | None = None,
-    hf_read: frozenset[str] = HF_READ,
+    hf_fields: Mapping[str, HFField] = HF_FIELDS,
+    standardize: Callable[[dict[str, Any]], dict[str, Any]] = standard_decoder,
     hf_ignored: Mapping[str, str] = HF_IGNORED,
     strategy: Callable[[], Any] = model_strategy,
     selftest: Mapping[str, Any] | None = None,
@@ -327,7 +406,8 @@ def decoder_card(
             trt_fields=lambda hf, d: {**trt_fields(hf, d), **(extra_trt or {})},
             dims_from_trt=dims_from_trt,
             hf_config=lambda cfg: {**hf_config(cfg, model_type), **(extra_hf or {})},
-            hf_read=hf_read,
+            hf_fields=hf_fields,
+            standardize=standardize,
             hf_ignored=hf_ignored,
         ),
         tests=TestSupport(config_class=config_class, strategy=strategy, selftest={**SELFTEST, **(selftest or {})},
@@ -339,6 +419,7 @@ def decoder_card(
 
 LLAMA = register(decoder_card(
     "LlamaForCausalLM", "llama", "LlamaConfig",
+    standardize=standard_llama,
     strategy=with_switches(model_strategy, attention_bias=True, mlp_bias=True),
     selftest=dict(attention_bias=True, mlp_bias=True),  # biases everywhere, so that every bias mutant applies
 ))

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..card import Card, ConfigMap, Row, Shape, TargetRows, TestSupport, layer, register
 from ..errors import ShardproofError
+from ..hf_fields import number, real, revised, size
 from ..transforms import REPLICATED, VOCAB, Experts
 from . import llama
 
@@ -136,7 +137,11 @@ MIXTRAL = register(Card(
         trt_fields=trt_fields,
         dims_from_trt=dims_from_trt,
         hf_config=hf_config,
-        hf_read=(llama.HF_READ - {"attention_bias", "mlp_bias"}) | {"num_local_experts", "num_experts_per_tok"},
+        hf_fields=revised(llama.HF_FIELDS, ("attention_bias", "mlp_bias"), intermediate_size=size(14336),
+                          max_position_embeddings=size(131072), num_key_value_heads=size(8),
+                          rms_norm_eps=number(1e-5), rope_theta=real(1e6), num_local_experts=size(8),
+                          num_experts_per_tok=size(2)),
+        standardize=llama.standard_decoder,
         hf_ignored={
             **llama.SLIDING_WINDOW_IGNORED,
             "attention_bias": "not a MixtralConfig field: Mixtral's attention hard-wires no bias",

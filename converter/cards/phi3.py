@@ -18,7 +18,10 @@ import dataclasses
 from typing import Any
 
 from ..card import Card, ConfigMap, Shape, TargetRows, TestSupport, first, last, layer, register
+import math
+
 from ..errors import ShardproofError
+from ..hf_fields import number, real, revised, size
 from ..transforms import EMBEDDING, QKV_PARTS, QKV_SPEC, REPLICATED, ROW, VOCAB, EqualChunks, FusedColumn, Reorder
 from . import llama
 
@@ -81,15 +84,24 @@ def dims_from_hf(hf: Any) -> llama.DecoderDims:
     return dims
 
 
+def longrope_mscale(params: dict, max_position_embeddings: int) -> float:
+    """The attention factor of a longrope (transformers' `_compute_longrope_parameters`): `attention_factor`, else
+    sqrt(1 + ln(factor) / ln(original)) with `factor` (else max / original positions), 1 when factor <= 1."""
+    if params.get("attention_factor") is not None:
+        return params["attention_factor"]
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor")
+    if factor is None:
+        factor = max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 def longrope_fields(hf: Any) -> dict:
-    """TensorRT-LLM's long_rope fields for a longrope HF config ({} for default rope). The mscales are the
-    attention factor transformers computes (`factor`, else max/original positions; or `attention_factor`)."""
+    """TensorRT-LLM's long_rope fields for a longrope HF config ({} for default rope)."""
     params = hf.rope_parameters or {}
     if params.get("rope_type", "default") == "default":
         return {}
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    _, mscale = ROPE_INIT_FUNCTIONS["longrope"](hf)
+    mscale = longrope_mscale(params, hf.max_position_embeddings)
     return {
         "position_embedding_type": "long_rope",
         "original_max_position_embeddings": params["original_max_position_embeddings"],
@@ -98,6 +110,32 @@ def longrope_fields(hf: Any) -> dict:
         "longrope_short_mscale": mscale,
         "longrope_long_mscale": mscale,
     }
+
+
+def standard_phi3(values: dict[str, Any]) -> dict[str, Any]:
+    """Phi3Config's rope (its `convert_rope_params_to_dict`, `validate_rope`): partial_rotary_factor folded in, the
+    top-level original_max_position_embeddings over the parameters', su and yarn read as longrope, only default
+    and longrope taken, each factor list a list of numbers of half the rotary dimensions."""
+    values = {**values, "rope_parameters": dict(values["rope_scaling"] or values["rope_parameters"] or {}),
+              "rope_scaling": None}
+    values["rope_parameters"].setdefault("partial_rotary_factor", values["partial_rotary_factor"])
+    params = llama.rope_parameters(values, original=values["original_max_position_embeddings"])
+    if params["rope_type"] in ("su", "yarn"):
+        params["rope_type"] = "longrope"
+    heads_dim = values["hidden_size"] // values["num_attention_heads"]
+    llama.check_rope(params, values["head_dim"] or heads_dim)
+    if params["rope_type"] not in ("default", "longrope"):
+        raise ShardproofError(f"rope_parameters: rope_type {params['rope_type']!r}; Phi3Config takes default or longrope")
+    partial = params["partial_rotary_factor"]
+    if type(partial) not in (int, float):
+        raise ShardproofError(f"partial_rotary_factor={partial!r} must be a number")
+    half = int(heads_dim * partial) // 2
+    for key in ("short_factor", "long_factor"):
+        factors = params.get(key)
+        if factors is not None and not (isinstance(factors, list) and len(factors) == half
+                                        and all(type(x) in (int, float) for x in factors)):
+            raise ShardproofError(f"rope_parameters: {key} must be a list of {half} numbers")
+    return {**values, "rope_parameters": params, "rope_scaling": params}
 
 
 def trt_fields(hf: Any, d: llama.DecoderDims) -> dict:
@@ -170,8 +208,11 @@ PHI3 = register(Card(
         dims_from_trt=lambda cfg: llama.dims_from_trt(cfg, dense_bias=False),
         hf_config=hf_config,
         # partial_rotary_factor: a top-level spelling transformers folds into rope_parameters (refused unless 1.0)
-        hf_read=(llama.HF_READ - {"attention_bias", "mlp_bias"})
-        | {"original_max_position_embeddings", "partial_rotary_factor"},
+        hf_fields=revised(llama.HF_FIELDS, ("attention_bias", "mlp_bias"), vocab_size=size(32064),
+                          hidden_size=size(3072), intermediate_size=size(8192), max_position_embeddings=size(4096),
+                          rms_norm_eps=number(1e-5), original_max_position_embeddings=size(4096),
+                          partial_rotary_factor=real(1.0)),
+        standardize=standard_phi3,
         hf_ignored={**llama.SLIDING_WINDOW_IGNORED,
                     "resid_pdrop": "training only (dropout is off at inference)",
                     "embd_pdrop": "training only (dropout is off at inference)"},

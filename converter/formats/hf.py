@@ -19,11 +19,11 @@ from ..safetensors_io import TensorReader, read_header
 
 @register_config_loader("hf")
 class HFConfigLoader(ConfigLoader):
-    """`config.json`, parsed by transformers' AutoConfig (its own validation included)."""
+    """`config.json`'s fields; transformers' AutoConfig parses it (its own validation included) when asked."""
 
     def load(self, model_dir: Path) -> SourceConfig:
         path, fields = read_config(model_dir, "model")
-        return SourceConfig(auto_config(model_dir, path), fields, (path,))
+        return SourceConfig(fields, (path,), lambda: auto_config(model_dir, path))
 
 
 class SafetensorsWeights(Weights):
