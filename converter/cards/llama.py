@@ -242,7 +242,7 @@ def hf_config(cfg: dict, model_type: str) -> dict:
 
 
 # LlamaConfig's (transformers 5) types and defaults of the fields the translation reads; relatives revise them.
-# rope_scaling and rope_theta are the transformers 4 spellings that standard_rope folds into rope_parameters.
+# rope_scaling and rope_theta are the transformers 4 spellings that `rope_parameters` folds into rope_parameters.
 HF_FIELDS: Mapping[str, HFField] = {
     "vocab_size": size(32000),
     "hidden_size": size(4096),

@@ -15,11 +15,10 @@ re-split per rank, a swiglu MLP, and longrope carried in TensorRT-LLM's `long_ro
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from ..card import Card, ConfigMap, Shape, TargetRows, TestSupport, first, last, layer, register
-import math
-
 from ..errors import ShardproofError
 from ..hf_fields import number, real, revised, size
 from ..transforms import EMBEDDING, QKV_PARTS, QKV_SPEC, REPLICATED, ROW, VOCAB, EqualChunks, FusedColumn, Reorder
