@@ -294,11 +294,9 @@ def rope_parameters(values: Mapping[str, Any], original: int | None = None) -> d
 def check_rope(params: Mapping[str, Any], head_dim: int) -> None:
     """ShardproofError where transformers' rope validation raises: a rope type missing a key it requires, a fully
     rotated odd head_dim above 4."""
-    kind, theta = params["rope_type"], params["rope_theta"]
-    if not isinstance(kind, str):
-        raise ShardproofError(f"rope_parameters: rope_type={kind!r} must be a string")
-    if type(theta) not in (int, float):
-        raise ShardproofError(f"rope_parameters: rope_theta={theta!r} must be a number")
+    kind = params["rope_type"]
+    word("default").check("rope_parameters.rope_type", kind)
+    real(None).check("rope_parameters.rope_theta", params["rope_theta"])
     missing = [key for key in ROPE_REQUIRED.get(kind, ()) if key not in params]
     if missing:
         raise ShardproofError(f"rope_parameters: rope_type {kind!r} needs {', '.join(missing)}")

@@ -115,10 +115,10 @@ def standard_phi3(values: dict[str, Any]) -> dict[str, Any]:
     """Phi3Config's rope (its `convert_rope_params_to_dict`, `validate_rope`): partial_rotary_factor folded in, the
     top-level original_max_position_embeddings over the parameters', su and yarn read as longrope, only default
     and longrope taken, each factor list a list of numbers of half the rotary dimensions."""
-    values = {**values, "rope_parameters": dict(values["rope_scaling"] or values["rope_parameters"] or {}),
-              "rope_scaling": None}
-    values["rope_parameters"].setdefault("partial_rotary_factor", values["partial_rotary_factor"])
-    params = llama.rope_parameters(values, original=values["original_max_position_embeddings"])
+    given = dict(values["rope_scaling"] or values["rope_parameters"] or {})
+    given.setdefault("partial_rotary_factor", values["partial_rotary_factor"])
+    params = llama.rope_parameters({**values, "rope_scaling": given},
+                                   original=values["original_max_position_embeddings"])
     if params["rope_type"] in ("su", "yarn"):
         params["rope_type"] = "longrope"
     heads_dim = values["hidden_size"] // values["num_attention_heads"]
@@ -126,8 +126,7 @@ def standard_phi3(values: dict[str, Any]) -> dict[str, Any]:
     if params["rope_type"] not in ("default", "longrope"):
         raise ShardproofError(f"rope_parameters: rope_type {params['rope_type']!r}; Phi3Config takes default or longrope")
     partial = params["partial_rotary_factor"]
-    if type(partial) not in (int, float):
-        raise ShardproofError(f"partial_rotary_factor={partial!r} must be a number")
+    real(None).check("rope_parameters.partial_rotary_factor", partial)
     half = int(heads_dim * partial) // 2
     for key in ("short_factor", "long_factor"):
         factors = params.get(key)
